@@ -1,0 +1,131 @@
+"""
+Sinkhorn-Knopp equipartition and SIGMA's symmetric swapped-prediction loss.
+
+SIGMA scores every masked tube against K learnable prototypes twice: once through the
+projection network phi (the target side) and once through the video model Psi (encoder +
+decoder, the prediction side). Plain "predict phi's features" collapses when phi is trained
+jointly (paper Eq. 2). SIGMA instead turns each side's scores into cluster assignments that are
+forced to use every prototype equally often over the batch (an optimal-transport problem,
+solved approximately by Sinkhorn-Knopp), and makes each side predict the other's assignment.
+
+    python sinkhorn.py          # equipartition on a toy problem: prototype usage before / after
+
+Conventions: scores are (N, K) = (tokens, prototypes) cosine similarities in [-1, 1].
+Under torch.distributed every rank holds its own N tokens; the equipartition is over the
+*global* batch (all ranks), exactly as if the scores had been concatenated on one process.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _all_reduce(x):
+    """Sum a tensor over all ranks in place (a no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn(scores, eps=0.05, n_iters=10):
+    """Soft cluster assignments with equal prototype usage over the global batch.
+
+    scores: (N, K) similarities of this rank's N tokens to K prototypes (any dtype).
+    returns: (N, K) fp32 codes; each row sums to 1, and summed over the tokens of *all* ranks
+             every prototype receives the same mass N_total / K.
+
+    Q = exp(scores / eps) is a transport plan between tokens and prototypes; alternately
+    rescaling its rows (prototypes) and columns (tokens) projects it onto the set of plans with
+    uniform marginals (Cuturi 2013; SwAV's `distributed_sinkhorn`). Small eps = sharper codes.
+    """
+    # fp32 always: exp(1 / 0.03) ~ 3e14 overflows fp16 and bf16 loses the small entries.
+    # Autocast does not touch exp / sum / division, so the cast alone keeps us in fp32.
+    Q = torch.exp(scores.float() / eps).t()  # (K, N)
+    K, N = Q.shape
+    # Tokens per rank may differ (e.g. the last batch); count them globally.
+    n_total = _all_reduce(torch.tensor([float(N)], device=Q.device)).item()
+
+    # The plan is a joint distribution over (prototype, token): total mass 1 across all ranks.
+    Q /= _all_reduce(Q.sum())
+    for _ in range(n_iters):
+        # Rows: each prototype gets 1/K of the mass. A row spans tokens on every rank, so its
+        # sum must be all-reduced -- this is the only place where ranks talk to each other.
+        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # (K, 1)
+        Q /= K
+        # Columns: each token carries 1/n_total of the mass. A column lives on one rank: local.
+        Q /= Q.sum(dim=0, keepdim=True)  # (1, N)
+        Q /= n_total
+    Q *= n_total  # columns now sum to 1: a distribution over prototypes per token
+    return Q.t()  # (N, K)
+
+
+def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1, hard=True):
+    """SIGMA's symmetric swapped prediction (paper Eq. 5-6).
+
+    s_phi: (N, K) scores of the projection network's features (the target side).
+    s_psi: (N, K) scores of the video model's predictions, computed against *detached*
+           prototypes by the caller (released code: prototypes learn through s_phi only).
+    Each side predicts the Sinkhorn codes of the other side:
+        L = CE(s_phi / tau, q_psi) + CE(s_psi / tau, q_phi),  mean over the N tokens.
+    hard=True (released code) uses the argmax of the codes as a class label; hard=False uses
+    the soft codes q as in the paper's equations.
+    returns: (loss, loss_phi, loss_psi) -- loss_phi is the term that trains phi.
+    """
+    q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
+    q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
+    logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
+    logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
+    if hard:
+        loss_phi = F.nll_loss(logp_phi, q_psi.argmax(dim=-1))
+        loss_psi = F.nll_loss(logp_psi, q_phi.argmax(dim=-1))
+    else:
+        loss_phi = -(q_psi * logp_phi).sum(dim=-1).mean()
+        loss_psi = -(q_phi * logp_psi).sum(dim=-1).mean()
+    return loss_phi + loss_psi, loss_phi, loss_psi
+
+
+@torch.no_grad()
+def assignment_stats(scores, temperature=0.1):
+    """Collapse monitor over the global batch.
+
+    scores: (N, K). Returns (prototypes_used, entropy): how many prototypes are the argmax of
+    at least one token on any rank, and the entropy (nats) of the mean soft assignment
+    softmax(scores / tau). A healthy run uses many prototypes with entropy near ln(K); a
+    collapsed one maps every token to the same few prototypes (entropy near 0).
+    """
+    K = scores.shape[1]
+    counts = torch.bincount(scores.argmax(dim=-1), minlength=K).float()  # (K,)
+    p = F.softmax(scores.float() / temperature, dim=-1).sum(dim=0)  # (K,) summed soft mass
+    # One all-reduce for both statistics: [argmax counts | soft mass | token count].
+    packed = torch.cat([counts, p, scores.new_tensor([scores.shape[0]], dtype=torch.float32)])
+    _all_reduce(packed)
+    counts, p, n = packed[:K], packed[K:2 * K], packed[-1]
+    p = p / n
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return int((counts > 0).sum()), entropy.item()
+
+
+if __name__ == "__main__":
+    # Toy problem: 4096 tokens drawn around 4 tight directions, 64 random prototypes. Plain
+    # argmax piles all tokens onto the few prototypes nearest those directions; Sinkhorn
+    # spreads them evenly while keeping each token on a prototype that still scores well.
+    torch.manual_seed(0)
+    N, K, D = 4096, 64, 32
+    centers = F.normalize(torch.randn(4, D), dim=-1)
+    feats = F.normalize(centers[torch.randint(0, 4, (N,))] + 0.05 * torch.randn(N, D), dim=-1)
+    protos = F.normalize(torch.randn(K, D), dim=-1)
+    scores = feats @ protos.t()  # (N, K) cosine similarities
+
+    for name, assign in [("argmax of scores", scores.argmax(-1)),
+                         ("argmax of Sinkhorn codes", sinkhorn(scores).argmax(-1))]:
+        usage = torch.bincount(assign, minlength=K)
+        print(f"{name:26s}: {int((usage > 0).sum()):3d}/{K} prototypes used, "
+              f"max load {usage.max().item():5d} tokens (uniform = {N // K})")
+    q = sinkhorn(scores)
+    print(f"Sinkhorn marginals: prototype mass {q.sum(0).min():.1f}..{q.sum(0).max():.1f} "
+          f"(target {N / K:.1f}), token mass {q.sum(1).min():.4f}..{q.sum(1).max():.4f} (target 1)")
+    used, ent = assignment_stats(scores)
+    print(f"collapse monitor on raw scores: {used} prototypes used, entropy {ent:.2f} "
+          f"(max ln K = {math.log(K):.2f})")
