@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _all_reduce(x):
-    """Sum a tensor over all ranks in place (a no-op when not distributed)."""
+def _all_reduce(x, op=dist.ReduceOp.SUM):
+    """Reduce a tensor over all ranks in place (a no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x
 
 
@@ -36,29 +36,36 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
     returns: (N, K) fp32 codes; each row sums to 1, and summed over the tokens of *all* ranks
              every prototype receives the same mass N_total / K.
 
-    Q = exp(scores / eps) is a transport plan between tokens and prototypes; alternately
-    rescaling its rows (prototypes) and columns (tokens) projects it onto the set of plans with
-    uniform marginals (Cuturi 2013; SwAV's `distributed_sinkhorn`). Small eps = sharper codes.
+    Q = exp(scores / eps) is a transport plan between tokens and prototypes (small eps = sharper
+    codes). Sinkhorn-Knopp alternately rescales its prototype rows to mass 1/K each and its token
+    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`; SPEC §4). Every
+    rescaling multiplies Q by a diagonal matrix, so after any number of steps
+        Q = diag(v) P diag(u),   P = exp(scores / eps)  (tokens x prototypes here),
+    and it suffices to iterate the scaling vectors u (K,) and v (N,): each step is one
+    matrix-vector product instead of several passes over the N x K matrix. The result is the
+    same algorithm (tests/test_sinkhorn.py checks it against the literal matrix version).
     """
-    # fp32 always: exp(1 / 0.03) ~ 3e14 overflows fp16 and bf16 loses the small entries.
-    # Autocast does not touch exp / sum / division, so the cast alone keeps us in fp32.
-    Q = torch.exp(scores.float() / eps).t()  # (K, N)
-    K, N = Q.shape
-    # Tokens per rank may differ (e.g. the last batch); count them globally.
-    n_total = _all_reduce(torch.tensor([float(N)], device=Q.device)).item()
+    # fp32 always: exp(1 / 0.03) ~ 3e14 overflows fp16, and bf16 loses the small entries.
+    # Autocast would run the matrix-vector products below in bf16, so switch it off here.
+    with torch.autocast(scores.device.type, enabled=False):
+        s = scores.float()
+        # Subtracting one constant from all scores (the global max) rescales P by a scalar that
+        # the first normalisation absorbs exactly; it keeps exp() <= 1, so no overflow at small eps.
+        s_max = _all_reduce(s.max().reshape(1), op=dist.ReduceOp.MAX)
+        P = torch.exp((s - s_max) / eps)  # (N, K)
+        N, K = P.shape
+        # Tokens per rank may differ (e.g. the last batch); count them globally.
+        n_total = _all_reduce(torch.tensor([float(N)], device=P.device)).item()
 
-    # The plan is a joint distribution over (prototype, token): total mass 1 across all ranks.
-    Q /= _all_reduce(Q.sum())
-    for _ in range(n_iters):
-        # Rows: each prototype gets 1/K of the mass. A row spans tokens on every rank, so its
-        # sum must be all-reduced -- this is the only place where ranks talk to each other.
-        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # (K, 1)
-        Q /= K
-        # Columns: each token carries 1/n_total of the mass. A column lives on one rank: local.
-        Q /= Q.sum(dim=0, keepdim=True)  # (1, N)
-        Q /= n_total
-    Q *= n_total  # columns now sum to 1: a distribution over prototypes per token
-    return Q.t()  # (N, K)
+        v = torch.ones(N, device=P.device)  # token scaling: the first step weighs tokens equally
+        for _ in range(n_iters):
+            # Prototypes: mass of prototype k = u_k * sum_j v_j P_jk = 1/K. The sum runs over the
+            # tokens of every rank, so it is all-reduced -- the only communication in the loop.
+            u = 1.0 / (K * _all_reduce(P.t() @ v))  # (K,)
+            # Tokens: mass of token j = v_j * sum_k P_jk u_k = 1/N_total. Local to this rank.
+            v = 1.0 / (n_total * (P @ u))  # (N,)
+        # Scale each token's column to sum to 1: a distribution over prototypes per token.
+        return (n_total * v).unsqueeze(1) * P * u  # (N, K)
 
 
 def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1, hard=True):

@@ -1,0 +1,665 @@
+"""
+SIGMA: Sinkhorn-Guided Masked Video Modeling (Salehi et al., ECCV 2024) -- the model and its loss.
+
+SIGMA is VideoMAE with a learned target space. A ViT encoder sees the ~10% of space-time
+tubes left visible by tube masking; a light decoder predicts a feature for every masked tube.
+VideoMAE regresses the tubes' pixels. SIGMA instead embeds the masked tubes with a projection
+network phi (an MLP trained jointly, or a frozen DINO image ViT), scores both phi's features and
+the decoder's predictions against K learnable prototypes, balances each side's assignments
+with Sinkhorn-Knopp (sinkhorn.py) and makes each side predict the other's cluster.
+
+Read top to bottom:
+  1. tubes: patchify videos into tube pixels, the tube embedding, fixed sinusoid positions
+  2. the transformer block (VideoMAE attention: q and v biases, no k bias)
+  3. encoder (visible tokens only) and decoder (mask tokens)
+  4. the projection networks phi: pixels, MLP, frozen DINO
+  5. SIGMA: prototypes, the swapped-prediction loss and the two ablation losses
+  6. presets, build_model, loading released checkpoints without unpickling code
+
+    python model.py            # parameter counts and forward+backward FLOPs per clip per preset
+    python model.py --bench    # time a training step on this machine vs. its matmul throughput
+
+Conventions: videos are (B, 3, T, H, W), ImageNet-normalised. Tokens are ordered (t, h, w),
+row-major. A mask is (B, N) bool with True = masked (hidden from the encoder, predicted by the
+decoder), as in the released code; every clip of a batch masks the same number of tokens.
+"""
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+from sinkhorn import assignment_stats, swapped_prediction_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass(frozen=True)
+class Config:
+    # input: clip of num_frames frames at img_size x img_size, cut into tubes of
+    # tubelet_size frames x patch_size x patch_size pixels (SPEC §1: 16x224x224, tubes 2x16x16)
+    img_size: int = 224
+    num_frames: int = 16
+    patch_size: int = 16
+    tubelet_size: int = 2
+    # video model Psi: encoder and decoder widths / depths / heads (SPEC §2, ViT-B by default)
+    enc_dim: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_dim: int = 384
+    dec_depth: int = 4
+    dec_heads: int = 6
+    mlp_ratio: float = 4.0
+    # projection network phi (SPEC §3): 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
+    target: str = "mlp"
+    proj_hidden: tuple = (1024, 1024, 512)  # released 4-layer MLP; the paper's text is shallower
+    proj_dim: int = 256                     # D of the mlp target
+    dino_weights: str = ""                  # local DINO checkpoint (official key layout)
+    dino_arch: str = "vit_b"                # 'vit_s' (D=384) or 'vit_b' (D=768)
+    # loss (SPEC §5): 'sigma' (swapped prediction), 'l2' (Eq. 2, regress phi; collapses with
+    # the mlp target), 'pixel' (VideoMAE: regress standardised tube pixels)
+    loss: str = "sigma"
+    num_prototypes: int = 3000   # K; the paper's ablation peaks at 4000
+    sk_eps: float = 0.05         # Sinkhorn entropy; released SSv2 ViT-B runs use 0.03
+    sk_iters: int = 10
+    temperature: float = 0.1     # tau of the swapped-prediction cross-entropy
+    soft_codes: bool = False     # released code: hard argmax codes; paper's equations: soft
+
+    @property
+    def grid(self):
+        """Token grid (t, h, w)."""
+        return (self.num_frames // self.tubelet_size, self.img_size // self.patch_size,
+                self.img_size // self.patch_size)
+
+    @property
+    def num_tokens(self):
+        return math.prod(self.grid)
+
+    @property
+    def tube_dim(self):
+        """Values per tube: tubelet x patch x patch x RGB (1536 for 2x16x16)."""
+        return self.tubelet_size * self.patch_size ** 2 * 3
+
+    @property
+    def target_dim(self):
+        """D: width of phi's output, and of the decoder's head that predicts it."""
+        return {"mlp": self.proj_dim, "pixel": self.tube_dim,
+                "dino": DINO_ARCHS[self.dino_arch]["dim"]}[self.target]
+
+    def validate(self):
+        """Fail at start with a message that says what to change."""
+        problems = []
+        if self.img_size % self.patch_size:
+            problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.num_frames % self.tubelet_size:
+            problems.append(f"num_frames {self.num_frames} is not a multiple of tubelet_size "
+                            f"{self.tubelet_size}: pick e.g. {self.num_frames // self.tubelet_size * self.tubelet_size or self.tubelet_size}")
+        for name, dim, heads in [("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)]:
+            if dim % heads:
+                problems.append(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
+        if self.target not in ("mlp", "dino", "pixel"):
+            problems.append(f"unknown target {self.target!r}: choose mlp, dino or pixel")
+        if self.loss not in ("sigma", "l2", "pixel"):
+            problems.append(f"unknown loss {self.loss!r}: choose sigma, l2 or pixel")
+        if self.loss == "pixel" and self.target != "pixel":
+            problems.append("loss='pixel' is VideoMAE, whose target is the pixels: set target='pixel' "
+                            "(or use loss='l2' to regress another target)")
+        if self.target == "dino":
+            if self.dino_arch not in DINO_ARCHS:
+                problems.append(f"unknown dino_arch {self.dino_arch!r}: choose {sorted(DINO_ARCHS)}")
+            if not self.dino_weights:
+                problems.append("target='dino' needs dino_weights=<local path to DINO weights>, e.g. "
+                                "dino_vitbase16_pretrain.pth (nothing is downloaded at run time)")
+            elif not os.path.isfile(self.dino_weights):
+                problems.append(f"dino_weights {self.dino_weights!r} does not exist")
+            if self.img_size % 16:
+                problems.append(f"target='dino' runs a ViT-*/16 on the frames: img_size {self.img_size} "
+                                "must be a multiple of 16")
+        if self.loss == "sigma" and self.num_prototypes < 2:
+            problems.append("loss='sigma' needs num_prototypes >= 2")
+        if problems:
+            raise ValueError("invalid model config:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Tubes
+
+def patchify(videos, tubelet, patch):
+    """Cut videos into tubes of raw values: (B, C, T, H, W) -> (B, N, tubelet*patch*patch, C).
+
+    Tubes are in (t, h, w) token order; inside a tube values are in (p0, p1, p2) order, the
+    released code's `b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c`.
+    """
+    B, C, T, H, W = videos.shape
+    t, h, w = T // tubelet, H // patch, W // patch
+    x = videos.reshape(B, C, t, tubelet, h, patch, w, patch)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, t, h, w, p0, p1, p2, C)
+    return x.reshape(B, t * h * w, tubelet * patch * patch, C)
+
+
+def tube_pixel_targets(videos, tubelet, patch):
+    """VideoMAE's standardised pixel target and the input of the MLP phi (SPEC §3).
+
+    videos: (B, 3, T, H, W) ImageNet-normalised. Returns (B, N, tubelet*patch*patch*3): each
+    tube un-normalised to [0, 1], then standardised per colour channel over its pixels
+    (unbiased std + 1e-6, as released), flattened in (p0 p1 p2 c) order.
+    """
+    mean = videos.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    std = videos.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    x = patchify(videos.float() * std + mean, tubelet, patch)  # (B, N, P, 3) in [0, 1]
+    x = (x - x.mean(dim=2, keepdim=True)) / (x.var(dim=2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(2)  # (B, N, P*3)
+
+
+class TubeEmbed(nn.Module):
+    """One Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) -> (B, N, D)."""
+
+    def __init__(self, dim, tubelet, patch, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
+                              stride=(tubelet, patch, patch))
+
+    def forward(self, videos):
+        return self.proj(videos).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, N, D)
+
+
+def sinusoid_table(n_positions, dim):
+    """Fixed 1-D sine-cosine position table (Vaswani et al.), (1, n_positions, dim).
+
+    Channel 2i is sin(pos / 10000^(2i/dim)) and channel 2i+1 the matching cos, as in VideoMAE's
+    table. Not a parameter and not saved: checkpoints never contain it (SPEC §2, §7).
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
+    freq = 10000.0 ** (-(torch.arange(dim) // 2 * 2).double() / dim)  # (dim,) pairs share one freq
+    angles = pos * freq  # (n, dim)
+    table = torch.where(torch.arange(dim) % 2 == 0, angles.sin(), angles.cos())
+    return table.float().unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Transformer block
+
+class Attention(nn.Module):
+    """Multi-head self-attention with VideoMAE's biases: q and v have one, k has none.
+
+    A bias on the keys adds q.b_k to every logit of a query's row, which softmax ignores, so the
+    k bias is redundant; dropping it is exact (this is also how DINO weights load, section 4).
+    """
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # (3C,)
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3C)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, C/h)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h), scale (C/h)^-0.5
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module):
+    """VideoMAE init: xavier-uniform Linear weights, zero biases, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Encoder and decoder
+
+class Encoder(nn.Module):
+    """ViT over tubes. Sees only visible tokens during pretraining, all tokens for evaluation."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = cfg.enc_dim
+        self.patch_embed = TubeEmbed(cfg.enc_dim, cfg.tubelet_size, cfg.patch_size)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.enc_dim), persistent=False)
+        self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.enc_depth)])
+        self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
+        init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released
+
+    def forward(self, videos, mask=None):
+        """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D)."""
+        cfg = self.cfg
+        if videos.shape[1:] != (3, cfg.num_frames, cfg.img_size, cfg.img_size):
+            raise ValueError(f"expected videos (B, 3, {cfg.num_frames}, {cfg.img_size}, {cfg.img_size}) "
+                             f"for this model, got {tuple(videos.shape)}")
+        x = self.patch_embed(videos) + self.pos_embed  # (B, N, D): positions added before dropping
+        if mask is not None:
+            B, _, D = x.shape
+            x = x[~mask].reshape(B, -1, D)  # (B, N_vis, D), visible tokens in ascending order
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """Narrow transformer; returns predictions for the last n_masked tokens of its input."""
+
+    def __init__(self, cfg, out_dim):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.dec_depth)])
+        self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dec_dim, out_dim)
+        init_vit_weights(self)
+
+    def forward(self, x, n_masked):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, -n_masked:]))  # (B, N_m, out_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Projection networks phi (the target side)
+
+def projection_mlp(in_dim, hidden, out_dim):
+    """phi for the 'mlp' target: Linear-GELU-...-Linear, keys head.0, head.2, ... as released."""
+    dims = [in_dim, *hidden, out_dim]
+    layers = []
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.GELU()]
+    return nn.Sequential(*layers[:-1])  # no activation after the last Linear
+
+
+DINO_ARCHS = {"vit_s": dict(dim=384, depth=12, heads=6), "vit_b": dict(dim=768, depth=12, heads=12)}
+
+
+class DINO(nn.Module):
+    """Frozen DINO ViT-*/16 image encoder (Caron et al. 2021) built from the blocks above.
+
+    forward: frames (B', 3, H, W) ImageNet-normalised -> patch tokens (B', h*w, D) after the
+    final LayerNorm, CLS dropped. Its qkv bias is split into q_bias / v_bias at load time (the k
+    part is provably irrelevant, see Attention), so the official key layout loads unchanged.
+    """
+
+    def __init__(self, arch="vit_b", img_size=224):
+        super().__init__()
+        dim, depth, heads = DINO_ARCHS[arch]["dim"], DINO_ARCHS[arch]["depth"], DINO_ARCHS[arch]["heads"]
+        self.grid = img_size // 16
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=16, stride=16)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def load_dino_state_dict(self, sd):
+        """Load official DINO weights; returns the keys that were ignored (e.g. a projection head)."""
+        sd = dict(sd)
+        if "teacher" in sd:  # full training checkpoint: take the teacher's backbone
+            sd = {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd["teacher"].items()}
+        for k in [k for k in sd if k.endswith("attn.qkv.bias")]:
+            q, _, v = sd.pop(k).chunk(3)  # the k bias is dropped: softmax is invariant to it
+            sd[k.replace("qkv.bias", "q_bias")], sd[k.replace("qkv.bias", "v_bias")] = q, v
+        pos = sd.get("pos_embed")
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            sd["pos_embed"] = _resize_pos_embed(pos, self.grid)
+        ignored = [k for k in sd if k not in self.state_dict()]
+        for k in ignored:
+            sd.pop(k)
+        self.load_state_dict(sd, strict=True)
+        return ignored
+
+    def forward(self, frames):
+        x = self.patch_embed.proj(frames).flatten(2).transpose(1, 2)  # (B', h*w, D)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:]  # (B', h*w, D)
+
+
+def _resize_pos_embed(pos, grid):
+    """Bicubic resize of a (1, 1 + g*g, D) ViT position table to a grid x grid patch grid."""
+    cls, patches = pos[:, :1], pos[:, 1:]
+    g = int(math.sqrt(patches.shape[1]))
+    patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], dim=1)
+
+
+def dino_targets(dino, videos, grid):
+    """SIGMA-DINO target (SPEC §3): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
+
+    DINO sees frames 0, 2, 4, ... (one per tube slice); its (h, w) patch tokens line up with the
+    tubes of that slice (resized bilinearly if the grids differ). Each channel is standardised
+    over the clip's N tokens (unbiased std + 1e-6), as released.
+    """
+    B, _, T, H, W = videos.shape
+    t, h, w = grid
+    frames = videos[:, :, :: T // t].transpose(1, 2).flatten(0, 1)  # (B*t, 3, H, W)
+    with torch.no_grad():
+        x = dino(frames)  # (B*t, g*g, D)
+        g, D = dino.grid, x.shape[-1]
+        if (g, g) != (h, w):
+            x = x.transpose(1, 2).reshape(-1, D, g, g)
+            x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
+            x = x.flatten(2).transpose(1, 2)  # (B*t, h*w, D)
+        x = x.float().reshape(B, t * h * w, D)  # (B, N, D) in (t, h, w) order
+        return (x - x.mean(dim=1, keepdim=True)) / (x.var(dim=1, unbiased=True, keepdim=True).sqrt() + 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. SIGMA
+
+class SIGMA(nn.Module):
+    """The pretraining module: encoder + decoder (Psi), projection phi, prototypes and loss.
+
+    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked) -> dict with 'loss' (scalar
+    to backpropagate), its terms, and collapse monitors (python floats/ints, global over ranks).
+    state_dict() holds exactly the released checkpoint keys (SPEC §7): no positional tables
+    and no frozen DINO weights.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.encoder = Encoder(cfg)
+        self.encoder_to_decoder = nn.Linear(cfg.enc_dim, cfg.dec_dim, bias=False)  # default init, as released
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.dec_dim), persistent=False)
+        self.decoder = Decoder(cfg, cfg.target_dim)
+
+        if cfg.target == "mlp":  # PyTorch's default init, as released (only encoder/decoder use xavier)
+            self.head = projection_mlp(cfg.tube_dim, cfg.proj_hidden, cfg.proj_dim)
+        elif cfg.target == "dino":
+            self.dino = DINO(cfg.dino_arch, cfg.img_size)
+            self.dino.load_dino_state_dict(load_checkpoint(cfg.dino_weights))
+            # The frozen DINO is not part of a SIGMA checkpoint (released ones do not hold it).
+            self._register_state_dict_hook(_drop_dino_keys)
+            self.register_load_state_dict_post_hook(_ignore_missing_dino_keys)
+        if cfg.loss == "sigma":
+            self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_prototypes, cfg.target_dim), dim=1))
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
+        self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
+
+    def targets(self, videos, mask):
+        """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
+        B, cfg = len(videos), self.cfg
+        if cfg.target == "dino":
+            y = dino_targets(self.dino, videos, cfg.grid)  # (B, N, D), frozen
+        else:
+            with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
+                y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
+        y = y[mask].reshape(B, -1, y.shape[-1])  # (B, N_m, .) masked tubes only
+        return self.head(y) if cfg.target == "mlp" else y
+
+    def predict(self, videos, mask):
+        """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors."""
+        B = len(videos)
+        counts = mask.sum(dim=1)
+        lo, hi = counts.aminmax()
+        if lo != hi:
+            raise ValueError("every clip in a batch must mask the same number of tokens (tube masking does)")
+        # Psi: encode visible tubes, append one mask token per masked tube, decode.
+        x = self.encoder_to_decoder(self.encoder(videos, mask))  # (B, N_vis, C_d)
+        pos = self.pos_embed.expand(B, -1, -1).to(x.dtype)  # (B, N, C_d)
+        C = x.shape[-1]
+        x = torch.cat([x + pos[~mask].reshape(B, -1, C),              # visible first, in token order
+                       self.mask_token + pos[mask].reshape(B, -1, C)],  # then masked, in token order
+                      dim=1)  # (B, N, C_d)
+        pred = self.decoder(x, int(hi))  # (B, N_m, D)
+        return pred, self.targets(videos, mask)
+
+    def prototype_scores(self, pred, target):
+        """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
+
+        Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released).
+        """
+        self.normalize_prototypes()
+        z_phi = F.normalize(target.flatten(0, 1), dim=-1)  # (B*N_m, D)
+        z_psi = F.normalize(pred.flatten(0, 1), dim=-1)  # (B*N_m, D)
+        return z_phi @ self.prototypes.t(), z_psi @ self.prototypes.detach().t()
+
+    def forward(self, videos, mask):
+        cfg = self.cfg
+        pred, target = self.predict(videos, mask)  # (B, N_m, D) each
+        out = {}
+        if cfg.loss in ("l2", "pixel"):
+            # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant)
+            # has zero loss -- the collapse SIGMA exists to prevent. With pixels it is VideoMAE.
+            out["loss"] = F.mse_loss(pred.float(), target.float())
+        else:
+            s_phi, s_psi = self.prototype_scores(pred, target)  # (B*N_m, K) each
+            loss, loss_phi, loss_psi = swapped_prediction_loss(
+                s_phi, s_psi, cfg.sk_eps, cfg.sk_iters, cfg.temperature, hard=not cfg.soft_codes)
+            out.update(loss=loss, loss_phi=loss_phi.detach(), loss_psi=loss_psi.detach())
+            out["protos_used"], out["assign_entropy"] = assignment_stats(s_phi.detach(), cfg.temperature)
+        # Per-token spread of phi (mean over channels of the std over masked tokens); it
+        # shrinks to 0 when the target collapses to a constant.
+        out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean().item()
+        return out
+
+
+def _drop_dino_keys(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + "dino.")]:
+        del state_dict[k]
+
+
+def _ignore_missing_dino_keys(module, incompatible_keys):
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith("dino.")]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Presets, build_model, checkpoints
+
+PRESETS = {
+    # Pretrains in minutes on a 2-core CPU on the built-in synthetic videos (64x64, 8 frames).
+    "tiny": dict(img_size=64, num_frames=8, patch_size=8, enc_dim=192, enc_depth=6, enc_heads=3,
+                 dec_dim=96, dec_depth=2, dec_heads=3, proj_hidden=(512, 512), proj_dim=128),
+    "vit_s": dict(enc_dim=384, enc_depth=12, enc_heads=6, dec_dim=192, dec_depth=4, dec_heads=3),
+    "vit_b": dict(enc_dim=768, enc_depth=12, enc_heads=12, dec_dim=384, dec_depth=4, dec_heads=6),
+}
+PAPER_PROJ_HIDDEN = (1024, 1024)  # the paper's shallower phi (3 Linear layers): proj_hidden=PAPER_PROJ_HIDDEN
+
+
+def build_config(arch, target="mlp", loss="sigma", num_prototypes=3000, **overrides):
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {sorted(PRESETS)}")
+    fields = Config.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid: {sorted(fields)}")
+    if "proj_hidden" in overrides:
+        overrides["proj_hidden"] = tuple(overrides["proj_hidden"])
+    return Config(**{**PRESETS[arch], "target": target, "loss": loss,
+                     "num_prototypes": num_prototypes, **overrides}).validate()
+
+
+def build_model(arch, target="mlp", loss="sigma", num_prototypes=3000, **overrides):
+    """The pretraining module for a preset ('tiny', 'vit_s', 'vit_b'); any Config field can be
+    overridden, e.g. build_model('vit_b', target='dino', dino_weights='dino_vitbase16.pth')."""
+    return SIGMA(build_config(arch, target, loss, num_prototypes, **overrides))
+
+
+def load_checkpoint(path):
+    """torch.load that never executes pickled code: tensors, containers and argparse.Namespace
+    (the released checkpoints' `args`) only. Anything else is refused with a clear error."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
+    except Exception as e:  # pickle.UnpicklingError with torch's explanation of the blocked global
+        raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows "
+                           f"(it would execute pickled code). Details: {str(e).splitlines()[0]}") from None
+
+
+def clean_state_dict(sd):
+    """Unwrap {'model': ...} / {'module': ...} / {'state_dict': ...} containers and strip the
+    `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    for key in ("model", "module", "state_dict"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    return {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items()}
+
+
+def load_weights(module, sd):
+    """Load a checkpoint (path or dict) into a SIGMA module or into an Encoder.
+
+    For an Encoder, keys are taken from the `encoder.` namespace of a pretraining checkpoint, or
+    used as they are (fine-tuned VideoMAE checkpoints store the encoder without a prefix);
+    decoder / phi / prototype keys are then unexpected by design and ignored. Returns
+    (missing, unexpected) key lists after a non-strict load -- callers decide what is fatal.
+    """
+    if isinstance(sd, str):
+        sd = load_checkpoint(sd)
+    sd = clean_state_dict(sd)
+    if isinstance(module, Encoder) and any(k.startswith("encoder.") for k in sd):
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    # Positional tables are fixed functions of the config (never loaded); older checkpoints may hold them.
+    sd = {k: v for k, v in sd.items() if not k.endswith("pos_embed")}
+    own = module.state_dict()
+    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if shape_errors:
+        raise ValueError("checkpoint does not fit this architecture (" + describe_state_dict(sd) + "):\n  "
+                         + "\n  ".join(shape_errors[:8]))
+    result = module.load_state_dict(sd, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def describe_state_dict(sd):
+    """Guess the architecture of a state dict (prefixed or not), e.g. for an error message."""
+    sd = clean_state_dict(sd)
+    pe = next((v for k, v in sd.items() if k.endswith("patch_embed.proj.weight")), None)
+    if pe is None or pe.dim() != 5:
+        return "no video tube embedding found"
+    dim, depth = pe.shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")} |
+                                  {k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
+    preset = next((name for name, p in PRESETS.items() if p["enc_dim"] == dim and p["enc_depth"] == depth), None)
+    return (f"encoder width {dim}, depth {depth}, tubes {tuple(pe.shape[2:])}"
+            + (f" -> preset '{preset}'" if preset else " -> no preset matches; pass enc_dim/enc_depth"))
+
+
+# ----------------------------------------------------------------------------------------------
+# `python model.py`: parameter counts, FLOPs, and a training-step benchmark
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_step_flops(model, batch=1):
+    """Forward + backward FLOPs of one training step on `batch` clips, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from data import tube_mask
+    cfg = model.cfg
+    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    mask = tube_mask(batch, cfg.grid, 0.9)
+    with FlopCounterMode(display=False) as counter:
+        model(videos, mask)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_second(n=2048, seconds=2.0):
+    """fp32 matmul throughput of this machine: the practical ceiling for a training step."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def bench(presets, batch, steps):
+    from data import tube_mask
+    ceiling = matmul_flops_per_second()
+    print(f"fp32 matmul throughput (2048x2048, {torch.get_num_threads()} threads): {ceiling / 1e9:.1f} GFLOP/s")
+    for name in presets:
+        model = build_model(name, num_prototypes=3000 if name != "tiny" else 512)
+        cfg = model.cfg
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        flops = train_step_flops(model, batch)
+        videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+        times = []
+        for i in range(steps + 1):  # the first step is a warm-up
+            mask = tube_mask(batch, cfg.grid, 0.9)
+            t0 = time.perf_counter()
+            model(videos, mask)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        step = sorted(times[1:])[len(times[1:]) // 2]  # median
+        print(f"{name:6s} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} batch {batch}: "
+              f"{step * 1e3:8.1f} ms/step, {step / batch * 1e3:7.1f} ms/clip, "
+              f"{flops / step / 1e9:6.1f} GFLOP/s = {flops / step / ceiling:4.0%} of matmul peak")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench", action="store_true", help="time training steps instead of counting")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s"], help="presets to benchmark")
+    parser.add_argument("--batch", type=int, default=2, help="clips per benchmark step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per preset (median reported)")
+    args = parser.parse_args()
+    if args.bench:
+        bench(args.presets, args.batch, args.steps)
+    else:
+        print(f"{'preset':6s} {'input':>10s} {'tokens':>6s} {'encoder':>12s} {'decoder':>11s} "
+              f"{'phi (mlp)':>11s} {'whole':>12s} {'fwd+bwd GFLOPs/clip':>20s}")
+        for name in PRESETS:
+            model = build_model(name)
+            cfg = model.cfg
+            print(f"{name:6s} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size:<4d} {cfg.num_tokens:6d} "
+                  f"{count_params(model.encoder):12,d} {count_params(model.decoder):11,d} "
+                  f"{count_params(model.head):11,d} {count_params(model):12,d} "
+                  f"{train_step_flops(model) / 1e9:20.1f}")
+        print("(whole = encoder + decoder + encoder_to_decoder + mask token + phi + 3000 prototypes)")

@@ -1,0 +1,349 @@
+"""model.py: parameter counts, shapes, the mask convention, gradient flow, the released
+checkpoint layout, DINO loading (with parity against an independent ViT), and collapse."""
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import tube_mask
+from model import (DINO, Encoder, build_config, build_model, count_params, describe_state_dict,
+                   load_checkpoint, load_weights, patchify, sinusoid_table, tube_pixel_targets)
+
+TINY = dict(num_prototypes=64)  # tiny preset with few prototypes: fast tests
+
+
+def clips(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
+
+
+def dino_layout_state_dict(dim=384, depth=2, grid=14, seed=0):
+    """Random weights under the official DINO key names (what dino_vits16.pth holds)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.02 * torch.randn(*shape, generator=g)
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + grid * grid, dim),
+          "patch_embed.proj.weight": r(dim, 3, 16, 16), "patch_embed.proj.bias": r(dim),
+          "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd.update({p + "norm1.weight": 1 + r(dim), p + "norm1.bias": r(dim),
+                   p + "attn.qkv.weight": r(3 * dim, dim), p + "attn.qkv.bias": r(3 * dim),
+                   p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+                   p + "norm2.weight": 1 + r(dim), p + "norm2.bias": r(dim),
+                   p + "mlp.fc1.weight": r(4 * dim, dim), p + "mlp.fc1.bias": r(4 * dim),
+                   p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim)})
+    return sd
+
+
+def reference_vit(sd, frames, heads):
+    """An independent DINO ViT forward with the *full* qkv bias (k bias included)."""
+    x = F.conv2d(frames, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + sd["pos_embed"]
+    B, N, C = x.shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        p = lambda name: sd[f"blocks.{i}.{name}"]
+        h = F.layer_norm(x, (C,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(h, p("attn.qkv.weight"), p("attn.qkv.bias")).reshape(B, N, 3, heads, -1).unbind(2)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(C // heads)
+        o = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, N, C)
+        x = x + F.linear(o, p("attn.proj.weight"), p("attn.proj.bias"))
+        h = F.layer_norm(x, (C,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    return F.layer_norm(x, (C,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 1:]
+
+
+def released_keys(cfg, target="mlp", K=3000):
+    """SPEC §7, written out independently of model.py: key -> shape of a released checkpoint."""
+    keys = {"encoder.patch_embed.proj.weight": (cfg.enc_dim, 3, cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+            "encoder.patch_embed.proj.bias": (cfg.enc_dim,),
+            "encoder.norm.weight": (cfg.enc_dim,), "encoder.norm.bias": (cfg.enc_dim,),
+            "decoder.norm.weight": (cfg.dec_dim,), "decoder.norm.bias": (cfg.dec_dim,),
+            "decoder.head.weight": (cfg.target_dim, cfg.dec_dim), "decoder.head.bias": (cfg.target_dim,),
+            "encoder_to_decoder.weight": (cfg.dec_dim, cfg.enc_dim), "mask_token": (1, 1, cfg.dec_dim),
+            "prototypes": (K, cfg.target_dim)}
+    for part, dim, depth in [("encoder", cfg.enc_dim, cfg.enc_depth), ("decoder", cfg.dec_dim, cfg.dec_depth)]:
+        for i in range(depth):
+            p = f"{part}.blocks.{i}."
+            keys.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "norm2.weight": (dim,),
+                         p + "norm2.bias": (dim,), p + "attn.q_bias": (dim,), p + "attn.v_bias": (dim,),
+                         p + "attn.qkv.weight": (3 * dim, dim), p + "attn.proj.weight": (dim, dim),
+                         p + "attn.proj.bias": (dim,), p + "mlp.fc1.weight": (4 * dim, dim),
+                         p + "mlp.fc1.bias": (4 * dim,), p + "mlp.fc2.weight": (dim, 4 * dim),
+                         p + "mlp.fc2.bias": (dim,)})
+    if target == "mlp":
+        dims = [cfg.tube_dim, *cfg.proj_hidden, cfg.proj_dim]
+        for j in range(len(dims) - 1):
+            keys[f"head.{2 * j}.weight"], keys[f"head.{2 * j}.bias"] = (dims[j + 1], dims[j]), (dims[j + 1],)
+    return keys
+
+
+# ---------------------------------------------------------------------------------------- sizes
+
+def test_parameter_counts_match_released_code():
+    vit_b = build_model("vit_b")
+    assert count_params(vit_b.encoder) == 86_227_200
+    assert count_params(vit_b) == 97_765_760
+    assert count_params(build_model("vit_s").encoder) == 21_879_936
+    # no positional table is a parameter or saved
+    assert not any("pos_embed" in k for k in vit_b.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["tiny", "vit_s", "vit_b"])
+def test_encoder_shapes(arch):
+    cfg = build_config(arch)
+    enc = Encoder(cfg).eval()
+    x = clips(cfg, batch=1)
+    mask = tube_mask(1, cfg.grid, 0.9)
+    n_vis = cfg.grid[0] * (cfg.grid[1] * cfg.grid[2] - int(0.9 * cfg.grid[1] * cfg.grid[2]))
+    with torch.no_grad():
+        assert enc(x, mask).shape == (1, n_vis, cfg.enc_dim)
+        if arch != "vit_b":  # all 1568 tokens through ViT-B is slow on CPU; the path is the same
+            assert enc(x).shape == (1, cfg.num_tokens, cfg.enc_dim)
+    if arch != "tiny":
+        assert (cfg.num_tokens, n_vis) == (1568, 160)  # SPEC §1
+
+
+@pytest.mark.parametrize("target,loss", [("mlp", "sigma"), ("pixel", "sigma"), ("mlp", "l2"),
+                                         ("pixel", "pixel"), ("dino", "sigma"), ("dino", "l2")])
+def test_forward_every_target_and_loss(target, loss, tmp_path):
+    extra = {}
+    if target == "dino":
+        torch.save(dino_layout_state_dict(depth=12), tmp_path / "dino.pth")
+        extra = dict(dino_weights=str(tmp_path / "dino.pth"), dino_arch="vit_s")
+    model = build_model("tiny", target=target, loss=loss, **TINY, **extra)
+    cfg = model.cfg
+    x, mask = clips(cfg), tube_mask(2, cfg.grid, 0.9)
+    pred, tgt = model.predict(x, mask)
+    n_masked = int(mask[0].sum())
+    assert pred.shape == tgt.shape == (2, n_masked, cfg.target_dim)
+    assert cfg.target_dim == {"mlp": 128, "pixel": 2 * 8 * 8 * 3, "dino": 384}[target]
+    out = model(x, mask)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    if loss == "sigma":
+        assert 1 <= out["protos_used"] <= 64 and 0 < out["assign_entropy"] <= math.log(64) + 1e-6
+        assert torch.allclose(out["loss"], out["loss_phi"] + out["loss_psi"])
+
+
+# ------------------------------------------------------------------------------ mask convention
+
+def test_mask_true_means_hidden_from_the_encoder():
+    cfg = build_config("tiny")
+    enc = Encoder(cfg).eval()
+    x, mask = clips(cfg, batch=1), tube_mask(1, cfg.grid, 0.9, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        ref = enc(x, mask)
+        # Perturb only the masked tubes: the encoder output must not change at all.
+        masked_noise = patchify_mask_to_video(mask, cfg) * noise
+        assert torch.equal(enc(x + masked_noise, mask), ref)
+        # Perturb one visible tube: it must change.
+        visible_noise = patchify_mask_to_video(~mask, cfg) * noise
+        assert not torch.allclose(enc(x + visible_noise, mask), ref)
+
+
+def patchify_mask_to_video(mask, cfg):
+    """(B, N) token mask -> (B, 1, T, H, W) float pixel mask, via the (t, h, w) token order."""
+    t, h, w = cfg.grid
+    m = mask.float().reshape(-1, 1, t, 1, h, 1, w, 1)
+    m = m.expand(-1, -1, -1, cfg.tubelet_size, -1, cfg.patch_size, -1, cfg.patch_size)
+    m = m.reshape(-1, 1, cfg.num_frames, cfg.img_size, cfg.img_size)
+    # cross-check against patchify: the pixels of token n are exactly tube n
+    assert torch.equal(patchify(m, cfg.tubelet_size, cfg.patch_size).amax(dim=(2, 3)), mask.float())
+    return m
+
+
+def test_targets_line_up_with_masked_tokens_in_ascending_order():
+    model = build_model("tiny", target="pixel", loss="pixel")
+    cfg = model.cfg
+    x, mask = clips(cfg), tube_mask(2, cfg.grid, 0.9)
+    _, tgt = model.predict(x, mask)
+    full = tube_pixel_targets(x, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
+    for b in range(2):
+        assert torch.equal(tgt[b], full[b, mask[b].nonzero().squeeze(1)])
+
+
+def test_tube_pixel_targets_formula():
+    cfg = build_config("tiny")
+    x = clips(cfg, batch=1)
+    y = tube_pixel_targets(x, 2, 8)  # (1, N, 2*8*8*3)
+    # token 0 = frames 0-1, rows 0-7, cols 0-7; value order (p0, p1, p2, c)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    raw = x[0, :, 0:2, 0:8, 0:8] * std[:, None, None, None] + mean[:, None, None, None]  # (3, 2, 8, 8)
+    raw = raw.permute(1, 2, 3, 0).reshape(128, 3)  # (p0 p1 p2, c)
+    ref = (raw - raw.mean(0)) / (raw.std(0, unbiased=True) + 1e-6)
+    assert torch.allclose(y[0, 0], ref.reshape(-1), atol=1e-5)
+
+
+def test_unequal_mask_counts_fail_clearly():
+    model = build_model("tiny", **TINY)
+    x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    mask[1, mask[1].nonzero()[0]] = False
+    with pytest.raises(ValueError, match="same number"):
+        model(x, mask)
+
+
+def test_sinusoid_table():
+    t = sinusoid_table(50, 8)[0]
+    assert torch.allclose(t[7, 2], torch.tensor(math.sin(7 / 10000 ** (2 / 8))))
+    assert torch.allclose(t[7, 3], torch.tensor(math.cos(7 / 10000 ** (2 / 8))))
+
+
+# ------------------------------------------------------------------------------- gradient flow
+
+def test_gradients_sigma_mlp():
+    model = build_model("tiny", **TINY)
+    x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    pred, tgt = model.predict(x, mask)
+    s_phi, s_psi = model.prototype_scores(pred, tgt)
+    # Psi's scores use detached prototypes: they train the encoder/decoder, not the prototypes.
+    s_psi.square().sum().backward(retain_graph=True)
+    assert model.prototypes.grad is None and model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.head.parameters())
+    model.zero_grad(set_to_none=True)
+    # phi's scores train the MLP and the prototypes, never the video model.
+    s_phi.square().sum().backward()
+    assert model.prototypes.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in model.head.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    # The full loss reaches every trainable parameter.
+    model.zero_grad(set_to_none=True)
+    model(x, mask)["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dino_target_is_frozen(tmp_path):
+    torch.save(dino_layout_state_dict(depth=12), tmp_path / "dino.pth")
+    model = build_model("tiny", target="dino", dino_arch="vit_s", dino_weights=str(tmp_path / "dino.pth"), **TINY)
+    model.train()
+    assert not model.dino.training  # frozen means eval mode too
+    x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    model(x, mask)["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.dino.parameters())
+    assert model.prototypes.grad.abs().sum() > 0 and model.encoder.norm.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+def test_state_dict_is_the_released_layout():
+    for arch in ["vit_b", "vit_s"]:
+        model = build_model(arch)
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert own == released_keys(model.cfg)
+
+
+def test_released_checkpoint_round_trip(tmp_path):
+    model = build_model("vit_s")
+    # A file as the released code writes it: a Namespace of args beside the weights.
+    sd = {k: torch.randn(shape) for k, shape in released_keys(model.cfg).items()}
+    ckpt = {"model": sd, "optimizer": {}, "epoch": 799, "scaler": {"scale": 65536.0},
+            "args": argparse.Namespace(model="pretrain_videomae_small_patch16_224", mask_ratio=0.9)}
+    torch.save(ckpt, tmp_path / "checkpoint-799.pth")
+    loaded = load_checkpoint(str(tmp_path / "checkpoint-799.pth"))
+    assert loaded["args"].mask_ratio == 0.9
+    model.load_state_dict(loaded["model"], strict=True)
+    assert torch.equal(model.encoder.blocks[3].attn.q_bias, sd["encoder.blocks.3.attn.q_bias"])
+    # The encoder alone loads from the full checkpoint, with DDP/compile prefixes stripped.
+    wrapped = {"model": {"module._orig_mod." + k: v for k, v in sd.items()}}
+    enc = Encoder(model.cfg)
+    missing, unexpected = load_weights(enc, wrapped)
+    assert missing == [] and all(not k.startswith("encoder.") for k in unexpected)
+    assert torch.equal(enc.norm.weight, sd["encoder.norm.weight"])
+    # A VideoMAE pretraining checkpoint (pixel target, no prototypes) fills encoder and decoder.
+    videomae = build_model("vit_s", target="pixel", loss="pixel")
+    vm_sd = {k: torch.randn(s) for k, s in released_keys(videomae.cfg, target="pixel").items() if k != "prototypes"}
+    videomae.load_state_dict(vm_sd, strict=True)
+
+
+class Payload:
+    """Unpickling this calls print(): stands for arbitrary code hidden in a checkpoint."""
+
+    def __reduce__(self):
+        return print, ("payload executed",)
+
+
+def test_loader_refuses_pickled_code(tmp_path, capsys):
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="refusing"):
+        load_checkpoint(str(tmp_path / "bad.pth"))
+    assert "payload executed" not in capsys.readouterr().out
+
+
+def test_wrong_architecture_is_named():
+    sd = build_model("tiny", **TINY).state_dict()
+    with pytest.raises(ValueError, match="preset 'tiny'"):
+        load_weights(Encoder(build_config("vit_s")), sd)
+    assert "preset 'vit_s'" in describe_state_dict(build_model("vit_s").state_dict())
+
+
+def test_dino_loads_official_layout_and_matches_reference_vit(tmp_path):
+    sd = dino_layout_state_dict(dim=384, depth=2, grid=14)
+    sd["head.mlp.0.weight"] = torch.zeros(1)  # stray projection-head keys are ignored
+    dino = DINO("vit_s", img_size=224)
+    dino.blocks = dino.blocks[:2]
+    ignored = dino.load_dino_state_dict(sd)
+    assert ignored == ["head.mlp.0.weight"]
+    frames = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = dino(frames)
+    # Dropping the k bias is exact: the reference keeps the full qkv bias.
+    assert ours.shape == (2, 196, 384)
+    assert torch.allclose(ours, reference_vit(sd, frames, heads=6), atol=1e-4)
+
+
+def test_dino_checkpoint_excluded_from_sigma_state_dict(tmp_path):
+    torch.save({"teacher": {"backbone." + k: v for k, v in dino_layout_state_dict(depth=12).items()}},
+               tmp_path / "dino_full.pth")  # a full DINO training checkpoint: teacher backbone
+    model = build_model("tiny", target="dino", dino_arch="vit_s", dino_weights=str(tmp_path / "dino_full.pth"), **TINY)
+    sd = model.state_dict()
+    assert not any(k.startswith("dino.") for k in sd)
+    assert sd["prototypes"].shape == (64, 384) and "head.0.weight" not in sd
+    fresh = build_model("tiny", target="dino", dino_arch="vit_s", dino_weights=str(tmp_path / "dino_full.pth"), **TINY)
+    fresh.load_state_dict(sd, strict=True)
+
+
+def test_bad_config_messages():
+    with pytest.raises(ValueError, match="multiple of tubelet_size"):
+        build_model("tiny", num_frames=7)
+    with pytest.raises(ValueError, match="needs dino_weights"):
+        build_model("tiny", target="dino")
+    with pytest.raises(ValueError, match="set target='pixel'"):
+        build_model("tiny", loss="pixel")
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model("vit_h")
+    with pytest.raises(ValueError, match="unknown model option"):
+        build_model("tiny", drop_path=0.1)
+    with pytest.raises(ValueError, match="expected videos"):
+        model = build_model("tiny", **TINY)
+        model(torch.randn(1, 3, 16, 64, 64), tube_mask(1, model.cfg.grid))
+
+
+# ----------------------------------------------------------------------------------- collapse
+
+def train_tiny(loss, steps=60):
+    """A few dozen AdamW steps of a small model on a fixed stream of 4 smooth random batches."""
+    torch.manual_seed(0)
+    model = build_model("tiny", loss=loss, num_prototypes=64, enc_dim=96, enc_depth=2, dec_depth=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    videos = F.interpolate(torch.randn(16, 3, 8, 16, 16, generator=g), size=(8, 64, 64), mode="trilinear")
+    history = []
+    for step in range(steps):
+        batch = videos[(4 * step) % 16:(4 * step) % 16 + 4]
+        out = model(batch, tube_mask(4, model.cfg.grid, 0.9, generator=g))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append(out)
+    return history
+
+
+def test_l2_collapses_and_sigma_does_not():
+    l2, sigma = train_tiny("l2"), train_tiny("sigma")
+    # Eq. 2 with a jointly trained phi: the target's spread across tokens collapses.
+    assert l2[-1]["target_std"] < 0.35 * l2[0]["target_std"]
+    # SIGMA: the target spreads out and most prototypes stay in use.
+    assert sigma[-1]["target_std"] > l2[0]["target_std"]
+    assert sigma[-1]["protos_used"] >= 32 and sigma[-1]["loss"] < sigma[0]["loss"]
