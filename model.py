@@ -16,8 +16,7 @@ Read top to bottom:
   5. SIGMA: prototypes, the swapped-prediction loss and the two ablation losses
   6. presets, build_model, loading released checkpoints without unpickling code
 
-    python model.py            # parameter counts and forward+backward FLOPs per clip per preset
-    python model.py --bench    # time a training step on this machine vs. its matmul throughput
+    python model.py      # parameter counts and forward+backward FLOPs per clip for each preset
 
 Conventions: videos are (B, 3, T, H, W), ImageNet-normalised. Tokens are ordered (t, h, w),
 row-major. A mask is (B, N) bool with True = masked (hidden from the encoder, predicted by the
@@ -26,15 +25,15 @@ decoder), as in the released code; every clip of a batch masks the same number o
 import argparse
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from data import IMAGENET_MEAN, IMAGENET_STD
-from sinkhorn import assignment_stats, swapped_prediction_loss
+from data import IMAGENET_MEAN, IMAGENET_STD, tube_mask
+from sinkhorn import swapped_prediction_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,10 +475,8 @@ class SIGMA(nn.Module):
             out["loss"] = F.mse_loss(pred.float(), target.float())
         else:
             s_phi, s_psi = self.prototype_scores(pred, target)  # (B*N_m, K) each
-            loss, loss_phi, loss_psi = swapped_prediction_loss(
-                s_phi, s_psi, cfg.sk_eps, cfg.sk_iters, cfg.temperature, hard=not cfg.soft_codes)
-            out.update(loss=loss, loss_phi=loss_phi.detach(), loss_psi=loss_psi.detach())
-            out["protos_used"], out["assign_entropy"] = assignment_stats(s_phi.detach(), cfg.temperature)
+            out.update(swapped_prediction_loss(s_phi, s_psi, cfg.sk_eps, cfg.sk_iters, cfg.temperature,
+                                               hard=not cfg.soft_codes))
         # Per-token spread of phi (mean over channels of the std over masked tokens); it
         # shrinks to 0 when the target collapses to a constant.
         out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean().item()
@@ -575,6 +572,36 @@ def load_weights(module, sd):
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def load_encoder(path, arch=None, **overrides):
+    """Frozen-evaluation entry point: an Encoder built to match a checkpoint, with its weights.
+
+    path: one of our checkpoints (they carry their model config), a released SIGMA / VideoMAE
+    checkpoint (pass arch, plus overrides such as num_frames / img_size if not 16x224), or
+    'random' for a randomly initialised baseline of `arch`. Returns (encoder, config).
+    Raises with the architecture of the checkpoint if it does not fit.
+    """
+    if path == "random":
+        cfg = build_config(arch or "tiny", target="pixel", loss="pixel", **overrides)
+        return Encoder(cfg), cfg
+    ckpt = load_checkpoint(path)
+    if "model_config" in ckpt:  # ours: the exact architecture is stored beside the weights
+        fields = {**ckpt["model_config"], **overrides}
+        fields["proj_hidden"] = tuple(fields["proj_hidden"])
+        # The encoder does not depend on phi or the loss; don't require e.g. DINO weights here.
+        cfg = replace(Config(**fields), target="pixel", loss="pixel", dino_weights="")
+    elif arch is None:
+        raise ValueError(f"{path} is not one of our checkpoints: pass its arch "
+                         f"({describe_state_dict(ckpt)})")
+    else:
+        cfg = build_config(arch, target="pixel", loss="pixel", **overrides)
+    encoder = Encoder(cfg)
+    missing, _ = load_weights(encoder, ckpt)  # decoder / phi / prototype keys are not needed here
+    if missing:
+        raise ValueError(f"{path} lacks encoder weights {missing[:6]}{' ...' if len(missing) > 6 else ''} "
+                         f"({describe_state_dict(ckpt)})")
+    return encoder, cfg
+
+
 def describe_state_dict(sd):
     """Guess the architecture of a state dict (prefixed or not), e.g. for an error message."""
     sd = clean_state_dict(sd)
@@ -589,7 +616,7 @@ def describe_state_dict(sd):
 
 
 # ----------------------------------------------------------------------------------------------
-# `python model.py`: parameter counts, FLOPs, and a training-step benchmark
+# `python model.py`: parameter counts and FLOPs
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -597,69 +624,25 @@ def count_params(module):
 
 def train_step_flops(model, batch=1):
     """Forward + backward FLOPs of one training step on `batch` clips, counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from data import tube_mask
-    cfg = model.cfg
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    mask = tube_mask(batch, cfg.grid, 0.9)
+    cfg, device = model.cfg, model.mask_token.device
+    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    mask = tube_mask(batch, cfg.grid, 0.9).to(device)
     with FlopCounterMode(display=False) as counter:
         model(videos, mask)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def matmul_flops_per_second(n=2048, seconds=2.0):
-    """fp32 matmul throughput of this machine: the practical ceiling for a training step."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
-
-
-def bench(presets, batch, steps):
-    from data import tube_mask
-    ceiling = matmul_flops_per_second()
-    print(f"fp32 matmul throughput (2048x2048, {torch.get_num_threads()} threads): {ceiling / 1e9:.1f} GFLOP/s")
-    for name in presets:
-        model = build_model(name, num_prototypes=3000 if name != "tiny" else 512)
-        cfg = model.cfg
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        flops = train_step_flops(model, batch)
-        videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-        times = []
-        for i in range(steps + 1):  # the first step is a warm-up
-            mask = tube_mask(batch, cfg.grid, 0.9)
-            t0 = time.perf_counter()
-            model(videos, mask)["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        step = sorted(times[1:])[len(times[1:]) // 2]  # median
-        print(f"{name:6s} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} batch {batch}: "
-              f"{step * 1e3:8.1f} ms/step, {step / batch * 1e3:7.1f} ms/clip, "
-              f"{flops / step / 1e9:6.1f} GFLOP/s = {flops / step / ceiling:4.0%} of matmul peak")
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench", action="store_true", help="time training steps instead of counting")
-    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s"], help="presets to benchmark")
-    parser.add_argument("--batch", type=int, default=2, help="clips per benchmark step")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per preset (median reported)")
-    args = parser.parse_args()
-    if args.bench:
-        bench(args.presets, args.batch, args.steps)
-    else:
-        print(f"{'preset':6s} {'input':>10s} {'tokens':>6s} {'encoder':>12s} {'decoder':>11s} "
-              f"{'phi (mlp)':>11s} {'whole':>12s} {'fwd+bwd GFLOPs/clip':>20s}")
-        for name in PRESETS:
-            model = build_model(name)
-            cfg = model.cfg
-            print(f"{name:6s} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size:<4d} {cfg.num_tokens:6d} "
-                  f"{count_params(model.encoder):12,d} {count_params(model.decoder):11,d} "
-                  f"{count_params(model.head):11,d} {count_params(model):12,d} "
-                  f"{train_step_flops(model) / 1e9:20.1f}")
-        print("(whole = encoder + decoder + encoder_to_decoder + mask token + phi + 3000 prototypes)")
+    print(f"{'preset':6s} {'input':>10s} {'tokens':>6s} {'encoder':>12s} {'decoder':>11s} "
+          f"{'phi (mlp)':>11s} {'whole':>12s} {'fwd+bwd GFLOPs/clip':>20s}")
+    for name in PRESETS:
+        model = build_model(name)
+        cfg = model.cfg
+        print(f"{name:6s} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size:<4d} {cfg.num_tokens:6d} "
+              f"{count_params(model.encoder):12,d} {count_params(model.decoder):11,d} "
+              f"{count_params(model.head):11,d} {count_params(model):12,d} "
+              f"{train_step_flops(model) / 1e9:20.1f}")
+    print("whole = encoder + decoder + encoder_to_decoder + mask token + mlp phi + 3000 prototypes; "
+          "FLOPs of one training step (90% masked), counted by torch.utils.flop_counter.\n"
+          "Timing on this machine: python train.py --bench --arch vit_s")

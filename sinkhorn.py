@@ -52,7 +52,7 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
         # Subtracting one constant from all scores (the global max) rescales P by a scalar that
         # the first normalisation absorbs exactly; it keeps exp() <= 1, so no overflow at small eps.
         s_max = _all_reduce(s.max().reshape(1), op=dist.ReduceOp.MAX)
-        P = torch.exp((s - s_max) / eps)  # (N, K)
+        P = (s - s_max).div_(eps).exp_()  # (N, K), in place: this matrix is the big one
         N, K = P.shape
         # Tokens per rank may differ (e.g. the last batch); count them globally.
         n_total = _all_reduce(torch.tensor([float(N)], device=P.device)).item()
@@ -65,7 +65,7 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
             # Tokens: mass of token j = v_j * sum_k P_jk u_k = 1/N_total. Local to this rank.
             v = 1.0 / (n_total * (P @ u))  # (N,)
         # Scale each token's column to sum to 1: a distribution over prototypes per token.
-        return (n_total * v).unsqueeze(1) * P * u  # (N, K)
+        return P.mul_(u).mul_((n_total * v).unsqueeze(1))  # (N, K)
 
 
 def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1, hard=True):
@@ -78,7 +78,8 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
         L = CE(s_phi / tau, q_psi) + CE(s_psi / tau, q_phi),  mean over the N tokens.
     hard=True (released code) uses the argmax of the codes as a class label; hard=False uses
     the soft codes q as in the paper's equations.
-    returns: (loss, loss_phi, loss_psi) -- loss_phi is the term that trains phi.
+    returns: dict(loss, loss_phi, loss_psi, protos_used, assign_entropy); loss_phi is the term
+    that trains phi, the last two are the collapse monitor of phi's side (assignment_stats).
     """
     q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
     q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
@@ -90,23 +91,26 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     else:
         loss_phi = -(q_psi * logp_phi).sum(dim=-1).mean()
         loss_psi = -(q_phi * logp_psi).sum(dim=-1).mean()
-    return loss_phi + loss_psi, loss_phi, loss_psi
+    used, entropy = assignment_stats(logp_phi.detach())
+    return dict(loss=loss_phi + loss_psi, loss_phi=loss_phi.detach(), loss_psi=loss_psi.detach(),
+                protos_used=used, assign_entropy=entropy)
 
 
 @torch.no_grad()
-def assignment_stats(scores, temperature=0.1):
+def assignment_stats(logp):
     """Collapse monitor over the global batch.
 
-    scores: (N, K). Returns (prototypes_used, entropy): how many prototypes are the argmax of
-    at least one token on any rank, and the entropy (nats) of the mean soft assignment
-    softmax(scores / tau). A healthy run uses many prototypes with entropy near ln(K); a
-    collapsed one maps every token to the same few prototypes (entropy near 0).
+    logp: (N, K) log-probabilities over prototypes, log_softmax(scores / tau). Returns
+    (prototypes_used, entropy): how many prototypes are the argmax of at least one token on any
+    rank, and the entropy (nats) of the mean assignment exp(logp). A healthy run uses many
+    prototypes with entropy near ln(K); a collapsed one maps every token to the same few
+    prototypes (entropy near 0).
     """
-    K = scores.shape[1]
-    counts = torch.bincount(scores.argmax(dim=-1), minlength=K).float()  # (K,)
-    p = F.softmax(scores.float() / temperature, dim=-1).sum(dim=0)  # (K,) summed soft mass
+    K = logp.shape[1]
+    counts = torch.bincount(logp.argmax(dim=-1), minlength=K).float()  # (K,)
+    p = logp.exp().sum(dim=0)  # (K,) summed soft mass
     # One all-reduce for both statistics: [argmax counts | soft mass | token count].
-    packed = torch.cat([counts, p, scores.new_tensor([scores.shape[0]], dtype=torch.float32)])
+    packed = torch.cat([counts, p, logp.new_tensor([logp.shape[0]], dtype=torch.float32)])
     _all_reduce(packed)
     counts, p, n = packed[:K], packed[K:2 * K], packed[-1]
     p = p / n
@@ -133,6 +137,6 @@ if __name__ == "__main__":
     q = sinkhorn(scores)
     print(f"Sinkhorn marginals: prototype mass {q.sum(0).min():.1f}..{q.sum(0).max():.1f} "
           f"(target {N / K:.1f}), token mass {q.sum(1).min():.4f}..{q.sum(1).max():.4f} (target 1)")
-    used, ent = assignment_stats(scores)
-    print(f"collapse monitor on raw scores: {used} prototypes used, entropy {ent:.2f} "
+    used, ent = assignment_stats(F.log_softmax(scores / 0.1, dim=-1))
+    print(f"collapse monitor on raw scores (tau 0.1): {used} prototypes used, entropy {ent:.2f} "
           f"(max ln K = {math.log(K):.2f})")

@@ -81,7 +81,7 @@ def _distributed_worker(rank, world, init_file, scores, splits, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     local = scores[splits[rank]:splits[rank + 1]]
     q = sinkhorn(local, eps=0.05, n_iters=10)
-    used, entropy = assignment_stats(local)
+    used, entropy = assignment_stats(F.log_softmax(local / 0.1, dim=1))
     torch.save({"q": q, "used": used, "entropy": entropy}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -93,7 +93,7 @@ def test_distributed_equals_concatenation(tmp_path):
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     q_dist = torch.cat([p["q"] for p in parts])
     assert torch.allclose(q_dist, sinkhorn(scores, eps=0.05, n_iters=10), atol=1e-6)
-    used, entropy = assignment_stats(scores)
+    used, entropy = assignment_stats(F.log_softmax(scores / 0.1, dim=1))
     for p in parts:  # the collapse monitor is global too: every rank reports the same numbers
         assert p["used"] == used and math.isclose(p["entropy"], entropy, rel_tol=1e-6)
 
@@ -101,25 +101,28 @@ def test_distributed_equals_concatenation(tmp_path):
 def test_swapped_prediction_hard_and_soft():
     s_phi = random_scores(400, 30, seed=1).requires_grad_()
     s_psi = random_scores(400, 30, seed=2).requires_grad_()
-    loss, l_phi, l_psi = swapped_prediction_loss(s_phi, s_psi, temperature=0.1, hard=True)
+    out = swapped_prediction_loss(s_phi, s_psi, temperature=0.1, hard=True)
+    loss, l_phi, l_psi = out["loss"], out["loss_phi"], out["loss_psi"]
     # Hard codes (released code): cross-entropy to the other side's argmax Sinkhorn code.
     y_psi, y_phi = sinkhorn(s_psi).argmax(1), sinkhorn(s_phi).argmax(1)
     assert torch.allclose(l_phi, F.cross_entropy(s_phi / 0.1, y_psi))
     assert torch.allclose(l_psi, F.cross_entropy(s_psi / 0.1, y_phi))
     assert torch.allclose(loss, l_phi + l_psi)
     # Soft codes (paper's equations): expected log-likelihood under the other side's codes.
-    _, s_l_phi, _ = swapped_prediction_loss(s_phi, s_psi, hard=False)
-    assert torch.allclose(s_l_phi, -(sinkhorn(s_psi) * F.log_softmax(s_phi / 0.1, 1)).sum(1).mean())
-    # Codes are targets: each term's gradient reaches only its own side's scores.
-    l_phi.backward()
+    soft = swapped_prediction_loss(s_phi, s_psi, hard=False)
+    assert torch.allclose(soft["loss_phi"], -(sinkhorn(s_psi) * F.log_softmax(s_phi / 0.1, 1)).sum(1).mean())
+    # Codes are targets: the phi term's gradient reaches only phi's scores (and vice versa).
+    torch.autograd.backward(F.cross_entropy(s_phi / 0.1, y_psi))
     assert s_phi.grad.abs().sum() > 0 and s_psi.grad is None
+    loss.backward()
+    assert s_psi.grad.abs().sum() > 0
 
 
 def test_assignment_stats_detects_collapse():
     k = 50
     healthy = random_scores(2000, k)
     collapsed = healthy[:1].expand(2000, -1)  # every token has the same scores
-    used_h, ent_h = assignment_stats(healthy)
-    used_c, ent_c = assignment_stats(collapsed)
+    used_h, ent_h = assignment_stats(F.log_softmax(healthy / 0.1, dim=1))
+    used_c, ent_c = assignment_stats(F.log_softmax(collapsed / 0.1, dim=1))
     assert used_h > 0.8 * k and used_c == 1
     assert ent_h > 0.9 * math.log(k) and ent_c < ent_h
