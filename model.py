@@ -572,6 +572,11 @@ def load_weights(module, sd):
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def config_from_dict(fields):
+    """Config from a checkpoint's `model_config` (a plain dict; tuples may come back as lists)."""
+    return Config(**{**fields, "proj_hidden": tuple(fields["proj_hidden"])})
+
+
 def load_encoder(path, arch=None, **overrides):
     """Frozen-evaluation entry point: an Encoder built to match a checkpoint, with its weights.
 
@@ -585,10 +590,9 @@ def load_encoder(path, arch=None, **overrides):
         return Encoder(cfg), cfg
     ckpt = load_checkpoint(path)
     if "model_config" in ckpt:  # ours: the exact architecture is stored beside the weights
-        fields = {**ckpt["model_config"], **overrides}
-        fields["proj_hidden"] = tuple(fields["proj_hidden"])
         # The encoder does not depend on phi or the loss; don't require e.g. DINO weights here.
-        cfg = replace(Config(**fields), target="pixel", loss="pixel", dino_weights="")
+        cfg = replace(config_from_dict({**ckpt["model_config"], **overrides}), target="pixel", loss="pixel",
+                      dino_weights="")
     elif arch is None:
         raise ValueError(f"{path} is not one of our checkpoints: pass its arch "
                          f"({describe_state_dict(ckpt)})")

@@ -16,6 +16,7 @@ a resumed run replays the uninterrupted one exactly). Every step is logged to <o
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import build_video_dataset, make_loader, tube_mask
+from data import build_video_dataset, make_loader, set_epoch, tube_mask
 from model import build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
@@ -300,8 +301,7 @@ def train(args, rank, world, device, master):
     end_epoch = args.epochs if not args.max_epochs_this_run else min(args.epochs, start_epoch + args.max_epochs_this_run)
     for epoch in range(start_epoch, end_epoch):
         mask_gen = seed_everything(args.seed, epoch, rank)
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         model.train()
         batches = iter(loader)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
@@ -371,10 +371,26 @@ def train(args, rank, world, device, master):
         if world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint exists
 
+    if world > 1:
+        check_ranks_agree(raw_model, master)
     if master:
         log.close()
         summary(args, cfg, first_losses, last, ckpt_path, log_path, end_epoch)
     return 0
+
+
+def check_ranks_agree(model, master):
+    """DDP keeps replicas identical by construction; verify it (a cheap end-of-run sanity check
+    that catches e.g. a parameter updated outside autograd on one rank only)."""
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"model weights differ across ranks: {digests}")
+    if master:
+        print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
 
 
 # Settings that define the run: resuming with different ones would silently mix two runs.
