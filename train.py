@@ -228,6 +228,7 @@ def train(args, rank, world, device, master):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ============ building the model (fails here on a bad configuration) ============
+    torch.manual_seed(args.seed)  # same initial weights for a given seed, on every rank
     model_overrides = {k: getattr(args, k) for k in ("num_frames", "img_size") if getattr(args, k) is not None}
     if args.proj_hidden:
         model_overrides["proj_hidden"] = tuple(args.proj_hidden)

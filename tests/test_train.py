@@ -16,10 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(data, out, *extra):
-    """A fast config: tiny model, 8 clips per step, 2 steps per epoch on the 16-video set."""
-    return ["--data_root", str(data), "--out", str(out), "--batch_size", "8", "--micro_batch", "8",
-            "--epochs", "2", "--warmup_epochs", "1", "--num_prototypes", "32", "--workers", "0",
-            "--seed", "0", *extra]
+    """A fast config: tiny model, 8 clips per step, 2 steps per epoch on the 16-video set.
+    `extra` flags ("--name", "value" pairs or lone switches) replace the defaults."""
+    flags = {"--data_root": str(data), "--out": str(out), "--batch_size": "8", "--micro_batch": "8",
+             "--epochs": "2", "--warmup_epochs": "1", "--num_prototypes": "32", "--workers": "0", "--seed": "0"}
+    extra, switches = list(extra), []
+    while extra:
+        name = extra.pop(0)
+        if extra and not extra[0].startswith("--"):
+            flags[name] = extra.pop(0)
+        else:
+            switches.append(name)
+    return [x for kv in flags.items() for x in kv] + switches
 
 
 def weights(out):
@@ -77,7 +85,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_synthetic, tmp_path, monk
     assert train.main(tiny_args(tiny_synthetic, tmp_path, "--max_epochs_this_run", "1")) == 0
     before = weights(tmp_path)
     forward = SIGMA.forward
-    monkeypatch.setattr(SIGMA, "forward", lambda self, v, m: {**forward(self, v, m), "loss": torch.tensor(float("nan"))})
+    def nan_forward(self, videos, mask):
+        out = forward(self, videos, mask)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(SIGMA, "forward", nan_forward)
     assert train.main(tiny_args(tiny_synthetic, tmp_path)) == 1
     assert "loss is nan" in capsys.readouterr().err
     after = load_checkpoint(str(tmp_path / "ckpt.pth"))
@@ -103,7 +115,7 @@ def test_missing_data_root_fails_clearly(tmp_path):
 
 
 def test_torchrun_two_processes_stay_in_sync(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *tiny_args(tiny_synthetic, tmp_path, "--epochs", "1", "--micro_batch", "4")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

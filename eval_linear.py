@@ -1,0 +1,490 @@
+"""
+Frozen linear probe (SPEC §8, the paper's Table 9): how well does a linear classifier on a frozen
+encoder's mean-pooled features recognise actions?
+
+The encoder is frozen, so its features never change: this script runs it once per clip and view,
+caches the mean-pooled features on disk, and trains the normalisation + Linear head on the cache,
+so the 30-100 head epochs take seconds. The released recipe (run_class_finetuning.py
+--linear_probing) decodes and encodes every training clip again in every epoch: 30-100 backbone
+forward passes per training clip (twice that with the 2 clips per video of its SSv2 script). Here
+it is 2, the clip and its mirror image (flip is the only augmentation SPEC §8 asks for), or 1 on
+SSv2 and the synthetic set, whose labels say left or right.
+
+    python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
+    python eval_linear.py --ckpt random --arch tiny --dataset synthetic         # the baseline row
+    python eval_linear.py --ckpt sigma_vitb_k400.pth --arch vit_b --dataset ucf101 --data_root data/ucf101
+    torchrun --nproc_per_node=8 eval_linear.py --ckpt sigma_vitb_k400.pth --arch vit_b \\
+        --dataset k400 --data_root data/k400 --test_clips 5 --test_crops 3   # multi-view testing
+    python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic --bench       # what a probe costs
+
+Prints top-1 / top-5 on the test split and writes them as JSON next to the checkpoint
+(<ckpt>.linear_<dataset>.json) or to --out. Features go to <that folder>/features/, one file per
+split and view set, named by a hash of everything they depend on (checkpoint path, size and
+mtime; dataset, root, split, views; frames, size, stride): a rerun with other head settings
+skips the backbone; touching the checkpoint or changing the data recomputes.
+Under torchrun every rank encodes its share of the clips; rank 0 gathers them and trains the head.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import IMAGENET_MEAN, IMAGENET_STD, build_video_dataset, make_loader
+from model import describe_state_dict, load_encoder, load_weights
+
+VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
+IMAGE_DATASETS = ["imagenet", "cifar100"]
+# SPEC §8 / Table 9: head epochs per dataset (everything else 100), and flip everywhere except
+# SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
+# shows another class. The same holds for the synthetic set (right_* <-> left_*, data.py).
+EPOCHS = {"ssv2": 30, "k400": 40, "imagenet": 30}
+NO_FLIP = {"ssv2", "synthetic"}
+
+# ============ settings ============
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (SPEC §8).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # what to evaluate
+    a("--ckpt", required=True, help="our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
+      "pretraining checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
+    a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny); "
+      "our checkpoints carry theirs")
+    a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
+    a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
+    a("--final_norm", action="store_true", help="pool the encoder's output after its last LayerNorm; the "
+      "released probe drops that norm (its mean-pooling ViT sets norm = Identity) and learns fc_norm instead")
+    # data
+    a("--dataset", required=True, choices=VIDEO_DATASETS + IMAGE_DATASETS)
+    a("--data_root", default=None, help="dataset folder (data.py LAYOUTS; ImageFolder train/ val/ for imagenet, "
+      "the torchvision CIFAR-100 folder for cifar100); synthetic: generated on first use if omitted")
+    a("--train_split", default="train")
+    a("--test_split", default="val", help="'val' is the official test list for ucf101 / hmdb51, test set of cifar100")
+    a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3); papers report split 1")
+    a("--stride", type=int, default=None, help="frames between sampled frames (data.py default: 4, SSv2 2)")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None,
+      help="cache a mirrored copy of each training clip (default: on, except SSv2 and synthetic, whose labels "
+      "name left/right); costs one backbone pass per clip")
+    a("--aug_views", type=int, default=0, help="also cache this many random multi-scale crops per training clip "
+      "(one backbone pass each); 0 keeps the probe at 2 passes per clip")
+    a("--test_clips", type=int, default=1, help="temporal clips per test video, softmax scores averaged "
+      "(released SSv2 probe: 2 clips x 3 crops; VideoMAE K400 fine-tuning: 5 x 3)")
+    a("--test_crops", type=int, default=1, help="spatial crops per test clip along the long side (1 = centre)")
+    # the head (SPEC §8). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
+    # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
+    a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
+      help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
+    a("--epochs", type=int, default=None, help="head epochs (default: 30 SSv2 / 40 K400 / 30 IN-1K / 100 others); "
+      "cheap on cached features, so more is fine if the train accuracy is still rising")
+    a("--lr", type=float, default=1e-3, help="AdamW peak lr, used as given (not scaled by batch size)")
+    a("--weight_decay", type=float, default=0.05, help="on the Linear weight only (not biases, not the norm)")
+    a("--batch_size", type=int, default=128)
+    a("--warmup_epochs", type=int, default=0, help="linear warmup before the cosine (the released script: 5)")
+    # system
+    a("--extract_batch", type=int, default=32, help="clips per backbone forward pass (per GPU); lower it on OOM")
+    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes per rank")
+    a("--out", default=None, help="results JSON (default: <ckpt>.linear_<dataset>.json, out/ for 'random')")
+    a("--cache_dir", default=None, help="feature cache (default: features/ beside the JSON); safe to delete")
+    a("--seed", type=int, default=0, help="random encoder init, head init and view sampling")
+    a("--bench", action="store_true", help="recompute the features (ignore the cache) and report the cost of "
+      "a probe: backbone passes per training clip, extraction and head-training wall time")
+    args = p.parse_args(argv)
+    args.epochs = args.epochs or EPOCHS.get(args.dataset, 100)
+    args.flip = args.dataset not in NO_FLIP if args.flip is None else args.flip
+    if args.ckpt != "random" and not os.path.isfile(args.ckpt):
+        p.error(f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
+    if args.out is None:
+        base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.splitext(args.ckpt)[0])
+        args.out = f"{base}.linear_{args.dataset}.json"
+    args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "features")
+    return args
+
+# ============ data: videos from data.py, images as clips of one repeated frame ============
+
+
+class FrameClips(torch.utils.data.Dataset):
+    """An image dataset as clips of one repeated frame (SPEC §8 evaluates IN-1K / CIFAR-100 so).
+
+    Items: (clip (3, T, S, S), label), or with repeats R > 1 (random crops, each drawn anew)
+    (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips.
+    """
+
+    def __init__(self, images, num_frames, num_classes, repeats=1):
+        self.images, self.num_frames, self.num_classes, self.repeats = images, num_frames, num_classes, repeats
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        views = [self.images[i] for _ in range(self.repeats)]  # R x ((3, S, S), label)
+        clips = torch.stack([img[:, None].expand(-1, self.num_frames, -1, -1) for img, _ in views])  # (R, 3, T, S, S)
+        label = views[0][1]
+        return (clips[0], label) if self.repeats == 1 else (clips, torch.full((self.repeats,), label))
+
+
+def image_dataset(name, root, split, num_frames, size, train=False, flip=False, repeats=1):
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:  # only for --aug_views; the default views are the deterministic centre crop (+ mirror)
+        crop = [T.RandomResizedCrop(size, interpolation=bicubic)] + [T.RandomHorizontalFlip()] * flip
+    else:  # IN-1K: the usual resize to size/0.875 + centre crop; CIFAR's 32 px images: upsample whole
+        crop = [T.Resize(size if name == "cifar100" else int(size / 0.875), interpolation=bicubic), T.CenterCrop(size)]
+    tf = T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    try:
+        if name == "cifar100":
+            images = tvd.CIFAR100(root or "", train=split == "train", download=False, transform=tf)
+        else:
+            images = tvd.ImageFolder(os.path.join(root or "", split), transform=tf)
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision's messages do not say what layout it wanted
+        want = ("<root>/cifar-100-python/{train,test,meta} (torchvision's CIFAR-100; nothing is downloaded)"
+                if name == "cifar100" else f"<root>/{split}/<class>/*.JPEG")
+        raise FileNotFoundError(f"{name}: cannot read split {split!r} under --data_root {root!r}: {e}\n"
+                                f"  expected layout: {want}") from None
+    return FrameClips(images, num_frames, len(images.classes), repeats)
+
+
+def build_dataset(args, cfg, split, train=False, repeats=1, clips=1, crops=1):
+    """Clips of this encoder's length and size; items (3, T, S, S) or (V, 3, T, S, S) for V views.
+    train=True: random crops (data.py's multi-scale crop), randomly mirrored if --flip."""
+    flip = train and args.flip
+    if args.dataset in IMAGE_DATASETS:
+        return image_dataset(args.dataset, args.data_root, split, cfg.num_frames, cfg.img_size, train, flip, repeats)
+    kwargs = dict(num_frames=cfg.num_frames, size=cfg.img_size, train=train, flip=flip, repeats=repeats,
+                  num_clips=clips, num_crops=crops)
+    if args.stride:
+        kwargs["stride"] = args.stride
+    return build_video_dataset(args.dataset, args.data_root, split, fold=args.fold, **kwargs)
+
+# ============ feature cache ============
+
+
+def checkpoint_identity(path, seed):
+    """What the features depend on about the weights: the file (path, size, mtime) or the random init."""
+    if path == "random":
+        return f"random init, seed {seed}"
+    st = os.stat(path)
+    return dict(path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def cache_path(cache_dir, key):
+    """One file per key: <dataset>_<split>_<views>_<hash of the whole key>.pt."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{key['dataset']}_{key['split']}_{key['views']}_{digest}.pt")
+
+
+def save_features(path, key, feats, labels, passes):
+    """feats (N, V, D) float32, labels (N,) int64; passes = backbone forward passes it took."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(dict(key=json.loads(json.dumps(key, default=str)), feats=feats, labels=labels, passes=passes), tmp)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a truncated cache file
+
+
+def load_features(path, key):
+    """The cached entry for `key`, or None. The stored key is compared too (hash collisions, renames)."""
+    if not os.path.isfile(path):
+        return None
+    entry = torch.load(path, map_location="cpu", weights_only=True)
+    return entry if entry["key"] == json.loads(json.dumps(key, default=str)) else None
+
+# ============ extracting features (every rank encodes its share) ============
+
+
+@torch.no_grad()
+def extract(encoder, loader, device, flip, show=True, desc="extracting"):
+    """Mean-pooled features of every clip the loader yields.
+
+    Returns feats (N, V*F, D) float32 (V views per item, F = 2 with the mirrored copy, view-major:
+    view v's mirror is column v*F+1), labels (N,), and the number of backbone forward passes.
+    """
+    # SPEC §8: eval mode. The released fine-tuning script defaults to drop_path 0.1, which keeps firing in a
+    # frozen backbone left in train mode; our Encoder has none, but a fork may add it.
+    encoder.eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    feats, labels, passes = [], [], 0
+    for clips, y in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+        if clips.dim() == 5:
+            clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
+        B, V = clips.shape[:2]
+        x = clips.flatten(0, 1).to(device, non_blocking=True)  # (B*V, 3, T, S, S)
+        views = [x, x.flip(-1)] if flip else [x]  # flip(-1): mirror along the width
+        out = []
+        for v in views:
+            with autocast:
+                tokens = encoder(v)  # (B*V, N, D): all tokens, no mask
+            out.append(tokens.float().mean(dim=1))  # (B*V, D) mean over tokens, in fp32
+            passes += len(v)
+        feats.append(torch.stack(out, dim=1).view(B, V * len(views), -1).cpu())  # (B, V*F, D)
+        labels.append(y[:, 0])
+    return torch.cat(feats), torch.cat(labels).long(), passes
+
+
+def cached_features(encoder, dataset, key, args, device, rank, world, desc):
+    """Features of one split and view set, from the cache or extracted (sharded over ranks).
+
+    Returns (feats (N, V, D), labels (N,), passes, seconds spent extracting) on rank 0, None elsewhere.
+    """
+    path = cache_path(args.cache_dir, key)
+    entry = None if args.bench else load_features(path, key)
+    if entry is not None:
+        return (entry["feats"], entry["labels"], entry["passes"], 0.0) if rank == 0 else None
+    t0 = time.perf_counter()
+    V = key["views_per_item"]
+    # Shard r holds clips r, r+world, ... (no padding, unlike DistributedSampler: every clip counts once).
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = make_loader(shard, max(1, args.extract_batch // V), args.num_workers, shuffle=False,
+                         drop_last=False, seed=args.seed, distributed=False)
+    feats, labels, passes = extract(encoder, loader, device, key["flip"], show=rank == 0,
+                                    desc=f"{desc} ({len(dataset)} clips x {V * (1 + key['flip'])} views)")
+    if world > 1:  # gather through the cache folder: plain files work with gloo and nccl, for any size
+        os.makedirs(args.cache_dir, exist_ok=True)
+        torch.save(dict(feats=feats, labels=labels, passes=passes), f"{path}.part{rank}")
+        dist.barrier()
+        if rank != 0:
+            return None
+        parts = [torch.load(f"{path}.part{r}", weights_only=True) for r in range(world)]
+        feats = torch.empty(len(dataset), *parts[0]["feats"].shape[1:])  # (N, V, D)
+        labels = torch.empty(len(dataset), dtype=torch.long)
+        for r, part in enumerate(parts):
+            feats[r::world], labels[r::world] = part["feats"], part["labels"]  # undo the strided sharding
+            os.remove(f"{path}.part{r}")
+        passes = sum(part["passes"] for part in parts)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    save_features(path, key, feats, labels, passes)
+    return feats, labels, passes, seconds
+
+# ============ the linear head (trained on cached features) ============
+
+
+class LinearHead(nn.Module):
+    """normalisation + Linear: (B, D) pooled features -> (B, C) logits."""
+
+    def __init__(self, dim, num_classes, norm="layernorm"):
+        super().__init__()
+        # layernorm: the released probe's fc_norm (eps 1e-6, weight and bias learned with the head);
+        # batchnorm: MAE's linear probe, BatchNorm1d(affine=False, eps=1e-6) -- pure standardisation.
+        self.norm = (nn.LayerNorm(dim, eps=1e-6) if norm == "layernorm"
+                     else nn.BatchNorm1d(dim, affine=False, eps=1e-6))
+        self.fc = nn.Linear(dim, num_classes)
+        # The released head starts at trunc-normal(0.02) x init_scale 0.001, i.e. ~0. The problem is
+        # convex, so start at exactly 0: no seed dependence.
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device):
+    """The head's matrices are small: on CPU one thread beats OpenMP's synchronisation (measured on
+    a busy 2-core machine: 0.3 s instead of 4.6 s for 100 epochs on 600 clips). GPU: no change."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_head(feats, labels, num_classes, epochs=100, lr=1e-3, weight_decay=0.05, batch_size=128,
+               norm="layernorm", warmup_epochs=0, seed=0, device="cpu", show=True):
+    """Train a LinearHead on cached features.
+
+    feats (N, V, D): V cached views per clip; every step draws one view per clip at random, which is
+    how the cached mirror (and --aug_views crops) become augmentation. AdamW betas (0.9, 0.999),
+    per-step cosine to 0 after an optional linear warmup (SPEC §8). The last partial batch of an
+    epoch is dropped, as in the released loader.
+    """
+    g = torch.Generator().manual_seed(seed)
+    feats, labels = feats.to(device), labels.to(device)
+    N, V, D = feats.shape
+    head = LinearHead(D, num_classes, norm).to(device)
+    decay = [p for p in head.parameters() if p.ndim > 1]  # only the Linear weight, as in pretraining (SPEC §6)
+    rest = [p for p in head.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)],
+                            lr=lr, betas=(0.9, 0.999))
+    bs = min(batch_size, N)
+    steps_per_epoch = N // bs
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    head.train()
+    bar = tqdm(range(epochs), desc="head", disable=not show, leave=False, dynamic_ncols=True)
+    step = 0
+    with one_cpu_thread(device):
+        for _ in bar:
+            order = torch.randperm(N, generator=g)  # (N,) clip order this epoch
+            view = torch.randint(V, (N,), generator=g)  # (N,) the cached view each of them shows
+            correct = 0
+            for i in range(steps_per_epoch):
+                batch = slice(i * bs, (i + 1) * bs)
+                x = feats[order[batch].to(device), view[batch].to(device)]  # (bs, D)
+                y = labels[order[batch].to(device)]  # (bs,)
+                rate = lr * step / warmup if step < warmup else \
+                    0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+                for group in opt.param_groups:
+                    group["lr"] = rate
+                logits = head(x)  # (bs, C)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", train_top1=f"{100 * correct / (steps_per_epoch * bs):.1f}")
+    return head.eval()
+
+
+@torch.no_grad()
+def predict(head, feats, chunk=8192):
+    """feats (N, V, D) -> (N, C): softmax scores averaged over the V views (multi-view testing)."""
+    head.eval()
+    device = next(head.parameters()).device
+    out = []
+    for x in feats.split(chunk):
+        N, V, D = x.shape
+        probs = head(x.to(device).flatten(0, 1)).float().softmax(-1)  # (N*V, C)
+        out.append(probs.view(N, V, -1).mean(1).cpu())  # (N, C)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """scores (N, C), labels (N,) -> {'top1': %, 'top5': %}; k is capped at the number of classes."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, k)
+    hit = top == labels[:, None]  # (N, k)
+    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+# ============ main ============
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the 'random' encoder's init
+
+    # ---- the frozen encoder (a misfit architecture fails here, naming the preset that fits) ----
+    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
+    encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
+    missing, unexpected = [], []
+    if args.ckpt != "random":
+        # load_encoder already refused missing encoder weights; read the file once more for the exact key
+        # report (decoder / phi / prototype keys are not the encoder's and are left out on purpose).
+        missing, unexpected = load_weights(encoder, args.ckpt)
+    if not args.final_norm:
+        encoder.norm = nn.Identity()  # the released probe pools the last block's tokens (its norm = Identity)
+    encoder.requires_grad_(False).eval().to(device)
+    say(f"encoder: {describe_state_dict(encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} "
+        f"clips, {sum(p.numel() for p in encoder.parameters()):,} parameters, frozen, on {device}"
+        + (f" x {world} ranks" if ddp else ""))
+    if args.ckpt != "random":
+        say(f"weights: {args.ckpt}; missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
+
+    # ---- data: every view set of both splits is built before any encoding, so a missing split
+    # file or root fails now. A view set = one pass over a split; each item yields V views (data.py
+    # decodes a video once for all of them), and with flip each view is encoded mirrored too. ----
+    clips, crops = args.test_clips, args.test_crops
+    if args.dataset in IMAGE_DATASETS and clips * crops > 1:
+        say("note: image datasets are tested on one centre crop; --test_clips / --test_crops ignored")
+        clips = crops = 1
+    view_sets = [  # (name, cache tag, views per item V, mirrored too?, dataset)
+        ("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
+        ("test", f"{clips}x{crops}", clips * crops, False,
+         build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
+    if args.aug_views:  # random crops (mirrored at random if --flip), drawn once and cached like the rest
+        view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False,
+                             build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)))
+    datasets = {name: ds for name, _, _, _, ds in view_sets}
+    num_classes = datasets["test"].num_classes
+    if datasets["train"].num_classes != num_classes:
+        raise ValueError(f"train split has {datasets['train'].num_classes} classes, test split {num_classes}")
+    say("settings: " + json.dumps(vars(args)))
+
+    # ---- extract (or load) features: every rank takes part, rank 0 gathers ----
+    base_key = dict(ckpt=checkpoint_identity(args.ckpt, args.seed), encoder=asdict(cfg), final_norm=args.final_norm,
+                    dataset=args.dataset, root=os.path.abspath(args.data_root) if args.data_root else "default",
+                    fold=args.fold, stride=getattr(datasets["train"], "stride", None))  # data.py's resolved stride
+    features, seconds, passes = {}, {}, {}
+    for name, tag, views, flip, dataset in view_sets:
+        split = args.test_split if name == "test" else args.train_split
+        key = dict(base_key, split=split, views=tag + ("+flip" if flip else ""), views_per_item=views, flip=flip)
+        got = cached_features(encoder, dataset, key, args, device, rank, world, desc=f"{name} features")
+        if got is not None:  # rank 0
+            features[name], passes[name], seconds[name] = got[:2], got[2], got[3]
+    if ddp:
+        dist.barrier()  # the other ranks are done: the head is trained on rank 0 alone (seconds)
+        if not master:
+            dist.destroy_process_group()
+            return None
+
+    # ---- train the head on cached features, test ----
+    train_names = [name for name in features if name != "test"]
+    train_feats = torch.cat([features[n][0] for n in train_names], dim=1)  # (N, V_train, D)
+    train_labels = features["train"][1]
+    test_feats, test_labels = features["test"]
+    t0 = time.perf_counter()
+    head = train_head(train_feats, train_labels, num_classes, args.epochs, args.lr, args.weight_decay,
+                      args.batch_size, args.head_norm, args.warmup_epochs, args.seed, device, show=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    head_seconds = time.perf_counter() - t0
+    acc = topk_accuracy(predict(head, test_feats), test_labels)
+    train_acc = topk_accuracy(predict(head, train_feats[:, :1]), train_labels)["top1"]  # unmirrored view
+    n_train = len(train_labels)
+    passes_per_clip = sum(passes[n] for n in train_names) / n_train
+
+    results = dict(top1=acc["top1"], top5=acc["top5"], train_top1=train_acc, dataset=args.dataset,
+                   test_split=args.test_split, test_views=f"{clips}x{crops}",
+                   num_train=n_train, num_test=len(test_labels), num_classes=num_classes, ckpt=args.ckpt,
+                   encoder=asdict(cfg), missing_keys=missing, unexpected_keys=unexpected,
+                   forward_passes_per_train_clip=passes_per_clip, head_train_seconds=head_seconds,
+                   extract_seconds=seconds, args=vars(args))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"linear probe {args.dataset} ({args.test_split}, {n_train} train / {len(test_labels)} test clips, "
+          f"{num_classes} classes, {results['test_views']} test views): top-1 {acc['top1']:.2f}  "
+          f"top-5 {acc['top5']:.2f}  (train top-1 {train_acc:.1f})  -> {args.out}")
+    if args.bench:
+        per_view = seconds["train"] / (1 + args.flip)  # one pass over the training clips
+        print(f"bench ({device}, {n_train} training clips, {args.epochs} head epochs):\n"
+              f"  backbone forward passes per training clip: {passes_per_clip:.2f} "
+              f"(released recipe: {args.epochs}, one per head epoch)\n"
+              f"  feature extraction: train {seconds['train'] + seconds.get('train_aug', 0):.1f} s, "
+              f"test {seconds['test']:.1f} s (decoding included)\n"
+              f"  head training on cached features: {head_seconds:.2f} s for {args.epochs} epochs\n"
+              f"  the released recipe's backbone work on the training clips alone: ~{args.epochs} x "
+              f"{per_view:.1f} s = {args.epochs * per_view:.0f} s")
+    if ddp:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""
+Unsupervised video object segmentation with a frozen encoder (SPEC §9, paper Table 4), the
+protocol of TimeT (Salehi et al., ICCV 2023).
+
+Nothing is trained. The frozen encoder embeds a clip, k-means groups all its tubes' features,
+and the groups are compared with the ground-truth objects: features that keep an object's tubes
+together and apart from the rest score high.
+  clustering      K = number of labels in the clip (background included); clusters are matched
+                  one-to-one to labels by Hungarian matching on IoU.
+  overclustering  K = 6 (about 3x the mean object count); each cluster is given the label it
+                  overlaps most precisely (many-to-one).
+Score: per clip, the IoU of every label present (background included), averaged (mIoU); the
+dataset score is the mean over clips.
+
+    python eval_vos.py --ckpt out/ckpt.pth --dataset davis2017 --data_root /data/DAVIS
+    python eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS --vis 4
+    python eval_vos.py --ckpt random --arch vit_b --dataset davis2017 --data_root /data/DAVIS
+    python eval_vos.py --ckpt random --arch tiny --dataset synthetic --vis 2
+    torchrun --nproc_per_node=8 eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS
+    python eval_vos.py --bench       # seconds per clip on this machine, features vs clustering
+
+Clips are non-overlapping runs of consecutive annotated frames (data.VOSDataset). Writes a JSON
+file (every clip, the means of both protocols, the config) next to the checkpoint (or --out).
+--vis N draws the first N clips into <json stem>_vis/: <clip>_clusters.png has one column per tube
+(its first frame) and five rows: frame, ground truth, clustering (labels in the ground truth's
+colours), overclustering's raw clusters, overclustering after the many-to-one map; for our
+checkpoints <clip>_prototypes.png has one row per prototype, its top 10% tubes lit, the rest dimmed.
+
+Reference (ViT-B, K400, DAVIS-2017, clustering / overclustering mIoU): VideoMAE 27.2 / 50.9,
+SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here (tiny, built-in synthetic set, 80
+clips, ~0.05 s per clip on 2 CPU cores): random init 18.2 / 37.8; after 300 AdamW steps of batch
+8 (~2 min) 43.4 / 56.0. A random-init encoder groups tokens mostly by position (the fixed position
+table dominates its features), so its clusters follow time slices -- see the pictures.
+"""
+import argparse
+import itertools
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from data import IMAGENET_MEAN, IMAGENET_STD, VOSDataset, synthetic_dataset
+from model import SIGMA, Config, load_checkpoint, load_encoder, load_weights
+
+# Clip length of each benchmark (SPEC §9): DAVIS clips of 16 frames, YouTube-VOS clips of 4 (its
+# train split is annotated every 5th frame). The synthetic set uses the model's own clip length.
+PROTOCOL_FRAMES = {"davis2017": 16, "davis2016": 16, "ytvos": 4}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # ============ what to evaluate ============
+    p.add_argument("--ckpt", default="random", help="one of our checkpoints (stores its architecture), a released "
+                   "SIGMA / VideoMAE checkpoint (then pass --arch), or 'random' for a random-init baseline of --arch")
+    p.add_argument("--arch", default=None, help="tiny | vit_s | vit_b; needed for released checkpoints, "
+                   "and for 'random' (default tiny)")
+    p.add_argument("--dataset", default="synthetic", choices=["davis2017", "davis2016", "ytvos", "synthetic"],
+                   help="davis2017: val, instance ids; davis2016: val, binary; ytvos: seeded 20%% of train; "
+                        "synthetic: the built-in set (data.synthetic_dataset), no download")
+    p.add_argument("--data_root", default="", help="dataset folder holding JPEGImages/ and Annotations/")
+    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the protocol's (16 DAVIS, "
+                   "4 YouTube-VOS; the model's own for synthetic). The encoder's position table follows")
+    p.add_argument("--img_size", type=int, default=0, help="frame side in pixels; 0 = the model's (224, tiny 64)")
+    p.add_argument("--feat_size", type=int, default=0, help="side of the maps that are clustered and scored; "
+                   "0 = twice the token grid (28 for 224/16, as in SPEC §9). Larger: finer masks, slower k-means")
+    # ============ k-means ============
+    p.add_argument("--k_over", type=int, default=6, help="clusters for overclustering, ~3x the mean object count "
+                   "(background included); more clusters make the task easier")
+    p.add_argument("--restarts", type=int, default=5, help="k-means++ restarts per clip; the run with the lowest "
+                   "inertia is kept (TimeT: faiss nredo=5). Restarts run in parallel, in one tensor")
+    p.add_argument("--iters", type=int, default=50, help="cap on Lloyd iterations (TimeT: faiss niter=50)")
+    p.add_argument("--tol", type=float, default=1e-4, help="stop early once no centroid moves further than this")
+    p.add_argument("--seed", type=int, default=0, help="seeds k-means (clip i uses seed + i), the YouTube-VOS "
+                   "subset and the random-init encoder")
+    p.add_argument("--max_clips", type=int, default=0, help="evaluate only the first N clips (0 = all); for smoke runs")
+    # ============ output ============
+    p.add_argument("--out", default="", help="JSON path; default <ckpt dir>/vos_<dataset>.json, or "
+                   "out/vos_<dataset>_random_<arch>.json for random")
+    p.add_argument("--vis", type=int, default=0, help="draw PNGs for the first N clips: cluster maps (paper Fig. 3) "
+                   "and the tubes that score highest on prototypes (Fig. 4, our checkpoints only)")
+    p.add_argument("--protos", type=int, nargs="*", default=[], help="prototype ids for the Fig. 4 view; default: "
+                   "the (up to) 3 that most of the clip's tubes choose")
+    p.add_argument("--proto_frac", type=float, default=0.1, help="fraction of a clip's tubes highlighted per prototype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 encoder on cuda, fp32 on cpu")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--bench", action="store_true", help="time feature extraction and clustering instead")
+    p.add_argument("--bench_archs", nargs="+", default=["tiny", "vit_s", "vit_b"], help="random-init presets for --bench")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# ============ dense features ============
+
+@torch.no_grad()
+def dense_features(encoder, videos, size):
+    """Frozen tokens as feature maps: videos (B, 3, T, H, W) -> (B, t, D, size, size), fp32.
+
+    The encoder sees every token (no mask), in eval mode. Its tokens come in (t, h, w) row-major
+    order (model.py), so they reshape straight into one (h, w) map per tube slice; each map is
+    upsampled bilinearly to `size` (SPEC §9: 14x14 -> 28x28).
+    """
+    t, h, w = encoder.cfg.grid
+    cuda = videos.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():  # fp32 on CPU
+        x = encoder(videos)  # (B, N, D)
+    B, N, D = x.shape
+    x = x.float().reshape(B * t, h, w, D).permute(0, 3, 1, 2)  # (B*t, D, h, w)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B*t, D, s, s)
+    return x.reshape(B, t, D, size, size)
+
+
+def label_maps(masks, size):
+    """Ground truth at the scoring resolution: (T, H, W) int64 -> (T, size, size), nearest.
+
+    'nearest-exact' samples the centre of each output cell (plain 'nearest' takes its top-left pixel).
+    """
+    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()
+
+
+# ============ k-means (vectorised over points and restarts) ============
+# Euclidean (L2) k-means on L2-normalised features. Between unit vectors |a - b|^2 = 2 - 2 cos(a, b),
+# so points are grouped by cosine similarity; centroids are plain means (not re-normalised: this is
+# not spherical k-means). TimeT instead standardises each channel and projects to 50 PCA dimensions
+# before Euclidean faiss k-means; normalising each token needs no statistics shared between tokens.
+
+def sq_dists(x, c):
+    """Squared Euclidean distances x (P, D), centroids c (R, K, D) -> (R, P, K), via |x|^2 - 2x.c + |c|^2."""
+    return ((x * x).sum(1)[None, :, None] - 2 * x @ c.transpose(1, 2) + (c * c).sum(2)[:, None, :]).clamp_min(0)
+
+
+def kmeans_pp(x, k, restarts, generator=None):
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) for `restarts` runs at once: x (P, D) -> (R, k, D).
+
+    The first centroid is a uniformly drawn point; each next one is drawn with probability
+    proportional to the squared distance to the nearest centroid already chosen.
+    """
+    P = len(x)
+    first = torch.randint(P, (restarts,), generator=generator, device=x.device)  # (R,)
+    centroids = x[first][:, None]  # (R, 1, D)
+    d2 = sq_dists(x, centroids)[..., 0]  # (R, P)
+    for _ in range(k - 1):
+        # + tiny: points that coincide with a centroid are never drawn unless all of them do.
+        nxt = x[torch.multinomial(d2 + 1e-12, 1, generator=generator)[:, 0]][:, None]  # (R, 1, D)
+        centroids = torch.cat([centroids, nxt], dim=1)  # (R, j+1, D)
+        d2 = torch.minimum(d2, sq_dists(x, nxt)[..., 0])  # (R, P)
+    return centroids
+
+
+def lloyd(x, centroids, iters=50, tol=1e-4):
+    """Lloyd iterations for R runs in parallel: x (P, D), centroids (R, K, D) ->
+    (assign (R, P) int64, centroids (R, K, D), inertia (R,) = summed squared distance to the centroid).
+    An empty cluster keeps its centroid. Stops after `iters` or once no centroid moves more than tol."""
+    K = centroids.shape[1]
+    for _ in range(iters):
+        onehot = F.one_hot(sq_dists(x, centroids).argmin(2), K).to(x.dtype)  # (R, P, K)
+        counts = onehot.sum(1)[..., None]  # (R, K, 1)
+        means = (onehot.transpose(1, 2) @ x) / counts.clamp_min(1)  # (R, K, D)
+        new = torch.where(counts > 0, means, centroids)  # (R, K, D)
+        shift = (new - centroids).norm(dim=2).max()
+        centroids = new
+        if shift <= tol:
+            break
+    d2, assign = sq_dists(x, centroids).min(2)  # (R, P) each
+    return assign, centroids, d2.sum(1)
+
+
+def kmeans(x, k, restarts=5, iters=50, tol=1e-4, generator=None):
+    """Best of `restarts` k-means++ / Lloyd runs: x (P, D) -> (assign (P,) in [0, k), inertia (R,) of every run)."""
+    assign, _, inertia = lloyd(x, kmeans_pp(x, k, restarts, generator), iters, tol)
+    return assign[inertia.argmin()], inertia
+
+
+# ============ matching clusters to labels, scoring ============
+
+def confusion(pred, gt, k, n_labels):
+    """Pixel counts: pred in [0, k), gt in [0, n_labels), same shape -> (k, n_labels) int64, [i, j] = |pred=i & gt=j|."""
+    return torch.bincount((pred * n_labels + gt).flatten(), minlength=k * n_labels).reshape(k, n_labels)
+
+
+def hungarian(conf):
+    """Clustering protocol: one-to-one cluster -> label map maximising the summed IoU. conf (K, K) -> (K,).
+
+    With K = L every label gets exactly one cluster, so this maximises the clip's mIoU itself.
+    """
+    conf = conf.double()
+    iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp_min(1)  # (K, L)
+    rows, cols = linear_sum_assignment(iou.cpu().numpy(), maximize=True)
+    assert len(rows) == len(conf) == conf.shape[1], "the clustering protocol needs K = number of labels"
+    return torch.as_tensor(cols[rows.argsort()], device=conf.device)
+
+
+def many_to_one(conf):
+    """Overclustering protocol: cluster -> the label it overlaps most precisely. conf (K, L) -> (K,).
+
+    Precision |c & l| / |c| has the same denominator for every label of cluster c, so this is the
+    label with the largest overlap, and the map labels the most pixels correctly of all L^K maps.
+    """
+    return conf.argmax(1)
+
+
+def miou(pred, gt, n_labels):
+    """Mean IoU over labels 0..n_labels-1, all present in gt (background included). pred, gt same shape."""
+    conf = confusion(pred, gt, n_labels, n_labels).double()  # (L, L)
+    inter = conf.diag()
+    return (inter / (conf.sum(0) + conf.sum(1) - inter)).mean().item()
+
+
+PROTOCOLS = {"clustering": hungarian, "overclustering": many_to_one}
+
+
+def segment(feats, gt, k, match, restarts=5, iters=50, tol=1e-4, generator=None):
+    """Cluster one clip, name the clusters with labels, score them.
+
+    feats (t, D, s, s) feature maps, one per tube slice; gt (T, s, s) labels 0..L-1, all present,
+    with T = tubelet * t. Each tube's cluster map covers its `tubelet` frames (SPEC §9).
+    Returns (mIoU, clusters (T, s, s) in [0, k), pred (T, s, s) in [0, L)).
+    """
+    t, D, s, _ = feats.shape
+    T, n_labels = len(gt), int(gt.max()) + 1
+    x = F.normalize(feats.permute(0, 2, 3, 1).reshape(-1, D), dim=1)  # (t*s*s, D), unit norm
+    assign, _ = kmeans(x, k, restarts, iters, tol, generator)  # (t*s*s,)
+    clusters = assign.reshape(t, 1, s, s).expand(t, T // t, s, s).reshape(T, s, s)  # tube -> its frames
+    pred = match(confusion(clusters, gt, k, n_labels))[clusters]  # (T, s, s) labels
+    return miou(pred, gt, n_labels), clusters, pred
+
+
+# ----------------------------------------------------------------------------------------------
+# ============ pictures (paper Figs. 3 and 4) ============
+
+PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                        [0, 128, 128], [170, 110, 40]]) / 255.0  # (12, 3) distinct colours
+
+
+def to_rgb(videos, step):
+    """ImageNet-normalised (1, 3, T, S, S) -> every `step`-th frame as (T/step, 3, S, S) in [0, 1]."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    return (videos[0].float().cpu() * std + mean).clamp(0, 1)[:, ::step].transpose(0, 1)
+
+
+def overlay(rgb, maps, tint_zero, alpha=0.55):
+    """Colour label/cluster maps over frames: rgb (n, 3, S, S), maps (n, s, s) -> (n, 3, S, S).
+    Label 0 (background) stays untinted unless tint_zero (raw cluster ids have no background)."""
+    maps = F.interpolate(maps[:, None].float().cpu(), size=rgb.shape[-2:], mode="nearest")[:, 0].long()  # (n, S, S)
+    colour = PALETTE[(maps - (0 if tint_zero else 1)) % len(PALETTE)].permute(0, 3, 1, 2)  # (n, 3, S, S)
+    a = alpha * (torch.ones_like(maps) if tint_zero else maps > 0)[:, None].float()  # (n, 1, S, S)
+    return rgb * (1 - a) + colour * a
+
+
+def save_strip(path, rows, min_side=128):
+    """Rows of equally sized frames (each (n, 3, S, S) in [0, 1]) -> one PNG, small frames upscaled."""
+    n, S = len(rows[0]), rows[0].shape[-1]
+    grid = make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=1.0)  # (3, H, W)
+    scale = max(1, -(-min_side // S))
+    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0] if scale > 1 else grid
+    Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)  # PIL: as data.py
+
+
+def draw_clusters(path, videos, gt, maps, tubelet):
+    """Fig. 3: one column per tube slice (its first frame); rows: frame, ground truth, clustering
+    (matched, label colours as in the ground truth), overclustering clusters (one colour per
+    cluster), overclustering after the many-to-one map."""
+    rgb = to_rgb(videos, tubelet)  # (t, 3, S, S)
+    rows = [rgb, overlay(rgb, gt[::tubelet], False), overlay(rgb, maps["clustering"][::tubelet], False),
+            overlay(rgb, maps["overclustering_clusters"][::tubelet], True),
+            overlay(rgb, maps["overclustering"][::tubelet], False)]
+    save_strip(path, rows)
+
+
+def load_sigma(path, overrides):
+    """The whole pretraining module (phi + prototypes) of one of our checkpoints, or (None, why not)."""
+    if path == "random":
+        return None, "a random-init encoder has no learned prototypes"
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt:
+        return None, "not one of our checkpoints (no model_config), so phi cannot be rebuilt"
+    fields = {**ckpt["model_config"], **overrides}
+    fields["proj_hidden"] = tuple(fields["proj_hidden"])
+    cfg = Config(**fields)
+    if cfg.loss != "sigma":
+        return None, f"loss={cfg.loss!r} has no prototypes"
+    try:
+        sigma = SIGMA(cfg)  # target='dino' needs the frozen DINO weights file named in the config
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return None, f"cannot rebuild phi ({str(e).splitlines()[-1].strip()})"
+    missing, _ = load_weights(sigma, ckpt)
+    if missing:
+        return None, f"checkpoint lacks {missing[:3]}"
+    return sigma.eval(), ""
+
+
+@torch.no_grad()
+def draw_prototypes(path, sigma, videos, protos, frac):
+    """Fig. 4: for each prototype, the clip's tubes that phi scores highest on it, lit up (the
+    rest dimmed); one row per prototype, one column per tube slice. Returns one dict per row."""
+    cfg = sigma.cfg
+    t, h, w = cfg.grid
+    everything = torch.ones(1, cfg.num_tokens, dtype=torch.bool, device=videos.device)  # phi of every tube
+    z = F.normalize(sigma.targets(videos, everything)[0].float(), dim=-1)  # (N, D)
+    scores = z @ F.normalize(sigma.prototypes.float(), dim=-1).t()  # (N, K) cosine, as in SPEC §4
+    usage = scores.argmax(1).bincount(minlength=scores.shape[1])  # (K,) tubes choosing each prototype
+    protos = protos or [p for p in usage.topk(min(3, len(usage))).indices.tolist() if usage[p] > 0]
+    if not all(0 <= p < len(usage) for p in protos):
+        raise ValueError(f"--protos {protos}: this model has prototypes 0..{len(usage) - 1}")
+    n_top = max(1, round(frac * len(z)))
+    rgb = to_rgb(videos, cfg.tubelet_size)  # (t, 3, S, S)
+    rows, info = [], []
+    for p in protos:
+        lit = torch.zeros(len(z), device=z.device)
+        lit[scores[:, p].topk(n_top).indices] = 1.0
+        lit = F.interpolate(lit.reshape(t, 1, h, w).cpu(), size=rgb.shape[-2:], mode="nearest")  # (t, 1, S, S)
+        rows.append(rgb * (0.25 + 0.75 * lit))
+        info.append(dict(prototype=p, tubes_choosing_it=int(usage[p]), lit_tubes=n_top,
+                         top_score=round(scores[:, p].max().item(), 4)))
+    save_strip(path, rows)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# ============ evaluation ============
+
+def build_dataset(args, num_frames, img_size):
+    if args.dataset == "synthetic":
+        root, layout = Path(synthetic_dataset()) / "davis", "davis2017"
+    else:
+        root, layout = Path(args.data_root), args.dataset
+        if not args.data_root or not root.is_dir():
+            raise FileNotFoundError(f"--data_root {args.data_root!r} is not a folder: point it at the {args.dataset} "
+                                    "folder that holds JPEGImages/ and Annotations/ (or use --dataset synthetic)")
+    return VOSDataset(root, layout, clip_len=num_frames, size=img_size, seed=args.seed)
+
+
+def evaluate_clip(encoder, item, args, feat_size, generator):
+    """Both protocols on one clip. Returns (result dict, maps for the pictures)."""
+    videos = item["frames"][None].to(args.device)  # (1, 3, T, S, S)
+    feats = dense_features(encoder, videos, feat_size)[0]  # (t, D, s, s)
+    # Labels present = those visible at the scoring resolution; they are renumbered 0..L-1 (0 = background).
+    ids, gt = label_maps(item["masks"].to(args.device), feat_size).unique(return_inverse=True)  # (T, s, s)
+    result = dict(name=item["name"], frame_ids=list(item["frame_ids"]), labels=ids.tolist())
+    maps = {"gt": gt}
+    for name, match in PROTOCOLS.items():
+        k = len(ids) if name == "clustering" else args.k_over
+        result[name], clusters, maps[name] = segment(feats, gt, k, match, args.restarts, args.iters, args.tol, generator)
+        maps[name + "_clusters"] = clusters
+    return result, (videos, maps)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.bench:
+        return bench(args)
+    ddp = "RANK" in os.environ  # launched by torchrun: each rank takes every world-th clip
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+
+    # ============ frozen encoder ============
+    overrides = {}
+    if args.num_frames or args.dataset in PROTOCOL_FRAMES:
+        overrides["num_frames"] = args.num_frames or PROTOCOL_FRAMES[args.dataset]
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    arch = args.arch or ("tiny" if args.ckpt == "random" else None)
+    torch.manual_seed(args.seed)  # the random-init baseline is reproducible
+    encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
+    encoder = encoder.to(args.device).eval().requires_grad_(False)
+    feat_size = args.feat_size or 2 * cfg.grid[1]
+
+    # ============ data ============
+    dataset = build_dataset(args, cfg.num_frames, cfg.img_size)
+    n_clips = min(len(dataset), args.max_clips or len(dataset))
+    indices = list(range(rank, n_clips, world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
+                                         num_workers=args.workers)
+    out = Path(args.out or (Path("out") / f"vos_{args.dataset}_random_{arch}.json" if args.ckpt == "random"
+                            else Path(args.ckpt).parent / f"vos_{args.dataset}.json"))
+    vis_dir = out.with_name(out.stem + "_vis")
+    if rank == 0:
+        print(f"{args.dataset}: {n_clips} clips of {cfg.num_frames} frames at {cfg.img_size}px, token grid {cfg.grid}, "
+              f"scored at {feat_size}x{feat_size}; encoder {args.ckpt} on {args.device}")
+
+    # ============ cluster and score every clip ============
+    sigma, why = (None, "")
+    if args.vis:
+        vis_dir.mkdir(parents=True, exist_ok=True)
+        sigma, why = load_sigma(args.ckpt, overrides)
+        sigma = sigma.to(args.device) if sigma is not None else None
+        if sigma is None and rank == 0:
+            print(f"prototype view (Fig. 4) skipped: {why}")
+    results = []
+    bar = tqdm(zip(indices, loader), total=len(indices), disable=rank > 0, desc="clips")
+    for i, item in bar:
+        generator = torch.Generator(args.device).manual_seed(args.seed + i)  # same clusters however sharded
+        result, (videos, maps) = evaluate_clip(encoder, item, args, feat_size, generator)
+        result["index"] = i
+        if i < args.vis:
+            stem = f"{i:04d}_{result['name'].replace('/', '_')}"
+            draw_clusters(vis_dir / f"{stem}_clusters.png", videos, maps["gt"], maps, cfg.tubelet_size)
+            if sigma is not None:
+                result["prototype_view"] = draw_prototypes(vis_dir / f"{stem}_prototypes.png", sigma, videos,
+                                                           args.protos, args.proto_frac)
+        results.append(result)
+        bar.set_postfix({name: f"{sum(r[name] for r in results) / len(results):.3f}" for name in PROTOCOLS})
+    if ddp:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = sorted(itertools.chain(*gathered), key=lambda r: r["index"])
+        dist.destroy_process_group()
+        if rank:
+            return None
+
+    # ============ report ============
+    mean = {name: sum(r[name] for r in results) / max(1, len(results)) for name in PROTOCOLS}
+    report = dict(mean=mean, num_clips=len(results), clips=results,
+                  config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
+                              feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
+                              kmeans="Euclidean k-means++ on L2-normalised features", world_size=world))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"mIoU over {len(results)} clips: clustering {100 * mean['clustering']:.1f}, "
+          f"overclustering {100 * mean['overclustering']:.1f}  -> {out}" + (f", pictures in {vis_dir}" if args.vis else ""))
+    return report
+
+
+# ============ benchmark ============
+
+def bench(args):
+    """Seconds per DAVIS-sized clip: encoder forward and each protocol's k-means + matching,
+    random-init encoders, ground truth of 3 labels (2 objects + background, as in DAVIS-2017)."""
+    print(f"device {args.device}, {torch.get_num_threads()} threads; median of 3 after a warm-up; "
+          f"k-means: {args.restarts} restarts, <= {args.iters} iterations")
+    print(f"{'model':6s} {'clip':>10s} {'tokens':>6s} {'map':>5s} {'features s':>10s} "
+          f"{'clustering s':>12s} {'overclust. s':>12s}")
+    for arch in args.bench_archs:
+        torch.manual_seed(0)
+        encoder, cfg = load_encoder("random", arch)  # each preset's own clip: tiny 8x64x64, ViTs 16x224x224
+        encoder = encoder.to(args.device).eval()
+        T, S, s = cfg.num_frames, cfg.img_size, 2 * cfg.grid[1]
+        videos = torch.randn(1, 3, T, S, S, device=args.device)
+        gt = torch.zeros(T, s, s, dtype=torch.long, device=args.device)
+        gt[:, : s // 2, : s // 3], gt[:, s // 2:, s // 2:] = 1, 2  # two "objects"
+        feats = dense_features(encoder, videos, s)[0]  # (t, D, s, s)
+        jobs = {"features": lambda: dense_features(encoder, videos, s)}
+        for name, match in PROTOCOLS.items():
+            k = 3 if name == "clustering" else args.k_over
+            jobs[name] = lambda k=k, match=match: segment(feats, gt, k, match, args.restarts, args.iters, args.tol,
+                                                          torch.Generator(args.device).manual_seed(0))
+        timings = {}
+        for name, job in jobs.items():
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                job()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            timings[name] = sorted(times[1:])[1]
+        print(f"{arch:6s} {T}x{S}x{S:<4d} {cfg.num_tokens:6d} {s:3d}^2 {timings['features']:10.3f} "
+              f"{timings['clustering']:12.3f} {timings['overclustering']:12.3f}")
+    return None
+
+
+if __name__ == "__main__":
+    main()

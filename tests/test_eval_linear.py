@@ -1,0 +1,245 @@
+"""eval_linear.py: the feature cache round trip and its invalidation; the head recipe separates
+separable features and stays at chance on random labels; end to end on the synthetic videos with a
+briefly pretrained and a random tiny encoder; the backbone stays frozen; released-layout loading
+and refusal of a mismatched arch; distributed extraction equals single-process extraction."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import eval_linear
+from data import build_video_dataset, tube_mask
+from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
+from model import build_model, load_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_args(ckpt, data, out, *extra):
+    """A fast probe: 20 head epochs, no worker processes."""
+    return ["--ckpt", str(ckpt), "--dataset", "synthetic", "--data_root", str(data), "--out", str(out),
+            "--epochs", "20", "--num_workers", "0", *extra]
+
+
+def briefly_pretrained(data, path, steps=24, batch=4):
+    """Our checkpoint format (as train.py writes it) after `steps` AdamW steps of SIGMA on synthetic clips."""
+    torch.manual_seed(0)
+    sigma = build_model("tiny", num_prototypes=64)
+    cfg = sigma.cfg
+    ds = build_video_dataset("synthetic", data, "train", num_frames=cfg.num_frames, size=cfg.img_size,
+                             train=True, repeats=2)
+    clips = torch.cat([ds[i][0] for i in range(len(ds))])  # (2 * videos, 3, T, S, S): decoded once
+    opt = torch.optim.AdamW(sigma.parameters(), lr=1e-3, weight_decay=0.05)
+    for step in range(steps):
+        videos = clips[torch.randint(len(clips), (batch,))]
+        loss = sigma(videos, tube_mask(batch, cfg.grid, 0.9))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.save({"model": sigma.state_dict(), "model_config": asdict(cfg), "epoch": 0, "step": steps}, path)
+    return sigma
+
+
+@pytest.fixture(scope="module")
+def pretrained_ckpt(tiny_synthetic, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pth"
+    briefly_pretrained(tiny_synthetic, path)
+    return path
+
+
+# ============ feature cache ============
+
+def test_feature_cache_round_trip_and_invalidation(tmp_path):
+    key = dict(ckpt=dict(path="/x/ckpt.pth", size=10, mtime_ns=1), dataset="synthetic", split="train",
+               views="centre+flip", encoder=dict(num_frames=8, img_size=64, proj_hidden=(512, 512)))
+    feats, labels = torch.randn(5, 2, 7), torch.arange(5)
+    path = cache_path(str(tmp_path), key)
+    save_features(path, key, feats, labels, passes=10)
+    entry = load_features(path, key)
+    assert torch.equal(entry["feats"], feats) and torch.equal(entry["labels"], labels) and entry["passes"] == 10
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left behind
+    for change in (dict(ckpt=dict(key["ckpt"], mtime_ns=2)), dict(split="val"), dict(views="2x3"),
+                   dict(encoder=dict(key["encoder"], num_frames=16))):
+        changed = {**key, **change}
+        assert cache_path(str(tmp_path), changed) != path  # another file name ...
+        assert load_features(path, changed) is None  # ... and the stored key is checked too
+
+
+# ============ the head recipe ============
+
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+def test_head_separates_gaussian_blobs(norm):
+    g = torch.Generator().manual_seed(0)
+    C, D = 10, 32
+    means = 4 * torch.randn(C, D, generator=g)
+
+    def blobs(n):
+        y = torch.randint(C, (n,), generator=g)
+        return (means[y] + torch.randn(n, D, generator=g))[:, None], y  # (n, 1, D)
+
+    (xtr, ytr), (xte, yte) = blobs(2000), blobs(1000)
+    head = train_head(xtr, ytr, C, epochs=30, norm=norm, show=False)
+    acc = topk_accuracy(predict(head, xte), yte)
+    assert acc["top1"] >= 99.0 and acc["top5"] == 100.0
+
+
+def test_head_on_random_labels_is_at_chance_on_held_out_data():
+    g = torch.Generator().manual_seed(1)
+    C, D = 10, 64
+    x = torch.randn(4000, 1, D, generator=g)
+    y = torch.randint(C, (4000,), generator=g)
+    head = train_head(x[:2000], y[:2000], C, epochs=30, show=False)
+    train_top1 = topk_accuracy(predict(head, x[:2000]), y[:2000])["top1"]
+    test_top1 = topk_accuracy(predict(head, x[2000:]), y[2000:])["top1"]
+    assert train_top1 > 14  # it does fit the noise a little ...
+    assert 6 < test_top1 < 14  # ... which does not transfer: chance is 10 (std 0.7 at n=2000)
+
+
+def test_multi_view_scores_are_averaged_softmax():
+    head = train_head(torch.randn(64, 1, 8), torch.arange(64) % 4, 4, epochs=2, show=False)
+    feats = torch.randn(5, 3, 8)  # 5 videos x 3 views
+    expected = torch.stack([head(feats[:, v]).softmax(-1) for v in range(3)]).mean(0)
+    torch.testing.assert_close(predict(head, feats), expected)
+    scores, labels = torch.tensor([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]]), torch.tensor([2, 0])
+    assert topk_accuracy(scores, labels, ks=(1, 2, 5)) == {"top1": 50.0, "top2": 100.0, "top5": 100.0}
+
+
+# ============ extraction ============
+
+def test_extract_mean_pools_all_tokens_and_mirrors():
+    encoder, cfg = load_encoder("random", "tiny")
+    clips = torch.randn(3, 2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # 3 items x 2 views
+    loader = [(clips, torch.tensor([[4, 4], [5, 5], [6, 6]]))]
+    feats, labels, passes = extract(encoder, loader, torch.device("cpu"), flip=True, show=False)
+    assert feats.shape == (3, 4, cfg.enc_dim) and labels.tolist() == [4, 5, 6] and passes == 12
+    with torch.no_grad():
+        for v in range(2):  # columns: view 0, view 0 mirrored, view 1, view 1 mirrored
+            torch.testing.assert_close(feats[:, 2 * v], encoder(clips[:, v]).mean(1), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(feats[:, 2 * v + 1], encoder(clips[:, v].flip(-1)).mean(1),
+                                       rtol=1e-4, atol=1e-5)
+
+
+# ============ end to end on the synthetic videos ============
+
+def test_pretrained_tiny_end_to_end_with_cache(pretrained_ckpt, tiny_synthetic, capsys):
+    out = pretrained_ckpt.with_suffix(".linear_synthetic.json")  # the default: next to the checkpoint
+    args = ["--ckpt", str(pretrained_ckpt), "--dataset", "synthetic", "--data_root", str(tiny_synthetic),
+            "--epochs", "20", "--num_workers", "0", "--flip"]  # flip is off by default on synthetic
+    first = main(args)
+    saved = json.loads(out.read_text())
+    assert saved["top1"] == first["top1"] and 0 <= saved["top1"] <= saved["top5"] <= 100
+    assert saved["num_train"] == 16 and saved["num_test"] == 8 and saved["num_classes"] == 8
+    assert saved["forward_passes_per_train_clip"] == 2.0  # the clip and its mirror, once
+    assert saved["missing_keys"] == [] and saved["unexpected_keys"] == []
+    assert first["extract_seconds"]["train"] > 0
+    assert "top-1" in capsys.readouterr().out
+
+    again = main(args)  # every feature comes from the cache: no backbone pass, same numbers
+    assert again["extract_seconds"] == {"train": 0.0, "test": 0.0} and again["top1"] == first["top1"]
+
+    os.utime(pretrained_ckpt, ns=(0, os.stat(pretrained_ckpt).st_mtime_ns + 10 ** 9))  # "a new checkpoint"
+    touched = main(args)
+    assert touched["extract_seconds"]["train"] > 0 and touched["top1"] == first["top1"]
+
+
+def test_random_tiny_end_to_end_backbone_frozen(tiny_synthetic, tmp_path, monkeypatch):
+    seen = {}
+
+    def load_and_watch(*a, **kw):
+        encoder, cfg = load_encoder(*a, **kw)
+        seen["encoder"], seen["before"] = encoder, {k: v.clone() for k, v in encoder.state_dict().items()}
+        seen["calls"] = []
+        encoder.register_forward_pre_hook(
+            lambda m, inp: seen["calls"].append((m.training, torch.is_grad_enabled(),
+                                                 any(p.requires_grad for p in m.parameters()))))
+        return encoder, cfg
+
+    monkeypatch.setattr(eval_linear, "load_encoder", load_and_watch)
+    res = main(run_args("random", tiny_synthetic, tmp_path / "r.json", "--arch", "tiny",
+                        "--test_clips", "2", "--test_crops", "3"))
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["test_views"] == "2x3"
+    assert res["forward_passes_per_train_clip"] == 1.0  # no mirror: synthetic labels name left / right
+    # 16 train clips x 2 + 8 test videos x 6 views, each one backbone pass, all in eval mode without grad
+    assert seen["calls"] and set(seen["calls"]) == {(False, False, False)}
+    after = seen["encoder"].state_dict()
+    assert after and all(torch.equal(v, seen["before"][k]) for k, v in after.items())
+    test_cache = [f for f in os.listdir(tmp_path / "features") if f.startswith("synthetic_val_2x3")]
+    assert len(test_cache) == 1
+    entry = torch.load(tmp_path / "features" / test_cache[0], weights_only=True)
+    assert entry["feats"].shape == (8, 6, 192) and entry["passes"] == 48
+
+
+def test_missing_data_root_fails_before_any_encoding(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ucfTrainTestlist"):
+        main(["--ckpt", "random", "--dataset", "ucf101", "--data_root", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "features").exists()
+
+
+# ============ loading released checkpoints ============
+
+def test_released_layout_loads_and_mismatched_arch_is_refused(tiny_synthetic, tmp_path):
+    # A file as the released code writes it: released key names, an argparse.Namespace beside them.
+    torch.manual_seed(1)
+    sd = build_model("tiny", num_prototypes=64).state_dict()
+    assert any(k.startswith("encoder.blocks.0.attn.q_bias") for k in sd) and "encoder_to_decoder.weight" in sd
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": sd, "optimizer": {}, "epoch": 799, "scaler": {},
+                "args": argparse.Namespace(model="pretrain_videomae_tiny", mask_ratio=0.9)}, path)
+    res = main(run_args(path, tiny_synthetic, tmp_path / "r.json", "--arch", "tiny", "--epochs", "1"))
+    assert res["missing_keys"] == [] and res["unexpected_keys"] == []
+    with pytest.raises(ValueError, match="preset 'tiny'"):
+        main(run_args(path, tiny_synthetic, tmp_path / "r.json", "--arch", "vit_s"))
+    with pytest.raises(ValueError, match="pass its arch"):
+        main(run_args(path, tiny_synthetic, tmp_path / "r.json"))
+
+
+# ============ distributed extraction ============
+
+def test_torchrun_two_ranks_extract_the_same_features(tiny_synthetic, pretrained_ckpt, tmp_path):
+    """Each rank encodes every other clip; rank 0 must reassemble them in dataset order."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = run_args(pretrained_ckpt, tiny_synthetic, tmp_path / "r.json", "--epochs", "1")
+    main(common + ["--cache_dir", str(single)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "eval_linear.py"), *common, "--cache_dir", str(multi)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(single)) == sorted(os.listdir(multi))  # same keys, no shard files left
+    for name in os.listdir(single):
+        a, b = (torch.load(d / name, weights_only=True) for d in (single, multi))
+        assert torch.equal(a["labels"], b["labels"]) and a["passes"] == b["passes"]
+        torch.testing.assert_close(a["feats"], b["feats"], rtol=1e-4, atol=1e-5)
+
+
+def test_images_are_clips_of_one_repeated_frame(tmp_path):
+    """An ImageFolder (the IN-1K layout) probes end to end; every frame of a clip is the image."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "blue")):
+            (tmp_path / split / colour).mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.rand(40, 48, 3, generator=g) * 80).byte()
+                pixels[..., 0 if c == 0 else 2] += 170  # the class is the dominant colour
+                Image.fromarray(pixels.numpy()).save(tmp_path / split / colour / f"{i}.png")
+    args = eval_linear.get_args(["--ckpt", "random", "--arch", "tiny", "--dataset", "imagenet",
+                                 "--data_root", str(tmp_path)])
+    _, cfg = load_encoder("random", "tiny")
+    clip, label = eval_linear.build_dataset(args, cfg, "val")[0]
+    assert clip.shape == (3, cfg.num_frames, cfg.img_size, cfg.img_size) and label == 0
+    assert all(torch.equal(clip[:, t], clip[:, 0]) for t in range(cfg.num_frames))
+    res = main(["--ckpt", "random", "--arch", "tiny", "--dataset", "imagenet", "--data_root", str(tmp_path),
+                "--out", str(tmp_path / "r.json"), "--num_workers", "0"])
+    assert res["num_train"] == res["num_test"] == 8 and res["num_classes"] == 2
+    assert res["args"]["epochs"] == 30 and res["forward_passes_per_train_clip"] == 2.0  # IN-1K preset, flip on
+    assert res["top1"] == 100.0  # colour is linearly readable even from a random encoder
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        main(["--ckpt", "random", "--dataset", "cifar100", "--data_root", str(tmp_path),
+              "--out", str(tmp_path / "c.json")])

@@ -1,0 +1,380 @@
+"""eval_vos.py: k-means against planted clusters and a literal Lloyd loop, both matchings against
+brute force, oracle features reaching the best score the tube resolution allows, noise far below
+it, the token -> map layout, and end-to-end runs (random init and a briefly trained checkpoint) on
+real DAVIS frames (tests/data/vos) and on a small synthetic set, with their JSON and PNGs."""
+import dataclasses
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval_vos
+from data import VOSDataset, build_video_dataset, synthetic_dataset, tube_mask
+from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
+                      miou, segment)
+from model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+DAVIS = REPO / "tests" / "data" / "vos"  # 2 DAVIS-2016 val sequences x 16 frames, 128x72 (see its README)
+
+
+def read_png(path):
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: with the 2 cores shared by other jobs, OpenMP threads that spin-wait
+    for each other make small ops ~10x slower than one thread does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def blobs(n_per, centres, spread, seed=0):
+    """Gaussian blobs around `centres` (K, D) -> points (K*n_per, D), true cluster ids (K*n_per,)."""
+    K, D = centres.shape
+    x = centres.repeat_interleave(n_per, 0) + spread * torch.randn(K * n_per, D, generator=gen(seed))
+    return x, torch.arange(K).repeat_interleave(n_per)
+
+
+def is_relabelling(a, b, k):
+    """True if partitions a and b agree up to renaming the clusters."""
+    conf = confusion(a, b, k, k)
+    return bool(((conf > 0).sum(0) == 1).all() and ((conf > 0).sum(1) == 1).all())
+
+
+# ============ k-means ============
+
+def test_kmeans_finds_planted_clusters():
+    centres = F.normalize(torch.randn(5, 16, generator=gen(1)), dim=1)
+    x, truth = blobs(60, centres, 0.05)
+    assign, inertia = kmeans(x, 5, restarts=5, generator=gen(2))
+    assert is_relabelling(assign, truth, 5)
+    # the kept run's inertia is the planted clusters' own spread: sum of squared distances to their means
+    means = torch.stack([x[truth == c].mean(0) for c in range(5)])
+    assert inertia.min().item() == pytest.approx(((x - means[truth]) ** 2).sum().item(), rel=1e-4)
+
+
+def literal_lloyd(x, centroids, iters):
+    """Lloyd's algorithm one point and one cluster at a time (a single run)."""
+    c = centroids.clone()
+    for _ in range(iters):
+        assign = [min(range(len(c)), key=lambda j: ((p - c[j]) ** 2).sum().item()) for p in x]
+        for j in range(len(c)):
+            members = [p for p, a in zip(x, assign) if a == j]
+            if members:
+                c[j] = torch.stack(members).mean(0)
+    return torch.tensor(assign), c
+
+
+def test_lloyd_matches_literal_loop_for_every_restart():
+    x = torch.randn(80, 4, generator=gen(3)).double()
+    init = kmeans_pp(x, 4, restarts=3, generator=gen(4))  # (3, 4, 4)
+    # k-means++ draws its centroids among the data points, never the same one twice
+    for run in init:
+        picked = [int((x - c).norm(dim=1).argmin()) for c in run]
+        assert len(set(picked)) == 4 and all(torch.allclose(x[i], c) for i, c in zip(picked, run))
+    assign, centroids, inertia = lloyd(x, init, iters=5, tol=0.0)
+    for r in range(3):
+        want_assign, want_c = literal_lloyd(x, init[r], 5)
+        assert torch.allclose(centroids[r], want_c)
+        # returned assignment: each point's nearest returned centroid, inertia its summed squared distance
+        d2 = ((x[:, None] - centroids[r][None]) ** 2).sum(-1)  # (P, K)
+        assert torch.equal(assign[r], d2.argmin(1))
+        assert inertia[r].item() == pytest.approx(d2.min(1).values.sum().item())
+
+
+def test_restarts_keep_the_lowest_inertia():
+    # 8 blobs in a ring, 8 clusters: single k-means++ runs often merge two blobs and split another
+    angle = torch.arange(8) * (2 * torch.pi / 8)
+    x, truth = blobs(30, torch.stack([angle.cos(), angle.sin()], 1), 0.12, seed=5)
+    assign, inertia = kmeans(x, 8, restarts=12, generator=gen(6))
+    assert inertia.max() > 1.2 * inertia.min()  # the restarts really ended in different local minima
+    sse = sum(((x[assign == c] - x[assign == c].mean(0)) ** 2).sum() for c in assign.unique())
+    assert sse.item() == pytest.approx(inertia.min().item(), rel=1e-4)  # the kept labels are the best run's
+    assert is_relabelling(assign, truth, 8)
+
+
+# ============ matching and scoring against brute force ============
+
+def literal_miou(pred, gt):
+    """mIoU over the labels in gt, from sets of pixel positions."""
+    pred, gt = pred.flatten().tolist(), gt.flatten().tolist()
+    scores = []
+    for label in sorted(set(gt)):
+        p = {i for i, v in enumerate(pred) if v == label}
+        g = {i for i, v in enumerate(gt) if v == label}
+        scores.append(len(p & g) / len(p | g))
+    return sum(scores) / len(scores)
+
+
+def random_maps(k, n_labels, seed, n=60):
+    g = gen(seed)
+    gt = torch.cat([torch.arange(n_labels), torch.randint(n_labels, (n - n_labels,), generator=g)])  # all present
+    clusters = torch.where(torch.rand(n, generator=g) < 0.6, gt % k, torch.randint(k, (n,), generator=g))
+    return clusters, gt
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_miou_and_hungarian_match_brute_force(k):
+    for seed in range(10):
+        clusters, gt = random_maps(k, k, seed)
+        mapping = hungarian(confusion(clusters, gt, k, k))
+        assert sorted(mapping.tolist()) == list(range(k))  # one-to-one
+        ours = miou(mapping[clusters], gt, k)
+        assert ours == pytest.approx(literal_miou(mapping[clusters], gt))
+        best = max(literal_miou(torch.tensor(perm)[clusters], gt) for perm in itertools.permutations(range(k)))
+        assert ours == pytest.approx(best)
+
+
+@pytest.mark.parametrize("k,n_labels", [(2, 2), (4, 2), (5, 3), (6, 3)])
+def test_many_to_one_matches_brute_force(k, n_labels):
+    for seed in range(10):
+        clusters, gt = random_maps(k, n_labels, seed)
+        mapping = many_to_one(confusion(clusters, gt, k, n_labels))
+        # each cluster's label has the highest precision |c & l| / |c| of all labels (literal count)
+        for c in clusters.unique().tolist():
+            precision = [((clusters == c) & (gt == l)).sum() / (clusters == c).sum() for l in range(n_labels)]
+            assert precision[mapping[c]] == max(precision)
+        # ... which is the many-to-one map that labels the most pixels correctly, among all L^K maps
+        correct = lambda m: (torch.tensor(m)[clusters] == gt).sum().item()
+        assert correct(mapping.tolist()) == max(correct(m) for m in itertools.product(range(n_labels), repeat=k))
+
+
+# ============ oracle and noise features ============
+
+def oracle_features(gt, tubelet, dim=16, noise=0.05, seed=0):
+    """Features that know the answer: one-hot of each tube's first-frame label + noise, (t, D, s, s)."""
+    onehot = F.one_hot(gt[::tubelet], dim).permute(0, 3, 1, 2).float()  # (t, D, s, s)
+    return onehot + noise * torch.randn(onehot.shape, generator=gen(seed))
+
+
+def blocky_labels(T=8, s=16, n_labels=4, seed=0):
+    """Label maps (T, s, s) with every label present, constant over each pair of frames (one tube)."""
+    g = gen(seed)
+    gt = torch.zeros(T // 2, s, s, dtype=torch.long)
+    for label in range(1, n_labels):
+        for i in range(T // 2):
+            y, x = torch.randint(0, s - 5, (2,), generator=g)
+            gt[i, y:y + 5, x:x + 6] = label
+    return gt.repeat_interleave(2, 0)
+
+
+@pytest.mark.parametrize("name", list(eval_vos.PROTOCOLS))
+def test_oracle_scores_one_and_noise_far_lower(name):
+    gt = blocky_labels()
+    n_labels = int(gt.max()) + 1
+    k = n_labels if name == "clustering" else 6
+    match = eval_vos.PROTOCOLS[name]
+    oracle, _, pred = segment(oracle_features(gt, 2), gt, k, match, generator=gen(1))
+    assert oracle == 1.0 and torch.equal(pred, gt)
+    noise = torch.randn(4, 16, 16, 16, generator=gen(2))
+    scores = [segment(noise, gt, k, match, generator=gen(seed))[0] for seed in range(3)]
+    assert max(scores) < 0.5  # noise clusters ignore the objects
+
+
+def test_oracle_on_real_davis_reaches_the_tube_resolution_ceiling():
+    """A tube's cluster map covers its 2 frames, so even perfect features predict frame 2i+1 with frame
+    2i's mask. The oracle must score exactly that ceiling, and the ceiling must be below 1 but high."""
+    for item in VOSDataset(DAVIS, "davis2016", clip_len=16, size=64):
+        gt = label_maps(item["masks"], 16)  # (16, 16, 16) in {0, 1}
+        ceiling = miou(gt[::2].repeat_interleave(2, 0), gt, 2)
+        assert 0.8 < ceiling < 1.0, item["name"]  # the objects move between a tube's two frames
+        for name, match in eval_vos.PROTOCOLS.items():
+            k = 2 if name == "clustering" else 6
+            score, _, _ = segment(oracle_features(gt, 2), gt, k, match, generator=gen(0))
+            assert score == pytest.approx(ceiling), (item["name"], name)
+
+
+class OracleEncoder(torch.nn.Module):
+    """Stands in for the encoder: returns given tokens (1, N, D) in (t, h, w) order."""
+
+    def __init__(self, tokens, cfg):
+        super().__init__()
+        self.tokens, self.cfg = tokens, cfg
+
+    def forward(self, videos):
+        return self.tokens
+
+
+def test_dense_features_put_tokens_where_they_belong():
+    """Tokens that one-hot a label layout at the token grid must come back as maps scoring ~1, and a
+    transposed layout (what an (h, w) mix-up would produce) must not."""
+    cfg = build_model("tiny", num_prototypes=8).cfg  # grid (4, 8, 8)
+    t, h, w = cfg.grid
+    coarse = torch.zeros(t, h, w, dtype=torch.long)
+    for i in range(t):
+        coarse[i, i:i + 2, :] = 1  # a horizontal band moving down: not symmetric under (h, w) transposition
+    tokens = F.one_hot(coarse, 8).float().reshape(1, t * h * w, 8)  # (1, N, D) in (t, h, w) order
+    feats = dense_features(OracleEncoder(tokens, cfg), torch.zeros(1), 16)[0]  # (t, D, 16, 16)
+    assert feats.shape == (t, 8, 16, 16)
+    gt = F.interpolate(coarse[:, None].float(), size=(16, 16), mode="nearest")[:, 0].long()
+    gt = gt.repeat_interleave(2, 0)  # (8, 16, 16)
+    good = segment(feats, gt, 2, eval_vos.hungarian, generator=gen(0))[0]
+    bad = segment(feats.transpose(2, 3), gt, 2, eval_vos.hungarian, generator=gen(0))[0]
+    assert good > 0.85 and bad < 0.5  # good < 1 only where bilinear upsampling blurs the band's edges
+
+
+# ============ end to end ============
+
+@pytest.fixture(scope="module")
+def small_synthetic(tmp_path_factory):
+    """A small synthetic set (data.synthetic_dataset): 24 training videos, 4 VOS sequences of 16 frames."""
+    return synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "set", num_train=24, num_val=4, num_vos=4,
+                             num_frames=16)
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(small_synthetic, tmp_path_factory):
+    """Our checkpoint format, after a few dozen AdamW steps of SIGMA on synthetic training clips."""
+    torch.manual_seed(0)
+    sigma = build_model("tiny", num_prototypes=64)
+    cfg = sigma.cfg
+    # folder-per-class like K400 (build_video_dataset("synthetic", root) would insist on the default sizes)
+    clips = build_video_dataset("k400", small_synthetic, num_frames=cfg.num_frames, stride=2, size=cfg.img_size)
+    videos = torch.stack([clips[i][0] for i in range(len(clips))])  # (24, 3, 8, 64, 64)
+    opt = torch.optim.AdamW(sigma.parameters(), lr=5e-4)
+    for step in range(30):
+        batch = videos[torch.randperm(len(videos))[:6]]
+        sigma(batch, tube_mask(len(batch), cfg.grid, 0.9))["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pth"
+    torch.save({"model": sigma.state_dict(), "model_config": dataclasses.asdict(cfg), "epoch": 0, "step": 30}, path)
+    return path
+
+
+def check_report(report, path, n_clips):
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))  # what was returned was written
+    assert report["num_clips"] == len(report["clips"]) == n_clips
+    for name in eval_vos.PROTOCOLS:
+        values = [c[name] for c in report["clips"]]
+        assert all(0.0 <= v <= 1.0 for v in values)
+        assert report["mean"][name] == pytest.approx(sum(values) / len(values))
+    for c in report["clips"]:
+        assert c["labels"][0] == 0 and len(c["frame_ids"]) == report["config"]["num_frames"]
+
+
+def test_random_tiny_on_real_davis(tmp_path):
+    out = tmp_path / "davis.json"
+    report = eval_vos.main(["--ckpt", "random", "--arch", "tiny", "--dataset", "davis2016", "--data_root",
+                            str(DAVIS), "--num_frames", "8", "--out", str(out), "--vis", "1", "--workers", "0"])
+    check_report(report, out, 4)  # 2 sequences x 16 frames -> 4 clips of 8
+    assert [c["name"] for c in report["clips"]] == ["blackswan"] * 2 + ["motocross-jump"] * 2
+    assert all(c["labels"] == [0, 1] for c in report["clips"])
+    png = read_png((tmp_path / "davis_vis" / "0000_blackswan_clusters.png"))  # (3, H, W) uint8
+    # 5 rows x 4 tube slices of 64 px frames with 2 px padding, upscaled 2x to at least 128 px
+    assert png.shape == (3, 2 * (5 * 66 + 2), 2 * (4 * 66 + 2))
+    # row 2 tints exactly the ground-truth object of row 1 (the swan, scored at 16x16)
+    tile = lambda r, c: png[:, 2 * (2 + 66 * r): 2 * (66 + 66 * r), 2 * (2 + 66 * c): 2 * (66 + 66 * c)].int()
+    item = VOSDataset(DAVIS, "davis2016", clip_len=8, size=64)[0]
+    swan = F.interpolate(label_maps(item["masks"], 16)[:1, None].float(), size=(128, 128), mode="nearest")[0, 0] > 0
+    tinted = (tile(1, 0) - tile(0, 0)).abs().sum(0) > 30
+    assert (tinted == swan).float().mean() > 0.99  # (a tint equal to the frame's colour is invisible)
+
+
+def test_trained_checkpoint_on_synthetic_with_pictures(trained_ckpt, small_synthetic, monkeypatch, capsys):
+    monkeypatch.setattr(eval_vos, "synthetic_dataset", lambda: small_synthetic)  # not the 800-video default
+    report = eval_vos.main(["--ckpt", str(trained_ckpt), "--dataset", "synthetic", "--vis", "2", "--workers", "0"])
+    out = trained_ckpt.parent / "vos_synthetic.json"  # next to the checkpoint
+    check_report(report, out, 8)  # 4 sequences x 16 frames -> 8 clips of the model's 8 frames
+    assert {len(c["labels"]) for c in report["clips"]} <= {2, 3, 4}  # background + 1-3 objects
+    vis = trained_ckpt.parent / "vos_synthetic_vis"
+    assert sorted(p.name for p in vis.iterdir()) == ["0000_val_00000_clusters.png", "0000_val_00000_prototypes.png",
+                                                     "0001_val_00000_clusters.png", "0001_val_00000_prototypes.png"]
+    protos = report["clips"][0]["prototype_view"]  # the (up to) 3 prototypes most of the 256 tubes choose
+    used = [p["tubes_choosing_it"] for p in protos]
+    assert 1 <= len(protos) <= 3 and used == sorted(used, reverse=True) and used[-1] > 0
+    assert sum(used) <= 256 and (len(protos) == 3 or sum(used) == 256)
+    assert all(p["lit_tubes"] == round(0.1 * 256) for p in protos)
+    png = read_png((vis / "0000_val_00000_prototypes.png"))
+    assert png.shape == (3, 2 * (len(protos) * 66 + 2), 2 * (4 * 66 + 2))  # one row per prototype
+    assert "mIoU over 8 clips" in capsys.readouterr().out
+
+
+def test_trained_checkpoint_at_davis_clip_length(trained_ckpt, tmp_path):
+    """The trained checkpoint at DAVIS's protocol clip length (16 frames: its position table is
+    extended past the 8 frames it saw in training) on the real frames."""
+    report = eval_vos.main(["--ckpt", str(trained_ckpt), "--dataset", "davis2016", "--data_root", str(DAVIS),
+                            "--out", str(tmp_path / "d.json"), "--workers", "0"])
+    check_report(report, tmp_path / "d.json", 2)
+    assert report["config"]["grid"] == [8, 8, 8] and report["config"]["feat_size"] == 16
+
+
+def test_youtube_vos_layout_uses_4_frame_clips_of_a_seeded_fifth(tmp_path):
+    """The same two real sequences in the YouTube-VOS train layout: round(20% of 2) = 1 video is
+    drawn, split into 16 / 4 = 4 clips of the protocol's 4 frames (2 tube slices each)."""
+    for sub in ("JPEGImages", "Annotations"):
+        shutil.copytree(DAVIS / sub / "480p", tmp_path / "ytvos" / sub)
+    report = eval_vos.main(["--dataset", "ytvos", "--data_root", str(tmp_path / "ytvos"), "--workers", "0",
+                            "--out", str(tmp_path / "yt.json")])
+    check_report(report, tmp_path / "yt.json", 4)
+    assert len({c["name"] for c in report["clips"]}) == 1 and report["config"]["grid"] == [2, 8, 8]
+
+
+def test_bench_prints_a_row_per_model(capsys):
+    eval_vos.main(["--bench", "--bench_archs", "tiny"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[:4] == ["tiny", "8x64x64", "256", "16^2"] and all(float(v) > 0 for v in row[-3:])
+
+
+def test_torchrun_shards_clips_and_gathers_the_same_report(tmp_path):
+    """Two gloo ranks on the CPU, each taking every other clip, must write what one process writes
+    (k-means is seeded per clip index, not per rank)."""
+    common = ["eval_vos.py", "--arch", "tiny", "--dataset", "davis2016", "--data_root", str(DAVIS),
+              "--num_frames", "8", "--workers", "0"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *common, "--out", str(tmp_path / "ddp.json")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    single = eval_vos.main(common[1:] + ["--out", str(tmp_path / "single.json")])
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["config"]["world_size"] == 2 and ddp["clips"] == single["clips"] and ddp["mean"] == single["mean"]
+
+
+# ============ errors that say what to do ============
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data_root .*nowhere.* is not a folder"):
+        eval_vos.main(["--arch", "tiny", "--dataset", "davis2017", "--data_root", str(tmp_path / "nowhere")])
+
+
+def test_sequence_without_masks_is_named(tmp_path):
+    shutil.copytree(DAVIS, tmp_path / "davis")
+    shutil.rmtree(tmp_path / "davis" / "Annotations" / "480p" / "motocross-jump")
+    with pytest.raises(FileNotFoundError, match="motocross-jump"):
+        eval_vos.main(["--arch", "tiny", "--dataset", "davis2016", "--data_root", str(tmp_path / "davis")])
+
+
+def test_prototype_view_skipped_when_phi_cannot_be_rebuilt(tmp_path, capsys):
+    """A SIGMA-DINO checkpoint whose DINO weights file is not on this machine: the cluster pictures
+    are drawn, the prototype view is skipped with the reason."""
+    sigma = build_model("tiny", num_prototypes=8)
+    cfg = dataclasses.replace(sigma.cfg, target="dino", dino_weights=str(tmp_path / "dino_vits16.pth"))
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": sigma.state_dict(), "model_config": dataclasses.asdict(cfg)}, path)
+    eval_vos.main(["--ckpt", str(path), "--dataset", "davis2016", "--data_root", str(DAVIS), "--num_frames", "8",
+                   "--max_clips", "1", "--vis", "1", "--workers", "0"])
+    assert "prototype view (Fig. 4) skipped: cannot rebuild phi" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "vos_davis2016_vis").iterdir()] == ["0000_blackswan_clusters.png"]
+
+
+def test_checkpoint_that_does_not_fit_is_named(tmp_path):
+    path = tmp_path / "released_layout.pth"  # no model_config: the user must say the arch, and says vit_s
+    torch.save({"model": build_model("tiny", num_prototypes=8).state_dict()}, path)
+    with pytest.raises(ValueError, match="preset 'tiny'"):
+        eval_vos.main(["--ckpt", str(path), "--arch", "vit_s", "--dataset", "davis2016", "--data_root", str(DAVIS)])
