@@ -101,6 +101,8 @@ def get_args(argv=None):
       "re-run the same command to continue -- for time-limited cluster jobs")
     a("--bench", action="store_true", help="time --bench_steps steps on random input and exit")
     a("--bench_steps", type=int, default=10)
+    a("--bench_batch", type=int, default=None, help="clips per timed step (default: --micro_batch on GPU, 2 on "
+      "CPU); the memory estimate is always for --micro_batch")
     args = p.parse_args(argv)
 
     recipe_name = f"{args.dataset}_{args.arch}" if f"{args.dataset}_{args.arch}" in RECIPES else args.dataset
@@ -448,7 +450,7 @@ def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
 
 def bench(model, cfg, args, device, autocast, amp_dtype):
     """Median step time, clips/s and achieved FLOP/s against this device's matmul throughput."""
-    batch = args.micro_batch
+    batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2, args.micro_batch))
     ceiling = matmul_flops_per_second(device, amp_dtype or torch.float32)
     flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-5, fused=device.type == "cuda")
@@ -474,8 +476,8 @@ def bench(model, cfg, args, device, autocast, amp_dtype):
           f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = "
           f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s matmul throughput"
           + (f"\n  measured peak memory {peak_memory_gb(device):.2f} GiB" if device.type == "cuda" else ""))
-    static, acts, sk = estimate_memory_gb(model, cfg, batch, autocast, args.mask_ratio)
-    print(f"  estimated memory per GPU for {batch} clips/forward: {static + acts + sk:.1f} GiB = {static:.1f} "
+    static, acts, sk = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
+    print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB = {static:.1f} "
           f"weights+grads+AdamW + {acts:.1f} saved activations + {sk:.1f} Sinkhorn (+10-20% allocator slack)")
     return 0
 
