@@ -8,7 +8,7 @@ so the 30-100 head epochs take seconds. The released recipe (run_class_finetunin
 --linear_probing) decodes and encodes every training clip again in every epoch: 30-100 backbone
 forward passes per training clip (twice that with the 2 clips per video of its SSv2 script). Here
 it is 2, the clip and its mirror image (flip is the only augmentation SPEC §8 asks for), or 1 on
-SSv2 and the synthetic set, whose labels say left or right.
+SSv2, whose labels say left or right, and on the synthetic set (kept at one pass for speed).
 
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
     python eval_linear.py --ckpt random --arch tiny --dataset synthetic         # the baseline row
@@ -46,7 +46,8 @@ VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
 IMAGE_DATASETS = ["imagenet", "cifar100"]
 # SPEC §8 / Table 9: head epochs per dataset (everything else 100), and flip everywhere except
 # SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
-# shows another class. The same holds for the synthetic set (right_* <-> left_*, data.py).
+# shows another class. The synthetic set's classes are mirror-symmetric, so --flip is valid there;
+# it is off by default only to keep the laptop-scale study (README) at one backbone pass per clip.
 EPOCHS = {"ssv2": 30, "k400": 40, "imagenet": 30}
 NO_FLIP = {"ssv2", "synthetic"}
 
@@ -75,8 +76,8 @@ def get_args(argv=None):
     a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3); papers report split 1")
     a("--stride", type=int, default=None, help="frames between sampled frames (data.py default: 4, SSv2 2)")
     a("--flip", action=argparse.BooleanOptionalAction, default=None,
-      help="cache a mirrored copy of each training clip (default: on, except SSv2 and synthetic, whose labels "
-      "name left/right); costs one backbone pass per clip")
+      help="cache a mirrored copy of each training clip (default: on, except SSv2, whose labels name "
+      "left/right, and synthetic, for speed); costs one backbone pass per clip")
     a("--aug_views", type=int, default=0, help="also cache this many random multi-scale crops per training clip "
       "(one backbone pass each); 0 keeps the probe at 2 passes per clip")
     a("--test_clips", type=int, default=1, help="temporal clips per test video, softmax scores averaged "

@@ -85,31 +85,34 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
     logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
     logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
+    y_phi = q_phi.argmax(dim=-1)  # (N,) hard assignment of each token on phi's side
     if hard:
         loss_phi = F.nll_loss(logp_phi, q_psi.argmax(dim=-1))
-        loss_psi = F.nll_loss(logp_psi, q_phi.argmax(dim=-1))
+        loss_psi = F.nll_loss(logp_psi, y_phi)
     else:
         loss_phi = -(q_psi * logp_phi).sum(dim=-1).mean()
         loss_psi = -(q_phi * logp_psi).sum(dim=-1).mean()
-    used, entropy = assignment_stats(logp_phi.detach())
+    used, entropy = assignment_stats(y_phi, logp_phi.detach())
     return dict(loss=loss_phi + loss_psi, loss_phi=loss_phi.detach(), loss_psi=loss_psi.detach(),
                 protos_used=used, assign_entropy=entropy)
 
 
 @torch.no_grad()
-def assignment_stats(logp):
+def assignment_stats(assignments, logp):
     """Collapse monitor over the global batch.
 
-    logp: (N, K) log-probabilities over prototypes, log_softmax(scores / tau). Returns
-    (prototypes_used, entropy): how many prototypes are the argmax of at least one token on any
-    rank, and the entropy (nats) of the mean assignment exp(logp). A healthy run uses many
-    prototypes with entropy near ln(K); a collapsed one maps every token to the same few
-    prototypes (entropy near 0).
+    assignments: (N,) prototype index of each token (argmax of its Sinkhorn code: the hard target the
+    other side must predict). logp: (N, K) log_softmax(scores / tau) of the same tokens.
+    Returns (prototypes_used, entropy): how many prototypes are assigned at least one token on any
+    rank, and the entropy (nats) of the mean soft assignment exp(logp). Healthy: many prototypes used
+    and entropy towards ln(K). Collapse (identical features): one prototype used. Entropy falling
+    towards 0 while prototypes stay in use means phi's features crowd onto a few prototypes and
+    only Sinkhorn's rebalancing still spreads the targets -- an early warning.
     """
     K = logp.shape[1]
-    counts = torch.bincount(logp.argmax(dim=-1), minlength=K).float()  # (K,)
+    counts = torch.bincount(assignments, minlength=K).float()  # (K,)
     p = logp.exp().sum(dim=0)  # (K,) summed soft mass
-    # One all-reduce for both statistics: [argmax counts | soft mass | token count].
+    # One all-reduce for both statistics: [assignment counts | soft mass | token count].
     packed = torch.cat([counts, p, logp.new_tensor([logp.shape[0]], dtype=torch.float32)])
     _all_reduce(packed)
     counts, p, n = packed[:K], packed[K:2 * K], packed[-1]
@@ -137,6 +140,6 @@ if __name__ == "__main__":
     q = sinkhorn(scores)
     print(f"Sinkhorn marginals: prototype mass {q.sum(0).min():.1f}..{q.sum(0).max():.1f} "
           f"(target {N / K:.1f}), token mass {q.sum(1).min():.4f}..{q.sum(1).max():.4f} (target 1)")
-    used, ent = assignment_stats(F.log_softmax(scores / 0.1, dim=-1))
-    print(f"collapse monitor on raw scores (tau 0.1): {used} prototypes used, entropy {ent:.2f} "
-          f"(max ln K = {math.log(K):.2f})")
+    used, ent = assignment_stats(q.argmax(-1), F.log_softmax(scores / 0.1, dim=-1))
+    print(f"collapse monitor: {used} prototypes assigned, entropy of the mean soft assignment (tau 0.1) "
+          f"{ent:.2f} (max ln K = {math.log(K):.2f})")

@@ -218,6 +218,9 @@ def main(argv=None):
 
 def train(args, rank, world, device, master):
     # ============ precision ============
+    # One precision context for the whole step (SPEC §6): bf16 autocast on GPUs that have it (no loss
+    # scaling needed), fp32 on CPU, fp16 + GradScaler only on request (the released code's choice on
+    # V100s). Sinkhorn always runs in fp32 regardless (sinkhorn.py).
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -243,6 +246,9 @@ def train(args, rank, world, device, master):
         return bench(model, cfg, args, device, autocast, amp_dtype)
 
     # ============ batch arithmetic ============
+    # batch_size (total clips per optimizer step) = world x micro_batch x accum. The released K400 run used
+    # 16 GPUs x 40 clips; on 8 GPUs the same 640 clips come from 2 accumulated micro-batches. The lr
+    # follows the total batch (linear scaling rule, as released: base lr per 256 clips).
     if args.batch_size % (world * args.micro_batch):
         fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (world * m) == 0]
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of {world} GPUs x --micro_batch "
@@ -254,6 +260,9 @@ def train(args, rank, world, device, master):
     min_lr = args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
+    # drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside
+    # each one -- a rank with an extra batch would wait forever. With --repeats R each decoded video
+    # yields R clips, so the loader batches micro_batch / R videos.
     dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
                                   stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
     loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
@@ -266,6 +275,8 @@ def train(args, rank, world, device, master):
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
     # ============ optimizer, resume ============
+    # Auto-resume: the same command restarts from <out>/ckpt.pth. Settings that define the run must match;
+    # the rest (workers, precision, ...) may change between restarts.
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -284,7 +295,7 @@ def train(args, rank, world, device, master):
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         if master:
             print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    raw_model = model  # unwrapped: what we save
+    raw_model = model  # unwrapped: what we save (no `module.` / `_orig_mod.` prefixes: released layout)
     if args.compile:
         model = torch.compile(model)
     if world > 1:
@@ -303,15 +314,17 @@ def train(args, rank, world, device, master):
     first_losses, last = [], {}
     end_epoch = args.epochs if not args.max_epochs_this_run else min(args.epochs, start_epoch + args.max_epochs_this_run)
     for epoch in range(start_epoch, end_epoch):
+        # This epoch's randomness (augmentation, shuffle, masks) depends on (seed, epoch, rank) only,
+        # so a run resumed from an end-of-epoch checkpoint continues exactly like an uninterrupted one.
         mask_gen = seed_everything(args.seed, epoch, rank)
         set_epoch(loader, epoch)
         model.train()
         batches = iter(loader)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if master else True,
                    dynamic_ncols=True, leave=False)
         for _ in bar:
             t0 = time.perf_counter()
-            for g in optimizer.param_groups:
+            for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
                 g["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
             data_time, stats = 0.0, {}
             for micro in range(accum):
@@ -319,6 +332,7 @@ def train(args, rank, world, device, master):
                 videos = next(batches)[0].to(device, non_blocking=True)
                 data_time += time.perf_counter() - t_data
                 videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling
+                # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
                 mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen).to(device)
                 # Gradients are all-reduced by DDP only on the last micro-batch.
                 sync = micro == accum - 1 or world == 1
@@ -328,8 +342,10 @@ def train(args, rank, world, device, master):
                 for k, v in out.items():  # mean over micro-batches
                     stats[k] = stats.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v) / accum
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf")).item()  # norm only
-            # Average the logged loss over ranks; a non-finite loss on any rank stops every rank.
+            # The released recipe does not clip gradients; max_norm=inf only measures the norm for the log.
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf")).item()
+            # Average the logged loss over ranks. Every rank sees the same average, so a non-finite loss on
+            # any rank stops all of them together (one rank stopping alone would hang the others).
             loss_mean = torch.tensor([stats["loss"]], device=device, dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(loss_mean)

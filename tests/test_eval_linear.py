@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eval_linear
-from data import build_video_dataset, tube_mask
+from data import SYNTHETIC_CLASSES, build_video_dataset, tube_mask
 from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
 from model import build_model, load_encoder
 
@@ -133,7 +133,7 @@ def test_pretrained_tiny_end_to_end_with_cache(pretrained_ckpt, tiny_synthetic, 
     first = main(args)
     saved = json.loads(out.read_text())
     assert saved["top1"] == first["top1"] and 0 <= saved["top1"] <= saved["top5"] <= 100
-    assert saved["num_train"] == 16 and saved["num_test"] == 8 and saved["num_classes"] == 8
+    assert saved["num_train"] == 16 and saved["num_test"] == 8 and saved["num_classes"] == len(SYNTHETIC_CLASSES)
     assert saved["forward_passes_per_train_clip"] == 2.0  # the clip and its mirror, once
     assert saved["missing_keys"] == [] and saved["unexpected_keys"] == []
     assert first["extract_seconds"]["train"] > 0

@@ -81,7 +81,7 @@ def _distributed_worker(rank, world, init_file, scores, splits, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     local = scores[splits[rank]:splits[rank + 1]]
     q = sinkhorn(local, eps=0.05, n_iters=10)
-    used, entropy = assignment_stats(F.log_softmax(local / 0.1, dim=1))
+    used, entropy = assignment_stats(q.argmax(1), F.log_softmax(local / 0.1, dim=1))
     torch.save({"q": q, "used": used, "entropy": entropy}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -93,7 +93,7 @@ def test_distributed_equals_concatenation(tmp_path):
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     q_dist = torch.cat([p["q"] for p in parts])
     assert torch.allclose(q_dist, sinkhorn(scores, eps=0.05, n_iters=10), atol=1e-6)
-    used, entropy = assignment_stats(F.log_softmax(scores / 0.1, dim=1))
+    used, entropy = assignment_stats(sinkhorn(scores).argmax(1), F.log_softmax(scores / 0.1, dim=1))
     for p in parts:  # the collapse monitor is global too: every rank reports the same numbers
         assert p["used"] == used and math.isclose(p["entropy"], entropy, rel_tol=1e-6)
 
@@ -122,7 +122,7 @@ def test_assignment_stats_detects_collapse():
     k = 50
     healthy = random_scores(2000, k)
     collapsed = healthy[:1].expand(2000, -1)  # every token has the same scores
-    used_h, ent_h = assignment_stats(F.log_softmax(healthy / 0.1, dim=1))
-    used_c, ent_c = assignment_stats(F.log_softmax(collapsed / 0.1, dim=1))
+    used_h, ent_h = assignment_stats(sinkhorn(healthy).argmax(1), F.log_softmax(healthy / 0.1, dim=1))
+    used_c, ent_c = assignment_stats(sinkhorn(collapsed).argmax(1), F.log_softmax(collapsed / 0.1, dim=1))
     assert used_h > 0.8 * k and used_c == 1
     assert ent_h > 0.9 * math.log(k) and ent_c < ent_h
