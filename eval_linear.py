@@ -216,7 +216,7 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     encoder.eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     feats, labels, passes = [], [], 0
-    for clips, y in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+    for clips, y in tqdm(loader, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True):
         if clips.dim() == 5:
             clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
         B, V = clips.shape[:2]
@@ -325,7 +325,7 @@ def train_head(feats, labels, num_classes, epochs=100, lr=1e-3, weight_decay=0.0
     steps_per_epoch = N // bs
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     head.train()
-    bar = tqdm(range(epochs), desc="head", disable=not show, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc="head", disable=None if show else True, leave=False, dynamic_ncols=True)
     step = 0
     with one_cpu_thread(device):
         for _ in bar:

@@ -57,7 +57,9 @@ class Config:
     mlp_ratio: float = 4.0
     # projection network phi (SPEC §3): 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
     target: str = "mlp"
-    proj_hidden: tuple = (1024, 1024, 512)  # released 4-layer MLP; the paper's text is shallower
+    # hidden widths of the mlp phi: released 4 Linear layers. The paper's text describes a shallower
+    # MLP (SPEC §3) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
+    proj_hidden: tuple = (1024, 1024, 512)
     proj_dim: int = 256                     # D of the mlp target
     dino_weights: str = ""                  # local DINO checkpoint (official key layout)
     dino_arch: str = "vit_b"                # 'vit_s' (D=384) or 'vit_b' (D=768)
@@ -502,7 +504,6 @@ PRESETS = {
     "vit_s": dict(enc_dim=384, enc_depth=12, enc_heads=6, dec_dim=192, dec_depth=4, dec_heads=3),
     "vit_b": dict(enc_dim=768, enc_depth=12, enc_heads=12, dec_dim=384, dec_depth=4, dec_heads=6),
 }
-PAPER_PROJ_HIDDEN = (1024, 1024)  # the paper's shallower phi (3 Linear layers): proj_hidden=PAPER_PROJ_HIDDEN
 
 
 def build_config(arch, target="mlp", loss="sigma", num_prototypes=3000, **overrides):

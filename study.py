@@ -21,12 +21,15 @@ import subprocess
 import sys
 import time
 
-METHODS = {  # row name -> train.py flags (None: not pretrained)
-    "random init": None,
-    "VideoMAE (pixel)": ["--loss", "pixel"],
-    "SIGMA-MLP (sigma)": ["--loss", "sigma"],
-    "Eq. 2 (l2)": ["--loss", "l2"],
+METHODS = {  # folder tag -> (table row, train.py flags; None: not pretrained)
+    "random": ("random init", None),
+    "videomae": ("VideoMAE (--loss pixel)", ["--loss", "pixel"]),
+    "sigma": ("SIGMA-MLP (--loss sigma)", ["--loss", "sigma"]),
+    "eq2": ("Eq. 2 (--loss l2)", ["--loss", "l2"]),
 }
+COLUMNS = {"top1": "linear top-1 (%, chance 25)", "clustering": "VOS clustering mIoU",
+           "overclustering": "VOS overclustering mIoU", "target_std": "phi spread, last step",
+           "protos_used": "prototypes assigned (of 256)"}
 
 
 def run(cmd, log):
@@ -34,8 +37,7 @@ def run(cmd, log):
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
             sys.exit(f"failed: {' '.join(cmd)} (see {log})")
 
 
@@ -49,11 +51,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "study.log")
     t0 = time.time()
-    results = {name: [] for name in METHODS}
+    results = {tag: [] for tag in METHODS}
     for seed in args.seeds:
-        for name, flags in METHODS.items():
-            tag = f"{name.split()[0].lower().replace('-', '_')}_seed{seed}"
-            folder = os.path.join(args.out, tag)
+        for tag, (name, flags) in METHODS.items():
+            folder = os.path.join(args.out, f"{tag}_seed{seed}")
             os.makedirs(folder, exist_ok=True)
             linear, vos = os.path.join(folder, "linear.json"), os.path.join(folder, "vos.json")
             if flags is None:
@@ -68,19 +69,28 @@ def main():
             if not os.path.exists(vos):
                 run([py, "eval_vos.py", *ckpt, "--dataset", "synthetic", "--out", vos], log)
             lin, seg = json.load(open(linear)), json.load(open(vos))
-            results[name].append(dict(top1=lin["top1"], **{k: 100 * seg["mean"][k] for k in ("clustering", "overclustering")}))
-            r = results[name][-1]
+            r = dict(top1=lin["top1"], **{k: 100 * seg["mean"][k] for k in ("clustering", "overclustering")})
+            if flags is not None:  # the collapse monitors of the last training step (train.py's log)
+                with open(os.path.join(folder, "log.jsonl")) as f:
+                    last = json.loads(f.readlines()[-1])
+                r.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
+            results[tag].append(r)
             print(f"[{(time.time() - t0) / 60:5.1f} min] {name:20s} seed {seed}: linear top-1 {r['top1']:5.1f}, "
                   f"VOS mIoU {r['clustering']:5.1f} / {r['overclustering']:5.1f}", flush=True)
 
-    def cell(values):
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    def cell(rows, key):
+        values = [r[key] for r in rows if key in r]
+        if not values:
+            return "-"
+        digits = 3 if key == "target_std" else 0 if key == "protos_used" else 1
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     lines = [f"tiny preset, synthetic videos, {args.epochs} pretraining epochs, seeds {args.seeds} (mean ± std)", "",
-             "| method | linear top-1 (%, chance 25) | VOS clustering mIoU | VOS overclustering mIoU |",
-             "|---|---|---|---|"]
-    for name, rows in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in rows]) for k in ("top1", "clustering", "overclustering")) + " |")
+             "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for tag, rows in results.items():
+        lines.append(f"| {METHODS[tag][0]} | " + " | ".join(cell(rows, k) for k in COLUMNS) + " |")
     table = "\n".join(lines)
     print("\n" + table + f"\n\ntotal {(time.time() - t0) / 60:.1f} min; per-run outputs and logs in {args.out}/")
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -75,7 +75,8 @@ def get_args(argv=None):
     a("--sk_iters", type=int, default=10)
     a("--temperature", type=float, default=0.1, help="tau of the swapped-prediction cross-entropy")
     a("--soft_codes", action="store_true", help="paper's soft codes instead of the released hard argmax")
-    a("--proj_hidden", type=int, nargs="+", default=None, help="hidden widths of the mlp phi (released 1024 1024 512)")
+    a("--proj_hidden", type=int, nargs="+", default=None, help="hidden widths of the mlp phi (released: 1024 1024 512; "
+      "the paper describes a shallower MLP, e.g. 1024 1024)")
     # data
     a("--num_frames", type=int, default=None, help="frames per clip (16; tiny: 8)")
     a("--img_size", type=int, default=None, help="crop size (224; tiny: 64)")
