@@ -106,12 +106,11 @@ def get_args(argv=None):
       "CPU); the memory estimate is always for --micro_batch")
     args = p.parse_args(argv)
 
-    recipe_name = f"{args.dataset}_{args.arch}" if f"{args.dataset}_{args.arch}" in RECIPES else args.dataset
-    recipe = RECIPES.get(recipe_name, RECIPES["k400"])
-    for k, v in recipe.items():
+    # The most specific recipe that exists: dataset_arch, then dataset, then the K400 one.
+    args.recipe = next((n for n in (f"{args.dataset}_{args.arch}", args.dataset) if n in RECIPES), "k400")
+    for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.recipe = recipe_name if recipe_name in RECIPES else "k400"
     if args.target is None:
         args.target = "pixel" if args.loss == "pixel" else "mlp"
     if args.out is None:
@@ -166,6 +165,11 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
 
 
 # ============ checkpoints: atomic, unwrapped, released key layout ============
+
+# Settings that define the run: resuming with different ones would silently mix two runs.
+RESUME_MUST_MATCH = ("dataset", "arch", "target", "loss", "num_prototypes", "batch_size", "epochs",
+                     "num_frames", "img_size", "seed")
+
 
 def save_checkpoint(path, obj):
     """Write to a temporary file, fsync, then rename: a kill -9 at any moment leaves either the
@@ -330,7 +334,7 @@ def train(args, rank, world, device, master):
             data_time, stats = 0.0, {}
             for micro in range(accum):
                 t_data = time.perf_counter()
-                videos = next(batches)[0].to(device, non_blocking=True)
+                videos = next(batches)[0].to(device, non_blocking=True)  # (B, 3, T, H, W); (B, R, ...) with --repeats R
                 data_time += time.perf_counter() - t_data
                 videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling
                 # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
@@ -411,11 +415,6 @@ def check_ranks_agree(model, master):
         raise RuntimeError(f"model weights differ across ranks: {digests}")
     if master:
         print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
-
-
-# Settings that define the run: resuming with different ones would silently mix two runs.
-RESUME_MUST_MATCH = ("dataset", "arch", "target", "loss", "num_prototypes", "batch_size", "epochs",
-                     "num_frames", "img_size", "seed")
 
 
 def summary(args, cfg, first_losses, last, ckpt_path, log_path, end_epoch):
