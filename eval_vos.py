@@ -49,8 +49,9 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, VOSDataset, synthetic_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, VOSDataset
 from model import SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
+from synthetic import synthetic_dataset
 
 # Clip length of each benchmark (SPEC §9): DAVIS clips of 16 frames, YouTube-VOS clips of 4 (its
 # train split is annotated every 5th frame). The synthetic set uses the model's own clip length.
@@ -67,7 +68,7 @@ def get_args(argv=None):
                    "and for 'random' (default tiny)")
     p.add_argument("--dataset", default="synthetic", choices=["davis2017", "davis2016", "ytvos", "synthetic"],
                    help="davis2017: val, instance ids; davis2016: val, binary; ytvos: seeded 20%% of train; "
-                        "synthetic: the built-in set (data.synthetic_dataset), no download")
+                        "synthetic: the built-in set (synthetic.synthetic_dataset), no download")
     p.add_argument("--data_root", default="", help="dataset folder holding JPEGImages/ and Annotations/")
     p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the protocol's (16 DAVIS, "
                    "4 YouTube-VOS; the model's own for synthetic). The encoder's position table follows")

@@ -1,7 +1,7 @@
 """Shared fixtures: a small built-in synthetic video set, generated once per test session."""
 import pytest
 
-from data import synthetic_dataset
+from synthetic import synthetic_dataset
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_vos
-from data import VOSDataset, build_video_dataset, synthetic_dataset, tube_mask
+from data import VOSDataset, build_video_dataset, tube_mask
+from synthetic import synthetic_dataset
 from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
                       miou, segment)
 from model import build_model
@@ -233,7 +234,7 @@ def test_dense_features_put_tokens_where_they_belong():
 
 @pytest.fixture(scope="module")
 def small_synthetic(tmp_path_factory):
-    """A small synthetic set (data.synthetic_dataset): 24 training videos, 4 VOS sequences of 16 frames."""
+    """A small synthetic set (synthetic.synthetic_dataset): 24 training videos, 4 VOS sequences of 16 frames."""
     return synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "set", num_train=24, num_val=4, num_vos=4,
                              num_frames=16)
 
