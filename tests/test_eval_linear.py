@@ -243,3 +243,73 @@ def test_images_are_clips_of_one_repeated_frame(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         main(["--ckpt", "random", "--dataset", "cifar100", "--data_root", str(tmp_path),
               "--out", str(tmp_path / "c.json")])
+
+
+# ============ probes beside Table 9 (issue 11) ============
+
+def blobs(seed, n, dim, classes, spread, noise=0.0):
+    """n points around `classes` random means (N(0, spread^2) per coordinate) + unit noise; a `noise`
+    fraction of the labels is replaced by uniformly random ones. -> x (n, dim), labels (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(classes, dim, generator=g)
+    y = torch.arange(n) % classes
+    x = means[y] + torch.randn(n, dim, generator=g)
+    relabel = torch.rand(n, generator=g) < noise
+    return x, torch.where(relabel, torch.randint(classes, (n,), generator=g), y)
+
+
+def test_converged_probe_separates_and_stops_at_a_stationary_point():
+    x, y = blobs(0, 300, 20, 3, spread=3.0)
+    res = eval_linear.linear_converged_probe(x, y, x[:, None], y, 3)
+    assert res["train_top1"] == 100.0 and res["top1"] == 100.0
+    # The optimum of mean CE + lam/2 |W|^2 on standardised inputs: the gradient, written out by hand
+    # (softmax minus one-hot), vanishes there -- and not at a point nearby.
+    xs = ((x - x.mean(0)) / x.std(0)).double()
+    lam = 1e-2
+    W, b = eval_linear.fit_logistic(xs, y, 3, lam)
+    onehot = torch.nn.functional.one_hot(y, 3).double()
+
+    def grad_norm(W, b):
+        err = (xs @ W + b).softmax(1) - onehot  # (N, C)
+        return torch.cat([(xs.T @ err / len(xs) + lam * W).flatten(), err.mean(0)]).norm().item()
+
+    assert grad_norm(W, b) < 1e-5
+    assert grad_norm(W * 1.05, b) > 100 * grad_norm(W, b)  # a 5% step off the optimum is visible
+
+
+def test_held_out_lambda_is_larger_on_noisy_labels():
+    """More parameters (200 x 4) than clips (400): with half the labels randomised, weak regularisation fits
+    the noise and the held-out part must pick a strong one; with clean labels, a weak one."""
+    x, y = blobs(3, 400, 200, 4, spread=0.5)
+    _, noisy = blobs(3, 400, 200, 4, spread=0.5, noise=0.5)
+    clean, dirty = (eval_linear.converged_logistic(x, labels, 4) for labels in (y, noisy))
+    assert clean["lam"] <= 1e-3 and dirty["lam"] >= 1.0
+    assert set(clean["holdout_top1"]) == set(eval_linear.LAMBDAS)
+
+
+def test_knn_matches_a_per_sample_reference():
+    g = torch.Generator().manual_seed(0)
+    train_x, train_y = torch.randn(200, 16, generator=g), torch.randint(5, (200,), generator=g)
+    test_x = torch.randn(37, 16, generator=g)
+    votes = eval_linear.knn_votes(train_x, train_y, test_x, 5, chunk=8)  # several chunks
+    for i, q in enumerate(test_x):  # DINO's rule, one test clip at a time
+        sims = torch.stack([torch.dot(q, t) / (q.norm() * t.norm()) for t in train_x])  # (N,) cosine
+        top = sims.argsort(descending=True)[:20]
+        ref = torch.zeros(5)
+        for j in top:
+            ref[train_y[j]] += torch.exp(sims[j] / 0.07)
+        torch.testing.assert_close(votes[i], ref, rtol=1e-4, atol=0)
+        assert votes[i].argmax() == ref.argmax()
+    # Multi-view testing sums the views' votes; a training clip is its own nearest neighbour.
+    res = eval_linear.knn_probe(train_x, train_y, torch.stack([train_x, train_x], 1), train_y, 5)
+    assert res["top1"] > 60 and res["k"] == 20
+
+
+def test_probes_option_refuses_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101", "--probes", "knn,linaer"])
+    err = capsys.readouterr().err
+    assert "linaer" in err and "linear_converged,knn,dense,attentive" in err
+    args = eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101"])
+    assert args.probes == ("linear_converged", "knn")  # token probes are opt-in on real datasets
+    assert eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101", "--probes", "none"]).probes == ()
