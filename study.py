@@ -1,35 +1,56 @@
 """
-The laptop-scale study of the README: can a 2-core CPU show what the paper's Table 7b says?
+The laptop-scale study of the README: the paper's Table 7b ablation on moving Fashion-MNIST, on a 2-core CPU.
 
-For each seed, pretrain the tiny preset on the built-in synthetic videos with
+For each seed, pretrain the tiny preset on the moving Fashion-MNIST videos (synthetic.fashion_dataset) with
   - SIGMA-MLP  (--loss sigma, jointly trained MLP target: the method),
   - VideoMAE   (--loss pixel: regress standardised pixels),
   - Eq. 2      (--loss l2: regress the jointly trained MLP target, which collapses),
-then evaluate each, and a randomly initialised encoder, with eval_linear.py (frozen linear probe)
-and eval_vos.py (unsupervised object segmentation on the synthetic DAVIS-layout masks).
-Everything goes through the same command lines a user would type; this file only loops, skips
-what is already done (rerun it to continue) and tabulates mean +- std over seeds.
+then evaluate each, and a randomly initialised encoder (the floor), with eval_linear.py (frozen features: the
+Table 9 head and the probes of PROBES) and eval_vos.py (unsupervised segmentation of the set's DAVIS-layout
+val clips). The ceiling is the same encoder trained with the labels for the same clips (supervised() below).
+Everything else goes through the command lines a user would type, every training setting passed as a flag
+(TRAIN), so that the study does not move when a recipe does. Rerun to continue: finished steps are skipped.
 
-    python study.py                          # 3 seeds x 3 methods + random: ~25 min on 2 CPU cores
-    python study.py --seeds 0 --epochs 2     # a smoke run
+    python study.py            # 3 seeds: random / pixel / sigma / l2 + the supervised ceiling (~60 min, 2 cores)
+    python study.py --quick    # seed 0: random / pixel / sigma (~15 min)
+
+Writes results.json (--results): {"headline": metric, "chance": %, "rows": [{"method", "seed", metric: %, ...}], ...}.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-METHODS = {  # folder tag -> (table row, train.py flags; None: not pretrained)
-    "random": ("random init", None),
-    "videomae": ("VideoMAE (--loss pixel)", ["--loss", "pixel"]),
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+from synthetic import fashion_dataset
+
+# ============ defaults ============
+# Pretraining, identical for every method: the tiny preset (64x64, 8 frames stride 2, 8x8 patches: 256
+# tokens), 8 epochs of 2000 clips, batch 32, lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
+EPOCHS = 8
+TRAIN = ["--arch", "tiny", "--batch_size", "32", "--micro_batch", "32", "--warmup_epochs", "1", "--lr", "8e-3",
+         "--min_lr", "1e-4", "--weight_decay", "0.05", "--mask_ratio", "0.9", "--stride", "2", "--sk_eps", "0.05",
+         "--num_prototypes", "256", "--temperature", "0.1", "--precision", "fp32", "--save_every", "4",
+         "--workers", "2"]
+METHODS = {  # results.json method -> (table row, train.py flags; None: not pretrained)
+    "random": ("random init (floor)", None),
+    "pixel": ("VideoMAE (--loss pixel)", ["--loss", "pixel"]),
     "sigma": ("SIGMA-MLP (--loss sigma)", ["--loss", "sigma"]),
-    "eq2": ("Eq. 2 (--loss l2)", ["--loss", "l2"]),
+    "l2": ("Eq. 2 (--loss l2)", ["--loss", "l2"]),
 }
-COLUMNS = {"top1": "linear top-1 (%, chance 25)", "clustering": "VOS clustering mIoU",
-           "overclustering": "VOS overclustering mIoU", "target_std": "phi spread, last step",
-           "protos_used": "prototypes assigned (of 256)"}
+PROBES = "linear_converged,knn"  # eval_linear.py --probes (printed beside the Table 9 head)
+HEADLINE = "linear_converged"  # chosen by the issue's criterion: see the README's Results section
+COLUMNS = {"linear_converged": "converged linear", "knn": "20-NN", "linear": "Table 9 head",
+           "vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU"}
 
 
 def run(cmd, log):
@@ -41,60 +62,137 @@ def run(cmd, log):
             sys.exit(f"failed: {' '.join(cmd)} (see {log})")
 
 
+# ============ the ceiling: the same encoder, trained with the labels ============
+
+def supervised(root, seed, epochs, out):
+    """Tiny encoder + mean pool + LayerNorm + Linear trained end to end with cross-entropy on the same clips and
+    optimiser settings as a pretraining run (AdamW, batch 32, warmup then cosine) -> val top-1 (%), cached in out."""
+    if os.path.exists(out):
+        return json.load(open(out))["top1"]
+    torch.manual_seed(seed)
+    cfg = model.build_config("tiny", target="pixel", loss="pixel")
+    train = data.build_video_dataset("synthetic", root, "train", num_frames=cfg.num_frames, size=cfg.img_size)
+    val = data.build_video_dataset("synthetic", root, "val", num_frames=cfg.num_frames, size=cfg.img_size, train=False)
+    net = nn.Sequential(model.Encoder(cfg), Pool(), nn.LayerNorm(cfg.enc_dim), nn.Linear(cfg.enc_dim, train.num_classes))
+    loader = data.make_loader(train, 32, num_workers=2, seed=seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    total, warmup = epochs * len(loader), len(loader)
+    step = 0
+    for epoch in range(epochs):
+        data.set_epoch(loader, epoch)
+        for clips, labels in loader:  # (32, 3, T, S, S), (32,)
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (step / warmup if step < warmup else
+                                      0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+            loss = F.cross_entropy(net(clips), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for clips, labels in data.make_loader(val, 64, num_workers=2, shuffle=False, drop_last=False):
+            correct += (net(clips).argmax(1) == labels).sum().item()
+    top1 = 100 * correct / len(val)
+    json.dump(dict(top1=top1, epochs=epochs, seed=seed), open(out, "w"))
+    return top1
+
+
+class Pool(nn.Module):
+    def forward(self, x):  # (B, N, D) -> (B, D): the linear probe's mean over all tokens
+        return x.mean(1)
+
+
+# ============ the study ============
+
+def evaluate(tag, seed, folder, root, log):
+    """Pretrain (unless random) and evaluate one run -> its results.json row (percent)."""
+    py = sys.executable
+    flags = METHODS[tag][1]
+    linear, vos = os.path.join(folder, "linear.json"), os.path.join(folder, "vos.json")
+    if flags is None:
+        ckpt = ["--ckpt", "random", "--arch", "tiny", "--seed", str(seed)]
+    else:
+        ckpt = ["--ckpt", os.path.join(folder, "ckpt.pth")]
+        if not os.path.exists(os.path.join(folder, "done")):
+            run([py, "train.py", "--dataset", "synthetic", "--data_root", str(root), *TRAIN, *flags,
+                 "--epochs", str(EPOCHS), "--seed", str(seed), "--out", folder], log)
+            open(os.path.join(folder, "done"), "w").close()
+    if not os.path.exists(linear):
+        run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
+             "--probes", PROBES, "--out", linear], log)
+    if not os.path.exists(vos):
+        run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
+             "--out", vos], log)
+    lin, seg = json.load(open(linear)), json.load(open(vos))
+    row = dict(method=tag, seed=seed, linear=lin["top1"], linear_train=lin["train_top1"],
+               vos_clustering=100 * seg["mean"]["clustering"], vos_overclustering=100 * seg["mean"]["overclustering"])
+    for name, probe in lin.get("probes", {}).items():
+        row[name] = probe["top1"]
+        if "train_top1" in probe:
+            row[f"{name}_train"] = probe["train_top1"]
+    if flags is not None:  # the collapse monitors of the last training step (train.py's log)
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            last = json.loads(f.readlines()[-1])
+        row.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
+    return row
+
+
+def table(rows, ceiling, note):
+    def cell(method, key):
+        values = [r[key] for r in rows if r["method"] == method and key in r]
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    lines = [note, "", "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for tag in dict.fromkeys(r["method"] for r in rows):
+        lines.append(f"| {METHODS[tag][0]} | " + " | ".join(cell(tag, k) for k in COLUMNS) + " |")
+    if ceiling:
+        values = list(ceiling.values())
+        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        lines.append(f"| supervised (ceiling, end-to-end top-1) | {statistics.mean(values):.1f}{spread} |"
+                     + " |" * (len(COLUMNS) - 1))
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs per run (train.py's default is 20)")
-    p.add_argument("--out", default="out/study")
+    p.add_argument("--quick", action="store_true", help="seed 0, random / pixel / sigma only, no ceiling")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    p.add_argument("--out", default="out/study", help="per-run folders and study.log")
+    p.add_argument("--results", default="results.json", help="where the table's numbers go")
     args = p.parse_args()
-    py = sys.executable
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    methods = ["random", "pixel", "sigma"] if args.quick else list(METHODS)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "study.log")
     t0 = time.time()
-    results = {tag: [] for tag in METHODS}
-    for seed in args.seeds:
-        for tag, (name, flags) in METHODS.items():
+    root = fashion_dataset()  # generated once (~1 min), cached in $SIGMA_CACHE
+    print(f"[{(time.time() - t0) / 60:5.1f} min] moving Fashion-MNIST at {root}", flush=True)
+    rows, ceiling = [], {}
+    for seed in seeds:
+        for tag in methods:
             folder = os.path.join(args.out, f"{tag}_seed{seed}")
             os.makedirs(folder, exist_ok=True)
-            linear, vos = os.path.join(folder, "linear.json"), os.path.join(folder, "vos.json")
-            if flags is None:
-                ckpt = ["--ckpt", "random", "--arch", "tiny", "--seed", str(seed)]
-            else:
-                ckpt = ["--ckpt", os.path.join(folder, "ckpt.pth")]
-                if not os.path.exists(linear):
-                    run([py, "train.py", *flags, "--seed", str(seed), "--epochs", str(args.epochs),
-                         "--out", folder], log)
-            if not os.path.exists(linear):
-                run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--out", linear], log)
-            if not os.path.exists(vos):
-                run([py, "eval_vos.py", *ckpt, "--dataset", "synthetic", "--out", vos], log)
-            lin, seg = json.load(open(linear)), json.load(open(vos))
-            r = dict(top1=lin["top1"], **{k: 100 * seg["mean"][k] for k in ("clustering", "overclustering")})
-            if flags is not None:  # the collapse monitors of the last training step (train.py's log)
-                with open(os.path.join(folder, "log.jsonl")) as f:
-                    last = json.loads(f.readlines()[-1])
-                r.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
-            results[tag].append(r)
-            print(f"[{(time.time() - t0) / 60:5.1f} min] {name:20s} seed {seed}: linear top-1 {r['top1']:5.1f}, "
-                  f"VOS mIoU {r['clustering']:5.1f} / {r['overclustering']:5.1f}", flush=True)
-
-    def cell(rows, key):
-        values = [r[key] for r in rows if key in r]
-        if not values:
-            return "-"
-        digits = 3 if key == "target_std" else 0 if key == "protos_used" else 1
-        if len(values) == 1:
-            return f"{values[0]:.{digits}f}"
-        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-    lines = [f"tiny preset, synthetic videos, {args.epochs} pretraining epochs, seeds {args.seeds} (mean ± std)", "",
-             "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for tag, rows in results.items():
-        lines.append(f"| {METHODS[tag][0]} | " + " | ".join(cell(rows, k) for k in COLUMNS) + " |")
-    table = "\n".join(lines)
-    print("\n" + table + f"\n\ntotal {(time.time() - t0) / 60:.1f} min; per-run outputs and logs in {args.out}/")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(seeds=args.seeds, epochs=args.epochs, results=results, table=table), f, indent=1)
+            rows.append(evaluate(tag, seed, folder, root, log))
+            print(f"[{(time.time() - t0) / 60:5.1f} min] {METHODS[tag][0]:26s} seed {seed}: " +
+                  ", ".join(f"{COLUMNS[k]} {rows[-1][k]:.1f}" for k in COLUMNS if k in rows[-1]), flush=True)
+        if not args.quick:
+            ceiling[seed] = supervised(root, seed, EPOCHS, os.path.join(args.out, f"supervised_seed{seed}.json"))
+            print(f"[{(time.time() - t0) / 60:5.1f} min] supervised ceiling seed {seed}: top-1 {ceiling[seed]:.1f}")
+    meta = json.load(open(root / "meta.json"))
+    note = (f"tiny preset, moving Fashion-MNIST ({meta['num_train']} train / {meta['num_val']} val clips, "
+            f"{len(meta['dense_classes']) - 1} classes), {EPOCHS} pretraining epochs, seeds {seeds} (mean ± std, %)")
+    text = table(rows, ceiling, note)
+    print("\n" + text + f"\n\ntotal {(time.time() - t0) / 60:.1f} min; per-run outputs and logs in {args.out}/")
+    results = dict(headline=HEADLINE, chance=100 / (len(meta["dense_classes"]) - 1), rows=rows,
+                   ceiling={str(k): v for k, v in ceiling.items()}, epochs=EPOCHS, dataset=meta, table=text)
+    with open(args.results, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The procedural motion set (synthetic_dataset): 4 motion classes, 64x64, 800 vide
 2-core CPU; same seed and sizes -> byte-identical files.
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 # ============ defaults ============
-SYNTHETIC_VERSION = 3  # bump when the generator changes: cached copies of older versions are not reused
+SYNTHETIC_VERSION = 4  # bump when the generator changes: cached copies of older versions are not reused
 SYNTHETIC_DEFAULTS = dict(num_train=600, num_val=200, num_frames=32, size=64, num_vos=20)
 
 
@@ -37,6 +38,9 @@ SYNTHETIC_DEFAULTS = dict(num_train=600, num_val=200, num_frames=32, size=64, nu
 
 # Alphabetical, so that the folder-per-class parser's sorted class ids are these indices.
 SYNTHETIC_CLASSES = ["horizontal", "rotating", "scaling", "vertical"]
+# Per-pixel classes of the dense-label sidecars (<video>.mask.npy): the main object carries its motion class,
+# distractors their own class.
+SYNTHETIC_DENSE_CLASSES = ["background", *SYNTHETIC_CLASSES, "distractor"]
 _PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * (256 * 3 - 12)  # DAVIS colours of ids 0-3
 def _texture(rng, u, v):
     """A random procedural texture at coordinates u, v (pixels, float32, any shape) -> float32 (..., 3).
@@ -112,16 +116,24 @@ def _write_video(path, frames, fps=25):
         out.mux(stream.encode())
 
 
-def _generate(root, seed, num_train, num_val, num_frames, size, num_vos):
+def _write_set(root, seed, classes, render, num_train, num_val, num_vos):
+    """Write a folder-per-class video set: <root>/{train,val}/<class>/<split>_<i>.mp4, beside each video its
+    dense labels <name>.mask.npy (uint8 (T, H, W), 0 = background, k = dense class k), and the first num_vos
+    val videos again in the DAVIS-2017 layout (<root>/davis) for eval_vos.py.
+
+    render(rng, split, i) -> (label, frames uint8 (T, S, S, 3), instance masks uint8 (T, S, S), dense labels).
+    Each video has its own random stream (seed, split, i), so no video depends on the order of the others.
+    """
     davis = root / "davis"
     for split, count in (("train", num_train), ("val", num_val)):
-        for c in SYNTHETIC_CLASSES:
+        for c in classes:
             (root / split / c).mkdir(parents=True)
         for i in range(count):
-            label = i % len(SYNTHETIC_CLASSES)  # balanced classes
-            rng = np.random.default_rng([seed, int(split == "val"), i])  # one stream per video: order-independent
-            frames, masks = _render(rng, label, num_frames, size)
-            _write_video(root / split / SYNTHETIC_CLASSES[label] / f"{split}_{i:05d}.mp4", frames)
+            rng = np.random.default_rng([seed, int(split == "val"), i])
+            label, frames, masks, dense = render(rng, split, i)
+            path = root / split / classes[label] / f"{split}_{i:05d}.mp4"
+            _write_video(path, frames)
+            np.save(path.with_suffix(".mask.npy"), dense)
             if split == "val" and i < num_vos:  # DAVIS-2017 layout for eval_vos (frames as rendered)
                 seq = f"val_{i:05d}"
                 for sub in ("JPEGImages", "Annotations"):
@@ -135,20 +147,14 @@ def _generate(root, seed, num_train, num_val, num_frames, size, num_vos):
     (davis / "ImageSets" / "2017" / "val.txt").write_text("".join(f"val_{i:05d}\n" for i in range(num_vos)))
 
 
-def synthetic_dataset(root=None, seed=0, **size_kwargs):
-    """Generate (once) the synthetic video set -> its root (folder-per-class layout, see LAYOUTS).
-
-    root defaults to $SIGMA_CACHE/synthetic-v<version>-seed<seed> ($SIGMA_CACHE defaults to ~/.cache/sigma).
-    size_kwargs override SYNTHETIC_DEFAULTS (num_train, num_val, num_frames, size, num_vos). Written to a
-    temporary folder beside root and renamed into place when complete, so an interrupted run leaves no
-    half-finished root (and concurrent ranks simply keep the first finished copy). Same seed and sizes ->
-    byte-identical files. An existing root made with other parameters is an error, not silently reused.
+def _cached(root, default_name, params, generate):
+    """Generate a set once into root (default $SIGMA_CACHE/<default_name>, $SIGMA_CACHE defaulting to
+    ~/.cache/sigma) -> root. Written to a temporary folder beside root and renamed into place when complete, so
+    an interrupted run leaves no half-finished root (and concurrent ranks simply keep the first finished copy).
+    An existing root made with other parameters (meta.json) is an error, not silently reused.
     """
-    sizes = {**SYNTHETIC_DEFAULTS, **size_kwargs}
-    params = dict(version=SYNTHETIC_VERSION, seed=seed, **sizes)
     if root is None:
-        cache = Path(os.environ.get("SIGMA_CACHE", Path.home() / ".cache" / "sigma"))
-        root = cache / f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}"
+        root = Path(os.environ.get("SIGMA_CACHE", Path.home() / ".cache" / "sigma")) / default_name
     root = Path(root).expanduser()
     if root.exists():
         meta = root / "meta.json"
@@ -160,7 +166,7 @@ def synthetic_dataset(root=None, seed=0, **size_kwargs):
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.partial-", dir=root.parent))
     try:
-        _generate(tmp, seed, **sizes)
+        generate(tmp)
         (tmp / "meta.json").write_text(json.dumps(params))
         try:
             os.rename(tmp, root)  # atomic on one file system
@@ -172,11 +178,160 @@ def synthetic_dataset(root=None, seed=0, **size_kwargs):
     return root
 
 
+def synthetic_dataset(root=None, seed=0, **size_kwargs):
+    """Generate (once) the procedural motion set -> its root (folder-per-class layout, see data.LAYOUTS).
+
+    root defaults to $SIGMA_CACHE/synthetic-v<version>-seed<seed>. size_kwargs override SYNTHETIC_DEFAULTS
+    (num_train, num_val, num_frames, size, num_vos). Same seed and sizes -> byte-identical files.
+    """
+    sizes = {**SYNTHETIC_DEFAULTS, **size_kwargs}
+    params = dict(version=SYNTHETIC_VERSION, seed=seed, **sizes, dense_classes=SYNTHETIC_DENSE_CLASSES)
+
+    def render(rng, split, i):
+        label = i % len(SYNTHETIC_CLASSES)  # balanced classes
+        frames, masks = _render(rng, label, sizes["num_frames"], sizes["size"])
+        dense = np.where(masks == 1, 1 + label, np.where(masks > 1, len(SYNTHETIC_DENSE_CLASSES) - 1, 0))
+        return label, frames, masks, dense.astype(np.uint8)
+
+    generate = lambda tmp: _write_set(tmp, seed, SYNTHETIC_CLASSES, render, sizes["num_train"], sizes["num_val"],
+                                      sizes["num_vos"])
+    return _cached(root, f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}", params, generate)
+
+
+# ============ moving Fashion-MNIST ============
+# Real image content at laptop scale: one Fashion-MNIST item (28x28 grey, from the shipped subset or the full
+# IDX files) per video, enlarged, tinted with a random colour and moving in a straight line over a drifting,
+# low-contrast procedural texture. The label is the item's category, so a single frame suffices and what is
+# measured is how well the features describe an object's shape against clutter and motion.
+
+# The ten Fashion-MNIST categories in the order of their IDX label ids.
+FASHION_MNIST_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                       "ankle-boot"]
+# Coarse labels: the five upper-body garments are told apart by small details that a 2-core CPU's tiny
+# model does not learn in minutes, so "fine" labels leave every method near chance (measured: README Results).
+FASHION_COARSE = {"bag": ["bag"], "footwear": ["sandal", "sneaker", "ankle-boot"], "trouser": ["trouser"],
+                  "upper-body": ["t-shirt", "pullover", "dress", "coat", "shirt"]}
+FASHION_VERSION = 1  # bump when the generator changes
+FASHION_DEFAULTS = dict(num_train=2000, num_val=500, num_frames=16, size=64, num_vos=20, labels="coarse",
+                        scale=(0.55, 0.8), background=0.35)
+FASHION_SUBSET = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+_IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def fashion_classes(labels):
+    """Class names (sorted, = folder-per-class ids) and, per Fashion-MNIST label id, its class index."""
+    if labels == "fine":
+        names = sorted(FASHION_MNIST_NAMES)
+        return names, [names.index(n) for n in FASHION_MNIST_NAMES]
+    if labels == "coarse":
+        names = sorted(FASHION_COARSE)
+        return names, [next(i for i, c in enumerate(names) if n in FASHION_COARSE[c]) for n in FASHION_MNIST_NAMES]
+    raise ValueError(f"labels={labels!r}: choose 'coarse' or 'fine'")
+
+
+def _read_idx(path):
+    """An IDX file (raw or .gz) -> uint8 array; the header's dimension count sets the shape."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    shape = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(source=None):
+    """Fashion-MNIST items -> {"train": (images (N, 28, 28) uint8, labels (N,)), "val": (...)}; val = its test set.
+
+    source None: the 2000-item subset shipped in assets/ (no install). Otherwise the four IDX files (raw or .gz)
+    from: a folder you name (or its FashionMNIST/raw, torchvision's layout), or with source="full" the folder of
+    Debian's dataset-fashion-mnist package, then ./data/FashionMNIST/raw (torchvision's usual root).
+    """
+    if source is None:
+        with np.load(FASHION_SUBSET) as f:
+            return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "val")}
+    folders = [DEBIAN_FASHION_MNIST, Path("data/FashionMNIST/raw")] if source == "full" else \
+        [Path(source).expanduser(), Path(source).expanduser() / "FashionMNIST" / "raw"]
+    for folder in folders:
+        files = {s: [next((folder / (n + ext) for ext in ("", ".gz") if (folder / (n + ext)).is_file()), None)
+                     for n in names] for s, names in _IDX.items()}
+        if all(p is not None for ps in files.values() for p in ps):
+            return {s: (_read_idx(im), _read_idx(lb)) for s, (im, lb) in files.items()}
+    raise FileNotFoundError(
+        f"Fashion-MNIST IDX files ({', '.join(n for ns in _IDX.values() for n in ns)}, raw or .gz) not found in "
+        f"{', '.join(map(str, folders))}. Get them with `sudo apt-get install dataset-fashion-mnist` (installs "
+        f"{DEBIAN_FASHION_MNIST}) or torchvision.datasets.FashionMNIST('data', download=True), and pass "
+        f"fashion_source='full' (--fashion_source full) or the folder; or leave fashion_source unset to use the "
+        f"subset shipped in assets/")
+
+
+def _sample(image, u, v):
+    """Bilinear lookup of a (28, 28) image at float pixel coordinates u (column), v (row), zero outside."""
+    padded = np.pad(image.astype(np.float32), 1)  # (30, 30): the zero border is what lies outside the item
+    u, v = np.clip(u + 1, 0, 29 - 1e-3), np.clip(v + 1, 0, 29 - 1e-3)
+    u0, v0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    wu, wv = u - u0, v - v0
+    top = padded[v0, u0] * (1 - wu) + padded[v0, u0 + 1] * wu
+    bottom = padded[v0 + 1, u0] * (1 - wu) + padded[v0 + 1, u0 + 1] * wu
+    return top * (1 - wv) + bottom * wv
+
+
+def _render_fashion(rng, item, num_frames, size, scale, background):
+    """One moving item -> frames uint8 (T, S, S, 3), masks uint8 (T, S, S) (1 where the item is)."""
+    t = np.linspace(0.0, 1.0, num_frames, dtype=np.float32)[:, None, None]  # (T, 1, 1)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # (S, S)
+    pan_x, pan_y = rng.uniform(-0.15, 0.15, 2).tolist()
+    texture = _texture(rng, x - pan_x * size * t, y - pan_y * size * t)  # (T, S, S, 3)
+    mean = texture.mean((0, 1, 2))
+    frames = mean + background * (texture - mean)  # low contrast: clutter that does not drown the item
+    side = rng.uniform(*scale) * size  # the item's 28 px span this many pixels
+    (x0, y0), (x1, y1) = rng.uniform(side / 2, size - side / 2, (2, 2)).tolist()  # stays inside the frame
+    cx, cy = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t  # (T, 1, 1) centre, a straight line
+    alpha = _sample(item, (x - cx) * 28 / side + 13.5, (y - cy) * 28 / side + 13.5) / 255  # (T, S, S)
+    colour = (mean + 128 + rng.uniform(-64, 64, 3).astype(np.float32)) % 256  # >= 64 levels from the mean, per channel
+    frames = frames * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return frames.round().clip(0, 255).astype(np.uint8), (alpha > 0.25).astype(np.uint8)
+
+
+def fashion_dataset(root=None, seed=0, fashion_source=None, **kwargs):
+    """Generate (once) the moving Fashion-MNIST set -> its root (folder-per-class, read as --dataset synthetic).
+
+    Train videos use Fashion-MNIST training items, val videos its test items, so the val split shows unseen
+    items. Labels are balanced; within a class the category and the item are drawn at random. kwargs override
+    FASHION_DEFAULTS. root defaults to $SIGMA_CACHE/fashion-v<version>-<subset|full>-<labels>-seed<seed>.
+    Same seed, items and settings -> byte-identical files.
+    """
+    cfg = {**FASHION_DEFAULTS, **kwargs}
+    items = load_fashion_mnist(fashion_source)
+    classes, class_of = fashion_classes(cfg["labels"])
+    params = dict(version=FASHION_VERSION, seed=seed, items="subset" if fashion_source is None else "full",
+                  **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                  dense_classes=["background", *classes])
+    by_class = {s: [np.flatnonzero(np.asarray(class_of)[lb] == c) for c in range(len(classes))]
+                for s, (_, lb) in items.items()}
+
+    def render(rng, split, i):
+        label = i % len(classes)  # balanced classes
+        item = items[split][0][rng.choice(by_class[split][label])]
+        frames, masks = _render_fashion(rng, item, cfg["num_frames"], cfg["size"], cfg["scale"], cfg["background"])
+        return label, frames, masks, masks * np.uint8(1 + label)
+
+    generate = lambda tmp: _write_set(tmp, seed, classes, render, cfg["num_train"], cfg["num_val"], cfg["num_vos"])
+    name = f"fashion-v{FASHION_VERSION}-{params['items']}-{cfg['labels']}-seed{seed}"
+    return _cached(root, name, params, generate)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="where to write (default: $SIGMA_CACHE/synthetic-v*-seed*)")
+    parser.add_argument("--set", default="procedural", choices=["procedural", "fashion"], help="which set")
+    parser.add_argument("--root", default=None, help="where to write (default: $SIGMA_CACHE/<set>-v*-seed*)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--fashion_source", default=None, help="fashion: 'full' (Debian's dataset-fashion-mnist, "
+                        "torchvision's data/FashionMNIST/raw) or a folder of IDX files; default: the shipped subset")
+    parser.add_argument("--labels", default="coarse", choices=["coarse", "fine"], help="fashion: 4 or 10 classes")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    where = synthetic_dataset(args.root, args.seed)
-    print(f"synthetic dataset at {where} ({time.perf_counter() - t0:.1f} s; cached runs take ~0 s)")
+    if args.set == "procedural":
+        where = synthetic_dataset(args.root, args.seed)
+    else:
+        where = fashion_dataset(args.root, args.seed, args.fashion_source, labels=args.labels)
+    print(f"{args.set} dataset at {where} ({time.perf_counter() - t0:.1f} s; cached runs take ~0 s)")

@@ -3,6 +3,8 @@ labels say what the videos show.
 
     python -m pytest -q tests/test_synthetic.py      # CPU, ~10 s
 """
+import gzip
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +33,7 @@ def test_synthetic_is_deterministic(synthetic_set, tmp_path):
     again = synthetic.synthetic_dataset(tmp_path / "b", seed=3, **sizes)
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    assert len(files) == 16 + 8 + 4 * 12 * 2 + 2  # videos, DAVIS frames + masks, val.txt, meta.json
+    assert len(files) == 2 * (16 + 8) + 4 * 12 * 2 + 2  # videos + sidecars, DAVIS frames + masks, val.txt, meta
     for rel in files:
         assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
     other = synthetic.synthetic_dataset(tmp_path / "c", seed=4, **sizes)
@@ -79,6 +82,13 @@ def test_synthetic_masks_follow_labels(synthetic_set):
         decoded = data.decode_frames(video, range(12)).float()  # (T, S, S, 3)
         error = [(decoded - jpeg_frames(root, name)).abs().mean() for name in (item["name"], "val_00000", "val_00001")]
         assert error[0] < 12 and error[0] < 0.5 * max(error[1:])
+        # The dense-label sidecar says the same as the DAVIS masks: main object = 1 + its class, distractors last.
+        dense = torch.from_numpy(np.load(video.with_suffix(".mask.npy")))
+        assert dense.shape == (12, 32, 32) and dense.dtype == torch.uint8
+        expected = torch.where(item["masks"] == 1, 1 + label, torch.where(item["masks"] > 1, 5, 0))
+        assert torch.equal(dense.long(), expected.long())
+    assert seen == set(synthetic.SYNTHETIC_CLASSES)
+    assert json.loads((root / "meta.json").read_text())["dense_classes"] == synthetic.SYNTHETIC_DENSE_CLASSES
 
 
 def jpeg_frames(root, name):
@@ -104,3 +114,71 @@ def test_synthetic_generation_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "_render", real_render)
     root = synthetic.synthetic_dataset(seed=5, num_train=8, num_val=8, num_frames=4, size=16, num_vos=1)
     assert root == tmp_path / "cache" / f"synthetic-v{synthetic.SYNTHETIC_VERSION}-seed5" and (root / "meta.json").is_file()
+
+
+# ============ moving Fashion-MNIST ============
+FASHION_SIZES = dict(num_train=8, num_val=8, num_frames=6, size=32, num_vos=2)
+
+
+@pytest.fixture(scope="module")
+def fashion_set(tmp_path_factory):
+    return synthetic.fashion_dataset(tmp_path_factory.mktemp("fashion") / "a", seed=1, **FASHION_SIZES)
+
+
+def test_fashion_is_deterministic_balanced_and_labelled(fashion_set, tmp_path):
+    root = fashion_set
+    again = synthetic.fashion_dataset(tmp_path / "b", seed=1, **FASHION_SIZES)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert len(files) == 2 * (8 + 8) + 2 * 6 * 2 + 2  # videos + sidecars, DAVIS frames + masks, val.txt, meta
+    for rel in files:
+        assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
+    other = synthetic.fashion_dataset(tmp_path / "c", seed=2, **FASHION_SIZES)
+    assert (other / "val/bag/val_00000.mp4").read_bytes() != (root / "val/bag/val_00000.mp4").read_bytes()
+    classes, _ = synthetic.fashion_classes("coarse")
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["dense_classes"] == ["background", *classes]
+    for split in ("train", "val"):
+        ds = data.build_video_dataset("synthetic", root, split, num_frames=4, size=32)
+        assert ds.classes == classes and sorted(y for _, y in ds.samples) == sorted(list(range(4)) * 2)  # balanced
+        for path, label in ds.samples:  # the sidecar: (T, S, S) uint8, the video's class where the item is
+            dense = np.load(Path(path).with_suffix(".mask.npy"))
+            assert dense.shape == (6, 32, 32) and dense.dtype == np.uint8
+            assert set(np.unique(dense)) == {0, 1 + label} and 0.05 < (dense > 0).mean() < 0.6
+
+
+def test_fashion_masks_align_with_the_decoded_frames(tmp_path):
+    """On a flat background (background=0) the decoded frames differ from the background colour exactly
+    where the mask says the item is (a mask shifted by 3 px fails this)."""
+    root = synthetic.fashion_dataset(tmp_path / "flat", seed=0, **FASHION_SIZES, background=0.0)
+    for path in sorted((root / "val").rglob("*.mp4")):
+        frames = data.decode_frames(path, range(6)).float()  # (T, S, S, 3)
+        mask = torch.from_numpy(np.load(path.with_suffix(".mask.npy"))).bool()  # (T, S, S)
+        bg = frames[~mask].median(0).values  # (3,) the flat background colour
+        diff = (frames - bg).abs().mean(-1)  # (T, S, S)
+        grown = F.max_pool2d(mask[:, None].float(), 3, 1, 1)[:, 0].bool()  # the mask and its 1-px rim
+        assert diff[mask].mean() > 25 and diff[~grown].mean() < 4, path
+        shifted = torch.roll(mask, 3, dims=2)
+        assert diff[shifted & ~mask].mean() < 0.5 * diff[mask].mean()
+
+
+def test_fashion_items_from_idx_files_and_missing_files(tmp_path):
+    subset = synthetic.load_fashion_mnist()
+    assert subset["train"][0].shape == (1500, 28, 28) and np.bincount(subset["val"][1]).tolist() == [50] * 10
+    folder = tmp_path / "FashionMNIST" / "raw"  # torchvision's layout under the root the user names
+    folder.mkdir(parents=True)
+    for split, (images, labels) in subset.items():
+        names = synthetic._IDX[split]
+        idx_file(folder / (names[0] + ".gz"), images, gz=True)
+        idx_file(folder / names[1], labels, gz=False)
+    loaded = synthetic.load_fashion_mnist(tmp_path)
+    for split in subset:
+        assert all(np.array_equal(a, b) for a, b in zip(loaded[split], subset[split]))
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--fashion_source"):
+        synthetic.load_fashion_mnist(tmp_path / "nowhere")
+
+
+def idx_file(path, array, gz):
+    """Write an IDX file (the format of the Fashion-MNIST downloads): magic, dims (big-endian), uint8 data."""
+    raw = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
