@@ -182,3 +182,20 @@ def idx_file(path, array, gz):
     """Write an IDX file (the format of the Fashion-MNIST downloads): magic, dims (big-endian), uint8 data."""
     raw = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_fashion_generation_is_atomic(tmp_path, monkeypatch):
+    calls, real_render = [], synthetic._render_fashion
+
+    def failing_render(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted mid-way
+        return real_render(*args)
+
+    monkeypatch.setattr(synthetic, "_render_fashion", failing_render)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.fashion_dataset(tmp_path / "f", **FASHION_SIZES)
+    assert list(tmp_path.iterdir()) == []  # neither a root nor a leftover partial folder
+    with pytest.raises(ValueError, match="coarse"):
+        synthetic.fashion_classes("medium")
