@@ -32,14 +32,16 @@ import math
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_video_dataset, make_loader
+from data import IMAGENET_MEAN, IMAGENET_STD, Video, VideoClips, build_video_dataset, make_loader
 from model import describe_state_dict, load_encoder, load_weights
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
@@ -107,6 +109,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.epochs = args.epochs or EPOCHS.get(args.dataset, 100)
     args.flip = args.dataset not in NO_FLIP if args.flip is None else args.flip
+    args.probes_given = args.probes is not None  # named ones must run; the default drops what the data lacks
     args.probes = default_probes(args.dataset) if args.probes is None else args.probes
     if args.ckpt != "random" and not os.path.isfile(args.ckpt):
         p.error(f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
@@ -519,7 +522,251 @@ def knn_probe(train_x, train_y, test_x, test_y, num_classes):
     return dict(top1=topk_accuracy(votes.cpu(), test_y.cpu())["top1"], k=min(KNN_K, len(train_x)),
                 temperature=KNN_TEMPERATURE)
 
+# ---- token features (dense and attentive probes) ----
+
+
+@torch.no_grad()
+def extract_tokens(encoder, loader, device, show=True):
+    """Every output token of every clip (one centre view, no mirror): tokens (N, t*h*w, D) float16 in the
+    encoder's (t, h, w) row-major token order, labels (N,). fp16 halves the cache; the probes compute in fp32."""
+    encoder.eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    tokens, labels = [], []
+    for clips, y in tqdm(loader, desc="token features", disable=None if show else True, leave=False):
+        with autocast:
+            tokens.append(encoder(clips.to(device, non_blocking=True)).half().cpu())  # (B, N, D)
+        labels.append(torch.as_tensor(y))
+    return torch.cat(tokens), torch.cat(labels).long()
+
+
+def cached_tokens(encoder, dataset, key, args, device):
+    """Token features of one split from the cache (same folder and rules as the pooled ones) or extracted on
+    this process alone (under torchrun: rank 0). -> tokens (N, n_tokens, D) float16, labels (N,)."""
+    path = cache_path(args.cache_dir, key)
+    entry = None if args.bench else load_features(path, key)
+    if entry is None:
+        loader = make_loader(dataset, args.extract_batch, args.num_workers, shuffle=False, drop_last=False,
+                             seed=args.seed, distributed=False)
+        tokens, labels = extract_tokens(encoder, loader, device)
+        save_features(path, key, tokens, labels, passes=len(dataset))
+        entry = dict(feats=tokens, labels=labels)
+    return entry["feats"], entry["labels"]
+
+# ---- per-token labels from the sidecar masks ----
+
+
+def sidecar_path(video_path):
+    """<dir>/<name>.mp4 -> <dir>/<name>.mask.npy: uint8 (T, H, W), the video's per-pixel dense label for all
+    its T frames (0 = background, k >= 1 = dense class k), written by synthetic.py beside each video."""
+    return os.path.splitext(video_path)[0] + ".mask.npy"
+
+
+def dense_class_names(video_path):
+    """meta.json's "dense_classes" (index 0 = 'background') of the set holding this video, or None."""
+    for folder in list(Path(video_path).parents)[:4]:  # <root>/<split>/<class>/<name>.mp4 -> <root>/meta.json
+        if (folder / "meta.json").is_file():
+            return json.loads((folder / "meta.json").read_text()).get("dense_classes")
+    return None
+
+
+def dense_problem(dataset, cfg):
+    """Why the dense probe cannot run on this eval dataset (a message), or None. Token labels come from the
+    mask pixels under each token, so the clip must be the video at native resolution: data.py's eval view is
+    the central short-side square resized to img_size, which is the identity only for img_size x img_size
+    videos (bilinear resampling at the same size returns the input exactly)."""
+    path = dataset.samples[0][0]
+    if not os.path.isfile(sidecar_path(path)):
+        return f"no dense-label sidecar {sidecar_path(path)} (uint8 (T, H, W) per video)"
+    if not dense_class_names(path):
+        return f"no \"dense_classes\" in a meta.json above {path}"
+    T, H, W = np.load(sidecar_path(path), mmap_mode="r").shape
+    if (H, W) != (cfg.img_size, cfg.img_size):
+        return (f"videos are {W}x{H} but the encoder's clips are {cfg.img_size}x{cfg.img_size}: the eval crop / "
+                f"resize would move pixels off their mask; the dense probe needs videos at the encoder's size")
+    with Video(path) as video:
+        if video.num_frames != T:
+            return f"{sidecar_path(path)} has {T} frames, its video {video.num_frames}"
+    return None
+
+
+def eval_clip_positions(dataset, video_frames):
+    """The frame positions data.VideoClips decodes for its single centred eval clip (LongTensor (T,)): start
+    room // 2 (room = frames past one clip span), then every stride-th frame, clamped to the last frame."""
+    start = max(video_frames - dataset.span, 0) // 2
+    return (start + dataset.stride * torch.arange(dataset.num_frames)).clamp(max=video_frames - 1)
+
+
+def token_labels(mask, positions, cfg, num_classes):
+    """mask uint8 (T_video, H, W), frame positions (T,) -> (t*h*w,) int64 label per token, (t, h, w) row-major.
+
+    Plurality vote over the tubelet x patch x patch pixels of each token, ties to the higher class (an object
+    over background). Why plurality and not "object if >= half its pixels": with several object classes it is
+    the one rule that is defined, and it is the label that maximises pixel accuracy when a token's prediction
+    is painted over its pixels -- so a perfect token classifier is also the best pixel classifier at this grid.
+    """
+    t, h, w = cfg.grid
+    tub, p = cfg.tubelet_size, cfg.patch_size
+    m = torch.as_tensor(np.asarray(mask))[positions].long()  # (T, H, W)
+    counts = F.one_hot(m, num_classes).view(t, tub, h, p, w, p, num_classes).sum((1, 3, 5))  # (t, h, w, C)
+    return (num_classes - 1 - counts.flip(-1).argmax(-1)).flatten()  # argmax takes the first max: flip -> highest
+
+
+def dense_labels(dataset, cfg, num_classes):
+    """(N, t*h*w) int64 token labels of every clip of an eval dataset (one centre view), from the sidecars."""
+    out = []
+    for path, _ in dataset.samples:
+        mask = np.load(sidecar_path(path))  # (T_video, H, W) uint8
+        if mask.shape[1:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"{sidecar_path(path)}: masks {mask.shape[1:]}, clips {cfg.img_size}x{cfg.img_size}")
+        out.append(token_labels(mask, eval_clip_positions(dataset, len(mask)), cfg, num_classes))
+    return torch.stack(out)
+
+# ---- the dense probe ----
+
+
+def segmentation_scores(pred, target, num_classes):
+    """Per-token accuracy and IoU per class (incl. background) over all tokens of the split, in percent.
+    pred, target (M,) int64. A class absent from both has no IoU (NaN) and is left out of the mean."""
+    conf = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    tp = conf.diag().double()  # conf[true, predicted]
+    iou = 100 * tp / (conf.sum(0) + conf.sum(1) - conf.diag()).double()  # (C,) NaN where the class never occurs
+    return dict(token_accuracy=100 * tp.sum().item() / len(target), miou=iou.nanmean().item(),
+                iou=[None if v != v else v for v in iou.tolist()])  # JSON has no NaN
+
+
+def dense_probe(train_tokens, train_labels, test_tokens, test_labels, class_names, seed=0, device="cpu"):
+    """A linear classifier per token: converged logistic regression (as linear_converged; lambda picked on
+    held-out clips, not tokens) on fp16 token features. Not class-balanced: plain cross-entropy over tokens,
+    so the background's share weighs in as it does in the mIoU's background class.
+    train_tokens (N, n, D), train_labels (N, n); test likewise. -> results dict (percent)."""
+    C = len(class_names)
+    N, n, D = train_tokens.shape
+    x = train_tokens.to(device).flatten(0, 1)  # (N*n, D) fp16; converged_logistic casts to fp32
+    y = train_labels.to(device).flatten()
+    model = converged_logistic(x, y, C, groups=torch.arange(N).repeat_interleave(n), seed=seed, dtype=torch.float32)
+    predict_tokens = lambda t: torch.cat([logistic_logits(model, c.to(device)).argmax(-1).cpu()  # noqa: E731
+                                          for c in t.flatten(0, 1).split(65536)])
+    train = segmentation_scores(predict_tokens(train_tokens), train_labels.flatten(), C)
+    test = segmentation_scores(predict_tokens(test_tokens), test_labels.flatten(), C)
+    majority = torch.bincount(train_labels.flatten(), minlength=C).argmax().expand(test_labels.numel())
+    chance = segmentation_scores(majority, test_labels.flatten(), C)  # every token -> the commonest class
+    return dict(miou=test["miou"], token_accuracy=test["token_accuracy"],
+                iou=dict(zip(class_names, test["iou"])), train_miou=train["miou"],
+                train_token_accuracy=train["token_accuracy"], weight_decay=model["lam"], grad_max=model["grad_max"],
+                chance_miou=chance["miou"], chance_token_accuracy=chance["token_accuracy"], classes=list(class_names))
+
+# ---- the attentive probe ----
+# V-JEPA's protocol: the frozen tokens are pooled by one learned query through a cross-attention block
+# (pre-LayerNorm on the tokens, multi-head attention, residual, then a pre-norm MLP, as its AttentivePooler),
+# then a Linear head. Unlike mean pooling it can read a feature that only some tokens carry. AdamW, cosine.
+ATTENTIVE = dict(epochs=50, lr=1e-3, weight_decay=0.05, batch_size=64)  # ours: V-JEPA's K400 run is 20 epochs
+
+
+class AttentiveProbe(nn.Module):
+    """(B, N, D) frozen tokens -> (B, C) logits through one learned query."""
+
+    def __init__(self, dim, num_classes, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.norm_tokens = nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        B, N, D = tokens.shape
+        H = self.heads
+        q = self.q(self.query).view(1, H, 1, D // H).expand(B, -1, -1, -1)  # (B, H, 1, D/H)
+        k, v = self.kv(self.norm_tokens(tokens)).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, D/H)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)  # (B, 1, D)
+        x = self.query + self.proj(pooled)  # (B, 1, D) residual on the query
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.head(x[:, 0])  # (B, C)
+
+
+def attentive_probe(train_tokens, train_labels, test_tokens, test_labels, num_classes, heads, seed=0,
+                    device="cpu", epochs=ATTENTIVE["epochs"], lr=ATTENTIVE["lr"],
+                    weight_decay=ATTENTIVE["weight_decay"], batch_size=ATTENTIVE["batch_size"]):
+    """Train an AttentiveProbe on cached tokens (N, n, D) fp16 -> results dict (percent)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the query's init
+    N, n, D = train_tokens.shape
+    probe = AttentiveProbe(D, num_classes, heads).to(device)
+    decay = [p for p in probe.parameters() if p.ndim > 1]  # matrices and the query; not biases or norms
+    rest = [p for p in probe.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)],
+                            lr=lr)
+    bs = min(batch_size, N)
+    steps = epochs * (N // bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(N, generator=g)
+        for i in range(N // bs):  # the last partial batch is dropped, as in train_head
+            idx = order[i * bs:(i + 1) * bs]
+            loss = F.cross_entropy(probe(train_tokens[idx].to(device).float()), train_labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    probe.eval()
+    with torch.no_grad():
+        top1 = lambda t, y: topk_accuracy(torch.cat([probe(c.to(device).float()).cpu()  # noqa: E731
+                                                     for c in t.split(256)]), y)["top1"]
+        return dict(top1=top1(test_tokens, test_labels), train_top1=top1(train_tokens, train_labels),
+                    epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=bs, heads=heads)
+
 # ---- running them beside the Table 9 head ----
+
+
+def usable_probes(args, cfg, train_set, test_set, say=print):
+    """--probes, checked against the data before any encoding: a dense probe the data cannot support is an
+    error when asked for by name and skipped with a note when it is only the built-in sets' default."""
+    probes = args.probes
+    if "dense" in probes:
+        problem = ("dense labels exist only for video sets" if not isinstance(train_set, VideoClips)
+                   else dense_problem(train_set, cfg) or dense_problem(test_set, cfg))
+        if problem and args.probes_given:
+            raise ValueError(f"--probes dense: {problem}")
+        if problem:
+            say(f"dense probe skipped: {problem}")
+            probes = tuple(p for p in probes if p != "dense")
+    return probes
+
+
+def token_probes(probes, encoder, cfg, args, base_key, device):
+    """The dense and attentive probes: token features of both splits (one centre view each, cached fp16),
+    then each probe. -> {name: results dict with 'seconds'}."""
+    tokens = {}
+    for name, split in (("train", args.train_split), ("test", args.test_split)):
+        dataset = build_dataset(args, cfg, split)
+        gb = len(dataset) * cfg.num_tokens * cfg.enc_dim * 2 / 1e9
+        print(f"token features, {name}: {len(dataset)} clips x {cfg.num_tokens} tokens x {cfg.enc_dim} x 2 bytes "
+              f"= {gb:.2f} GB (fp16, cached in {args.cache_dir})")
+        key = dict(base_key, split=split, views="tokens", views_per_item=1, flip=False, dtype="float16")
+        tokens[name] = (*cached_tokens(encoder, dataset, key, args, device), dataset)
+    (xtr, ytr, train_set), (xte, yte, test_set) = tokens["train"], tokens["test"]
+    out = {}
+    if "dense" in probes:
+        names = dense_class_names(train_set.samples[0][0])
+        out["dense"] = timed(lambda: dense_probe(xtr, dense_labels(train_set, cfg, len(names)), xte,
+                                                 dense_labels(test_set, cfg, len(names)), names, args.seed, device))
+    if "attentive" in probes:
+        with one_cpu_thread(device):  # small batches: one thread beats OpenMP on a busy CPU
+            out["attentive"] = timed(lambda: attentive_probe(xtr, ytr, xte, yte, test_set.num_classes,
+                                                             cfg.enc_heads, args.seed, device))
+    return out
+
+
+def timed(probe):
+    """probe() -> its results dict plus 'seconds' (wall) and 'cpu_seconds' (this process; on a shared machine
+    the wall time says more about the neighbours)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = probe()
+    return dict(out, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
 def pooled_probes(probes, train_feats, train_labels, test_feats, test_labels, num_classes, device, seed=0):
@@ -531,9 +778,7 @@ def pooled_probes(probes, train_feats, train_labels, test_feats, test_labels, nu
                knn=lambda: knn_probe(x, y, tx, ty, num_classes))
     out = {}
     for name in [n for n in run if n in probes]:
-        t0 = time.perf_counter()
-        out[name] = run[name]()
-        out[name]["seconds"] = time.perf_counter() - t0
+        out[name] = timed(run[name])
     return out
 
 
@@ -607,6 +852,8 @@ def main(argv=None):
     num_classes = datasets["test"].num_classes
     if datasets["train"].num_classes != num_classes:
         raise ValueError(f"train split has {datasets['train'].num_classes} classes, test split {num_classes}")
+    # ---- probes beside Table 9 (issue 11): can the data support them? (before any encoding) ----
+    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)
     say("settings: " + json.dumps(vars(args)))
 
     # ---- extract (or load) features: every rank takes part, rank 0 gathers ----
@@ -649,9 +896,11 @@ def main(argv=None):
                    forward_passes_per_train_clip=passes_per_clip, head_train_seconds=head_seconds,
                    extract_seconds=seconds, args=vars(args))
     # ---- probes beside Table 9 (issue 11): the converged linear probe, k-NN, dense, attentive ----
-    if args.probes:
-        results["probes"] = pooled_probes(args.probes, train_feats, train_labels, test_feats, test_labels,
+    if probes:
+        results["probes"] = pooled_probes(probes, train_feats, train_labels, test_feats, test_labels,
                                           num_classes, device, args.seed)
+        if any(p in TOKEN_PROBES for p in probes):
+            results["probes"].update(token_probes(probes, encoder, cfg, args, base_key, device))
         print_probe_table(results, results["probes"])
     # ---- end of the probes beside Table 9 ----
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -5,6 +5,7 @@ and refusal of a mismatched arch; distributed extraction equals single-process e
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -13,17 +14,18 @@ import pytest
 import torch
 
 import eval_linear
-from data import SYNTHETIC_CLASSES, build_video_dataset, tube_mask
+from data import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_CLASSES, build_video_dataset, tube_mask
 from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
 from model import build_model, load_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_args(ckpt, data, out, *extra):
-    """A fast probe: 20 head epochs, no worker processes."""
+def run_args(ckpt, data, out, *extra, probes="none"):
+    """A fast probe: 20 head epochs, no worker processes, no probes beside Table 9 unless asked (None: the
+    default, all four on the built-in sets)."""
     return ["--ckpt", str(ckpt), "--dataset", "synthetic", "--data_root", str(data), "--out", str(out),
-            "--epochs", "20", "--num_workers", "0", *extra]
+            "--epochs", "20", "--num_workers", "0", *extra] + (["--probes", probes] if probes else [])
 
 
 def briefly_pretrained(data, path, steps=24, batch=4):
@@ -129,7 +131,7 @@ def test_extract_mean_pools_all_tokens_and_mirrors():
 def test_pretrained_tiny_end_to_end_with_cache(pretrained_ckpt, tiny_synthetic, capsys):
     out = pretrained_ckpt.with_suffix(".linear_synthetic.json")  # the default: next to the checkpoint
     args = ["--ckpt", str(pretrained_ckpt), "--dataset", "synthetic", "--data_root", str(tiny_synthetic),
-            "--epochs", "20", "--num_workers", "0", "--flip"]  # flip is off by default on synthetic
+            "--epochs", "20", "--num_workers", "0", "--flip", "--probes", "none"]  # flip: off by default here
     first = main(args)
     saved = json.loads(out.read_text())
     assert saved["top1"] == first["top1"] and 0 <= saved["top1"] <= saved["top5"] <= 100
@@ -313,3 +315,138 @@ def test_probes_option_refuses_unknown_names(capsys):
     args = eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101"])
     assert args.probes == ("linear_converged", "knn")  # token probes are opt-in on real datasets
     assert eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101", "--probes", "none"]).probes == ()
+
+
+def write_dense_set(root, per_class=(6, 3), frames=40, size=64):
+    """A tiny video set with dense-label sidecars (the layout synthetic.py writes): video classes 'blue' and
+    'red' = the colour of a 16 px square that slides right 1 px per frame over grey noise; its dense class is
+    1 (red) or 2 (blue). 40 frames, so the centred 8-frame clip at stride 2 starts at frame 4, not 0."""
+    import av
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, (name, colour) in enumerate((("blue", (40, 60, 230)), ("red", (230, 40, 40)))):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                grey = rng.integers(60, 120, (1, size, size, 1), dtype=np.uint8)
+                video = np.repeat(np.repeat(grey, 3, -1), frames, 0)  # (T, S, S, 3) static noise
+                masks = np.zeros((frames, size, size), np.uint8)  # (T, S, S)
+                y0, x0 = rng.integers(0, size - 16), rng.integers(0, size - 16 - frames)
+                for t in range(frames):
+                    video[t, y0:y0 + 16, x0 + t:x0 + t + 16] = colour
+                    masks[t, y0:y0 + 16, x0 + t:x0 + t + 16] = 2 - c  # red -> 1, blue -> 2
+                path = root / split / name / f"{split}_{i}.mp4"
+                with av.open(str(path), "w") as out:
+                    stream = out.add_stream("mpeg4", rate=25, options={"qmin": "3", "qmax": "3"})
+                    stream.height, stream.width, stream.pix_fmt = size, size, "yuv420p"
+                    for img in video:
+                        out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+                    out.mux(stream.encode())
+                np.save(root / split / name / f"{split}_{i}.mask.npy", masks)
+    (root / "meta.json").write_text(json.dumps({"dense_classes": ["background", "red", "blue"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dense_set(tmp_path_factory):
+    return write_dense_set(tmp_path_factory.mktemp("dense") / "set")
+
+
+def test_token_labels_of_a_hand_built_mask():
+    """2 x 2 x 2 tokens of 2 frames x 2 x 2 pixels; the clip reads frames 1-4 of 6 (frames 0 and 5 are all
+    class 1: reading them would show)."""
+    import numpy as np
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(grid=(2, 2, 2), tubelet_size=2, patch_size=2)
+    m = np.zeros((6, 4, 4), np.uint8)
+    m[0] = m[5] = 1
+    m[1, 0, :2] = m[2, 0, 0] = 1  # token (0, 0, 0): 3 of 8 pixels class 1 -> background
+    m[1:3, :2, 2] = 2  # (0, 0, 1): 4 of 8 class 2, a tie with background -> the object
+    m[1, 2:, :2] = m[2, 2, 0] = 1  # (0, 1, 0): 5 of 8 class 1 -> 1
+    m[3, :2, :2], m[4, :2, :2] = 2, [[1, 1], [1, 0]]  # (1, 0, 0): 4 x class 2, 3 x class 1 -> 2
+    m[3:5, :2, 2:] = 1  # (1, 0, 1): all class 1
+    m[3, 2:, 2:], m[4, 2:, 2:] = [[1, 1], [1, 2]], [[2, 2], [0, 0]]  # (1, 1, 1): 3 / 3 / 2 -> the higher, 2
+    labels = eval_linear.token_labels(m, torch.tensor([1, 2, 3, 4]), cfg, 3)
+    assert labels.tolist() == [0, 2, 1, 0, 2, 1, 0, 2]  # (t, h, w) row-major, the encoder's token order
+
+
+def test_dense_labels_match_the_pixels_of_the_decoded_clip(dense_set):
+    """The labels come from the sidecar at the frames data.py decodes: the decoded clip's own colours,
+    reduced the same way, must give the same tokens -- and a clip read from frame 0 must not."""
+    _, cfg = load_encoder("random", "tiny")
+    ds = build_video_dataset("synthetic", dense_set, "val", num_frames=cfg.num_frames, size=cfg.img_size,
+                             train=False)
+    assert eval_linear.dense_problem(ds, cfg) is None
+    labels = eval_linear.dense_labels(ds, cfg, 3)  # (N, 256)
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    agree, shifted = [], []
+    for i in range(len(ds)):
+        rgb = 255 * (ds[i][0] * std + mean)  # (3, T, S, S)
+        colourful = rgb.max(0).values - rgb.min(0).values > 100  # the square, not the grey noise
+        pixels = torch.where(colourful, torch.where(rgb[0] > rgb[2], 1, 2), 0).byte()  # (T, S, S)
+        seen = eval_linear.token_labels(pixels.numpy(), torch.arange(cfg.num_frames), cfg, 3)
+        agree.append((seen == labels[i]).float().mean())
+        mask = torch.from_numpy(__import__("numpy").load(eval_linear.sidecar_path(ds.samples[i][0])))
+        early = eval_linear.token_labels(mask.numpy(), 2 * torch.arange(cfg.num_frames), cfg, 3)  # frames 0, 2, ..
+        shifted.append((seen == early).float().mean())
+    assert min(agree) > 0.99 and max(shifted) < min(agree) - 0.02
+
+
+def test_dense_probe_on_oracle_and_random_token_features():
+    g = torch.Generator().manual_seed(0)
+    names = ["background", "a", "b"]
+    labels = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 40 * 64, replacement=True, generator=g).view(40, 64)
+    oracle = torch.nn.functional.one_hot(labels, 3).half()  # (clips, tokens, 3): the answer itself
+    res = eval_linear.dense_probe(oracle[:30], labels[:30], oracle[30:], labels[30:], names)
+    assert res["miou"] == 100.0 and res["token_accuracy"] == 100.0 and res["iou"]["b"] == 100.0
+    noise = torch.randn(40, 64, 16, generator=g).half()
+    res = eval_linear.dense_probe(noise[:30], labels[:30], noise[30:], labels[30:], names)
+    assert abs(res["miou"] - res["chance_miou"]) < 3 and abs(res["token_accuracy"] - res["chance_token_accuracy"]) < 3
+    assert 20 < res["chance_miou"] < 27  # all background: IoU 70 for it, 0 for a and b
+
+
+def marker_tokens(seed, n, tokens=16, noise_dims=15):
+    """Tokens = one-hot position (as a position embedding) + a marker on one random token + noise; label =
+    whether the marker sits in the first half. Every mean-pooled feature is the same up to noise."""
+    g = torch.Generator().manual_seed(seed)
+    where = torch.randint(tokens, (n,), generator=g)
+    marker = torch.nn.functional.one_hot(where, tokens).float()[..., None]  # (n, tokens, 1)
+    x = torch.cat([torch.eye(tokens).expand(n, -1, -1), marker, 0.5 * torch.randn(n, tokens, noise_dims, generator=g)], -1)
+    return x.half(), (where < tokens // 2).long()
+
+
+def test_attentive_probe_reads_what_mean_pooling_cannot():
+    (xtr, ytr), (xte, yte) = marker_tokens(0, 1024), marker_tokens(1, 256)
+    with eval_linear.one_cpu_thread("cpu"):
+        res = eval_linear.attentive_probe(xtr, ytr, xte, yte, 2, heads=2)
+    pooled = eval_linear.linear_converged_probe(xtr.float().mean(1), ytr, xte.float().mean(1)[:, None], yte, 2)
+    assert res["top1"] > 85 and res["train_top1"] > 95
+    assert pooled["top1"] < 60  # chance is 50 (SE 3 on 256 clips)
+
+
+def test_all_probes_end_to_end_on_a_set_with_dense_labels(dense_set, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    main(run_args("random", dense_set, out, "--arch", "tiny", probes=None))
+    probes = json.loads(out.read_text())["probes"]
+    assert set(probes) == {"linear_converged", "knn", "dense", "attentive"}  # all four: the built-in default
+    assert probes["linear_converged"]["train_top1"] == 100.0 and probes["knn"]["top1"] == 100.0  # colour
+    assert probes["dense"]["classes"] == ["background", "red", "blue"]
+    assert probes["dense"]["miou"] > 70 > probes["dense"]["chance_miou"]  # random features still see colour
+    assert 0 <= probes["attentive"]["top1"] <= 100 and all(p["seconds"] > 0 for p in probes.values())
+    table = capsys.readouterr().out
+    assert "linear_converged" in table and "mIoU" in table
+    tokens = [f for f in os.listdir(tmp_path / "features") if "_tokens_" in f]
+    assert len(tokens) == 2  # train and val token caches
+    entry = torch.load(tmp_path / "features" / sorted(tokens)[0], weights_only=True)
+    assert entry["feats"].dtype == torch.float16 and entry["feats"].shape == (12, 256, 192)
+
+
+def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, tiny_synthetic, tmp_path):
+    with pytest.raises(ValueError, match="videos are 64x64 but the encoder's clips are 32x32"):
+        main(run_args("random", dense_set, tmp_path / "r.json", "--arch", "tiny", "--img_size", "32",
+                      probes="dense"))
+    empty = tmp_path / "no_sidecars"
+    shutil.copytree(dense_set, empty, ignore=shutil.ignore_patterns("*.npy"))
+    with pytest.raises(ValueError, match="--probes dense: no dense-label sidecar"):
+        main(run_args("random", empty, tmp_path / "r.json", "--arch", "tiny", probes="dense"))
+    assert not (tmp_path / "features").exists()  # refused before any encoding
