@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, make_loader, set_epoch
 from eval_linear import VIDEO_DATASETS, build_dataset, topk_accuracy
-from model import Encoder, describe_state_dict, load_checkpoint, load_encoder, load_weights
+from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
 from train import git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
 
 # ============ defaults: the paper's Table 10 (the VideoMAE fine-tuning recipe the paper follows) ============
@@ -85,7 +85,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to fine-tune
-    a("--ckpt", required=True, help="our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
+    a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
       "checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
     a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny)")
     a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
@@ -136,7 +136,8 @@ def get_args(argv=None):
             setattr(args, k, v)
     args.randaug = (int(args.randaug[0]), float(args.randaug[1]), float(args.randaug[2]))
     problems = [msg for bad, msg in [
-        (args.ckpt != "random" and not args.bench and not os.path.isfile(args.ckpt),
+        (args.ckpt is None and not args.bench, "--ckpt is required: a checkpoint file or 'random'"),
+        (args.ckpt not in (None, "random") and not os.path.isfile(args.ckpt),
          f"--ckpt {args.ckpt!r} does not exist (or pass 'random')"),
         (args.lr <= 0 or args.min_lr < 0, "--lr must be > 0 and --min_lr >= 0"),
         (not 0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1), e.g. 0.1"),
@@ -155,7 +156,7 @@ def get_args(argv=None):
         (args.save_every < 1, "--save_every must be >= 1")] if bad]
     if problems:
         p.error("; ".join(problems))
-    if args.out is None:
+    if args.out is None and not args.bench:
         base = f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.dirname(os.path.abspath(args.ckpt))
         args.out = os.path.join(base, f"finetune_{args.dataset}")
     return args
@@ -501,7 +502,7 @@ def bench(args, num_classes=400):
     and AdamW moments (16 bytes per parameter) + the tensors autograd saves for backward, counted on one clip
     under bf16 autocast and scaled to --batch_size. An estimate: allocator slack and workspaces not included."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    cfg = load_encoder("random", args.arch or "vit_b", **overrides)[1]
+    cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
     model = Classifier(Encoder(cfg, drop_path=args.drop_path), num_classes).train()
     videos = torch.randn(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     with FlopCounterMode(display=False) as counter:

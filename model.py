@@ -279,7 +279,7 @@ class Encoder(nn.Module):
         self.embed_dim = cfg.enc_dim
         self.patch_embed = TubeEmbed(cfg.enc_dim, cfg.tubelet_size, cfg.patch_size)
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.enc_dim), persistent=False)
-        rates = torch.linspace(0, drop_path, cfg.enc_depth).tolist()  # (depth,)
+        rates = [drop_path * i / max(1, cfg.enc_depth - 1) for i in range(cfg.enc_depth)]  # 0 ... drop_path
         self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio, rate) for rate in rates])
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released

@@ -200,3 +200,9 @@ def test_random_init_runs_and_weights_move(tiny_synthetic, tmp_path):
     assert out["missing_keys"] == [] and out["unexpected_keys"] == [] and out["ckpt"] == "random"
     sd = torch.load(tmp_path / "random" / "ckpt.pth", weights_only=True)["model"]
     assert sd["head.weight"].std() > 10 * 0.02 * 0.001  # trained far from its init (std 2e-5)
+
+
+def test_bench_counts_flops_and_memory(capsys):
+    assert main(["--bench", "--arch", "tiny", "--dataset", "synthetic", "--batch_size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP per training clip" in out and "estimated memory per GPU at --batch_size 2" in out
