@@ -85,8 +85,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to fine-tune
-    a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
-      "checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
+    a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), "
+      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
     a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny)")
     a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
     a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
@@ -157,7 +157,8 @@ def get_args(argv=None):
     if problems:
         p.error("; ".join(problems))
     if args.out is None and not args.bench:
-        base = f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.dirname(os.path.abspath(args.ckpt))
+        base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random"
+                else os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join(base, f"finetune_{args.dataset}")
     return args
 
@@ -396,7 +397,8 @@ def finetune(args, rank, world, device):
         f"= {total_batch} clips/step, lr {lr:.2e}; {steps_per_epoch} steps/epoch; {device}, {precision}")
     if args.ckpt != "random":
         say(f"weights: {args.ckpt}; missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
-    say("lr scale per layer: " + ", ".join(f"{g['layer']}: {g['lr_scale']:.3g}" for g in groups if not g["weight_decay"]))
+    say("lr scale per layer: " + ", ".join(f"{g['layer']}: {g['lr_scale']:.3g}" for g in groups
+                                           if not g["weight_decay"]))
 
     # ============ resume (the same command restarts from <out>/ckpt.pth) ============
     os.makedirs(args.out, exist_ok=True)
@@ -404,7 +406,8 @@ def finetune(args, rank, world, device):
     start_epoch, step = 0, 0
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        changed = {k: (ckpt["config"].get(k), config[k]) for k in RESUME_MUST_MATCH if ckpt["config"].get(k) != config[k]}
+        changed = {k: (ckpt["config"].get(k), config[k]) for k in RESUME_MUST_MATCH
+                   if ckpt["config"].get(k) != config[k]}
         if changed:
             raise ValueError(f"{ckpt_path} was trained with other settings {changed} (saved, now): use another --out")
         model.load_state_dict(ckpt["model"])
@@ -464,7 +467,8 @@ def finetune(args, rank, world, device):
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{rate:.1e}", data=f"{last['data_wait']:.0%}")
             t0 = time.perf_counter()
-        say(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}, lr {rate:.2e}, {last['clips_per_s']:.1f} clips/s")
+        say(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}, lr {rate:.2e}, "
+            f"{last['clips_per_s']:.1f} clips/s")
         if master and ((epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch):
             save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                             epoch=epoch + 1, step=step, config=config,

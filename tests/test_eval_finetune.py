@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from eval_finetune import (Classifier, RandAugmentClips, build_mixer, finetune_param_groups, get_args, main,
                            mix_batch)
 from model import Block, Encoder, build_config, build_model, drop_path
+from train import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_randaugment_draws_once_per_clip():
 # ============ command line, end to end, resume ============
 
 
-@pytest.mark.parametrize("bad, option", [(["--drop_path", "1.5"], "--drop_path"), (["--layer_decay", "0"], "--layer_decay"),
+@pytest.mark.parametrize("bad, option", [(["--drop_path", "1.5"], "--drop_path"),
+                                         (["--layer_decay", "0"], "--layer_decay"),
                                          (["--warmup_epochs", "200"], "--warmup_epochs"),
                                          (["--randaug", "2", "12", "0.5"], "--randaug"),
                                          (["--batch_size", "3", "--repeats", "2"], "--batch_size")])
@@ -188,6 +190,11 @@ def test_end_to_end_and_resume_equals_uninterrupted(tiny_synthetic, our_ckpt, tm
     a = torch.load(tmp_path / "full" / "ckpt.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "ckpt.pth", weights_only=True)
     assert a["step"] == b["step"] == 8
+    # The lr each layer trained with at the last step (step index 7 of 8, 4 warmup steps): the schedule x
+    # 0.75^(depth + 1 - layer), depth 6.
+    rate = lr_at(7, 8, 4, 1e-2 * 4 / 256, 1e-6 * 4 / 256)
+    for g in a["optimizer"]["param_groups"]:
+        assert g["lr"] == pytest.approx(rate * 0.75 ** (6 + 1 - g["layer"]))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise
     assert resumed["top1"] == full["top1"] and resumed["top5"] == full["top5"]
