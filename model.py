@@ -221,19 +221,34 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6."""
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016) on a residual branch x (B, ...): in training, zero the
+    whole branch for each sample with probability p and scale the kept ones by 1 / (1 - p), so the
+    expected output is unchanged. Identity (the same tensor, bit for bit) when p == 0 or in eval."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p  # (B, 1, 1) per sample
+    return x * keep.to(x.dtype) / (1.0 - p)
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6.
+
+    drop_path: stochastic depth of both residual branches; 0 in pretraining (SPEC §2), used by
+    fine-tuning (eval_finetune.py). It has no parameters, so checkpoints are the same either way.
+    """
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 def init_vit_weights(module):
@@ -252,16 +267,20 @@ def init_vit_weights(module):
 # 3. Encoder and decoder
 
 class Encoder(nn.Module):
-    """ViT over tubes. Sees only visible tokens during pretraining, all tokens for evaluation."""
+    """ViT over tubes. Sees only visible tokens during pretraining, all tokens for evaluation.
 
-    def __init__(self, cfg):
+    drop_path: the stochastic-depth rate of the last block; block i gets drop_path * i / (depth - 1),
+    rising linearly from 0 as in the released fine-tuning model. 0 (pretraining) = no drop path.
+    """
+
+    def __init__(self, cfg, drop_path=0.0):
         super().__init__()
         self.cfg = cfg
         self.embed_dim = cfg.enc_dim
         self.patch_embed = TubeEmbed(cfg.enc_dim, cfg.tubelet_size, cfg.patch_size)
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.enc_dim), persistent=False)
-        self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio)
-                                     for _ in range(cfg.enc_depth)])
+        rates = [drop_path * i / max(1, cfg.enc_depth - 1) for i in range(cfg.enc_depth)]  # 0 ... drop_path
+        self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio, rate) for rate in rates])
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released
 
