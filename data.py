@@ -46,10 +46,6 @@ FIXED_CROP_GRID = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
                    (1, 1), (3, 1), (1, 3), (3, 3))
 # Temporal stride between sampled frames (SPEC §1: 4 for K400, 2 for SSv2). Only a default: pass stride=.
 DEFAULT_STRIDE = {"k400": 4, "ssv2": 2, "ucf101": 4, "hmdb51": 4, "list": 4, "synthetic": 2}
-# How a clip's frames are chosen (VideoClips sampling=): 'stride' = T frames `stride` apart (SPEC §1, pretraining
-# and the default); 'segments' = one frame from each of T equal segments of the whole video, the released SSv2
-# fine-tuning / linear-probe loader (segment_positions).
-SAMPLINGS = ("stride", "segments")
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
 # Judge the unreadable fraction only after this many distinct videos: a healthy set (~1% broken) then shows
 # >10% bad with probability ~1e-8, while a wrong --data_root (everything broken) fails within 100 reads.
@@ -247,6 +243,12 @@ def _evenly_spaced(count, room):
     if count == 1:
         return torch.tensor([room // 2])
     return torch.arange(count) * room // (count - 1)
+
+
+# How a clip's frames are chosen (VideoClips sampling=): 'stride' = T frames `stride` apart (SPEC §1, pretraining
+# and the default); 'segments' = one frame from each of T equal segments of the whole video, the released SSv2
+# fine-tuning / linear-probe loader (segment_positions).
+SAMPLINGS = ("stride", "segments")
 
 
 def segment_positions(num_frames, num_segments, train, num_clips=1, generator=None):
