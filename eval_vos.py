@@ -33,8 +33,9 @@ colours), overclustering's raw clusters, overclustering after the many-to-one ma
 checkpoints <clip>_prototypes.png has one row per prototype, its top 10% tubes lit, the rest dimmed.
 
 Reference (ViT-B, K400, DAVIS-2017, clustering / overclustering mIoU): VideoMAE 27.2 / 50.9,
-SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here (tiny preset, built-in synthetic set,
-80 clips, ~0.05 s per clip on 2 CPU cores; 3 seeds, `python study.py`): random init 17.6 / 35.5,
+SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here with the earlier protocol (--sampling
+consecutive --features l2; tiny preset, built-in synthetic set, 80 clips, ~0.05 s per clip on 2 CPU
+cores; 3 seeds, `python study.py`): random init 17.6 / 35.5,
 VideoMAE 18.9 / 44.9, SIGMA-MLP 29.9 / 44.9. A random-init encoder groups tokens mostly by position
 (the fixed position table dominates its features), so its clusters follow time slices -- see the
 pictures.
