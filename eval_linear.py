@@ -63,7 +63,8 @@ SEGMENT_TEST_VIEWS = (2, 3)
 # What a number from this script is, stated with every result (printed and stored in the JSON).
 PROTOCOL = dict(
     name="Table-9 protocol (SPEC §8): frozen encoder, mean-pooled tokens, LayerNorm + Linear head, AdamW lr 1e-3 "
-         "(not scaled by batch size), wd 0.05, batch 128, cosine, no warmup, flip only as augmentation",
+         "(not scaled by batch size), wd 0.05, batch 128, cosine (warmup: --warmup_epochs, default 0), "
+         "augmentation: flip (and --aug_views crops) only",
     differences_from_released_probe=[
         "no mixup (released: mixup 0.8)", "no cutmix (released: cutmix 1.0)",
         "no label smoothing (released: 0.1)", "no RandAugment (released: rand-m7-n4-mstd0.5-inc1)",
