@@ -245,14 +245,47 @@ def _evenly_spaced(count, room):
     return torch.arange(count) * room // (count - 1)
 
 
+# How a clip's frames are chosen (VideoClips sampling=): 'stride' = T frames `stride` apart (SPEC §1, pretraining
+# and the default); 'segments' = one frame from each of T equal segments of the whole video, the released SSv2
+# fine-tuning / linear-probe loader (segment_positions).
+SAMPLINGS = ("stride", "segments")
+
+
+def segment_positions(num_frames, num_segments, train, num_clips=1, generator=None):
+    """Frame positions of the released SSv2 loader's TSN-style sampling (VideoMAE / SIGMA ssv2.py): the video
+    is cut into num_segments equal segments and each clip takes one frame per segment, so it spans the whole
+    video whatever its length. -> LongTensor (1, T) for train, (num_clips, T) for eval (T = num_segments).
+
+    train: segment length avg = num_frames // T, frame x*avg + a uniform draw from [0, avg) for segment x (the
+      last num_frames - T*avg frames are never drawn, as in the release). A video with fewer than T frames:
+      the release takes frame 0 T times (a still clip); here every frame in order, floor(x * num_frames / T).
+    eval: tick = num_frames / T (a float); clip k takes int(tick * x + offset_k). The release tests 2 clips with
+      offsets 0 and tick/2 (its sorted 2T indices taken every other one); here offset_k = k * tick / num_clips,
+      which is exactly that for 2 clips, and a single clip takes the segment centres (tick/2), as the
+      release's 'validation' mode.
+    """
+    x = torch.arange(num_segments)
+    if train:
+        avg = num_frames // num_segments
+        if avg == 0:
+            return (x * num_frames // num_segments)[None]  # (1, T)
+        return (x * avg + torch.randint(avg, (num_segments,), generator=generator))[None]  # (1, T)
+    tick = num_frames / num_segments
+    offsets = torch.tensor([tick / 2] if num_clips == 1 else [k * tick / num_clips for k in range(num_clips)],
+                           dtype=torch.float64)  # (C,), float64 = Python floats, so int() rounds as the release
+    return (tick * x.double()[None] + offsets[:, None]).long()  # (C, T), truncation = int() for positives
+
+
 # ============ clip dataset ============
 
 
 class VideoClips(torch.utils.data.Dataset):
     """Clips from a list of (video path, label) -> (clip float32 (3, T, S, S), label int).
 
-    Sampling (SPEC §1): T = num_frames frames `stride` apart; train: the start is uniform over every start
-    that fits, eval: the clip is centred. A video shorter than (T-1)*stride+1 frames repeats its last frame.
+    Sampling (SPEC §1), sampling='stride': T = num_frames frames `stride` apart; train: the start is uniform over
+    every start that fits, eval: the clip is centred. A video shorter than (T-1)*stride+1 frames repeats its
+    last frame. sampling='segments' (the released SSv2 loader): one frame from each of T equal segments of the
+    whole video, random within its segment for train, fixed offsets for eval (segment_positions).
     train=True: multi-scale crop (MULTISCALE_SCALES x FIXED_CROP_GRID) resized to size x size, no colour jitter,
     horizontal flip only if flip=True (linear-probe training; SPEC §8). train=False: the central short-side
     square, resized (= resize short side to S, then centre crop S).
@@ -260,7 +293,8 @@ class VideoClips(torch.utils.data.Dataset):
     Several clips per video (one decode serves them all):
     - repeats=R (train, "repeated sampling"): R clips with independent starts and crops.
     - num_clips x num_crops (eval, multi-view linear probe): temporal clip k starts at k * room / (num_clips-1)
-      (room = frames - clip span; a single clip is centred), spatial crop j is the short-side square at
+      (room = frames - clip span; a single clip is centred; 'segments': offset k / num_clips of a segment),
+      spatial crop j is the short-side square at
       j * (long - short) / (num_crops-1) along the long side. View index = k * num_crops + j.
     With V = R or num_clips*num_crops > 1 an item is (clip (V, 3, T, S, S), label LongTensor (V,)); after
     batching train.py uses clips.flatten(0, 1) -> (B*V, 3, T, S, S) and labels.flatten(); eval averages the
@@ -275,7 +309,10 @@ class VideoClips(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples, classes=None, num_frames=16, stride=4, size=224, train=True, flip=False,
-                 repeats=1, num_clips=1, num_crops=1, max_bad_fraction=0.1, decode_threads=1):
+                 repeats=1, num_clips=1, num_crops=1, max_bad_fraction=0.1, decode_threads=1, sampling="stride"):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"VideoClips: sampling={sampling!r}; choose one of {SAMPLINGS}")
+        self.sampling = sampling
         self.samples = [(str(path), int(label)) for path, label in samples]
         if not self.samples:
             raise ValueError("VideoClips: no samples (an empty list or a layout that matched no video files)")
@@ -325,14 +362,23 @@ class VideoClips(torch.utils.data.Dataset):
                 f"max_bad_fraction={self.max_bad_fraction}); see the warnings above. Check --data_root and the "
                 f"download, or raise max_bad_fraction.")
 
+    def _positions(self, num_frames):
+        """Frame positions of every view of a video with num_frames frames -> LongTensor (V, T)."""
+        if self.sampling == "segments":  # the released SSv2 loader (segment_positions)
+            if self.train:
+                return torch.cat([segment_positions(num_frames, self.num_frames, True) for _ in range(self.views)])
+            return segment_positions(num_frames, self.num_frames, False, self.num_clips).repeat_interleave(
+                self.num_crops, 0)  # (num_clips * num_crops, T)
+        room = max(num_frames - self.span, 0)  # the last start at which a whole stride clip fits
+        if self.train:
+            starts = torch.randint(0, room + 1, (self.views,))  # (V,)
+        else:
+            starts = _evenly_spaced(self.num_clips, room).repeat_interleave(self.num_crops)  # (V,)
+        return starts[:, None] + self.stride * torch.arange(self.num_frames)  # (V, T)
+
     def _load(self, path):
         with Video(path, self.decode_threads) as video:
-            room = max(video.num_frames - self.span, 0)  # the last start at which a whole clip fits
-            if self.train:
-                starts = torch.randint(0, room + 1, (self.views,))  # (V,)
-            else:
-                starts = _evenly_spaced(self.num_clips, room).repeat_interleave(self.num_crops)  # (V,)
-            positions = starts[:, None] + self.stride * torch.arange(self.num_frames)  # (V, T); clamped in read()
+            positions = self._positions(video.num_frames)  # (V, T); clamped in read()
             frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views
         frames = frames.view(self.views, self.num_frames, *frames.shape[1:])  # (V, T, H, W, 3)
         height, width = frames.shape[2:4]
@@ -540,22 +586,53 @@ def set_epoch(loader, epoch):
 
 # ============ video object segmentation ============
 
+VOS_SAMPLING = ("uniform", "consecutive")
+
+
+def uniform_frame_sample(num_frames, clip_len, rng):
+    """TimeT's evaluation clip (its data loader, SamplingMode.UNIFORM): clip_len distinct positions drawn
+    uniformly at random from range(num_frames), sorted, so the clip spans the whole sequence; a sequence
+    shorter than clip_len is drawn with replacement, as TimeT does. rng: a random.Random. -> sorted list."""
+    if num_frames < clip_len:
+        return sorted(rng.choices(range(num_frames), k=clip_len))
+    return sorted(rng.sample(range(num_frames), clip_len))
+
+
+def ytvos_categories(meta_path):
+    """YouTube-VOS meta.json -> {video: {instance id: category id}}, category ids 1..C in sorted order of the
+    category names over all videos of the file, 0 = background (as TimeT's make_categories_dict). Two objects
+    of one category in a video get the same id: the paper's appendix scores categories, not instances."""
+    videos = json.loads(Path(meta_path).read_text())["videos"]
+    names = sorted({o["category"] for v in videos.values() for o in v["objects"].values()})
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    return {vid: {int(k): ids[o["category"]] for k, o in v["objects"].items()} for vid, v in videos.items()}
+
 
 class VOSDataset(torch.utils.data.Dataset):
-    """Unsupervised VOS evaluation clips (SPEC §9, TimeT protocol) -> dict(frames, masks, name, frame_ids).
+    """Unsupervised VOS evaluation clips (SPEC §9, TimeT protocol) -> dict(frames, masks, name, frame_ids,
+    sequence_frames).
 
     layout 'davis2017': <root>/JPEGImages/480p/<seq>/%05d.jpg, <root>/Annotations/480p/<seq>/%05d.png (palette
     PNGs, value = instance id, 0 = background), sequences from <root>/ImageSets/2017/val.txt. 'davis2016': the
     same folders, binary masks ({0, 255} -> {0, 1}), ImageSets/2016/val.txt. 'ytvos': YouTube-VOS train,
-    <root>/JPEGImages/<vid>/*.jpg and <root>/Annotations/<vid>/*.png; a random `fraction` of the videos (seeded,
-    since only train has full masks). Only annotated frames are used. Each sequence gives floor(len / clip_len)
-    non-overlapping clips of consecutive annotated frames (clip_len 16 DAVIS, 4 YTVOS); leftover frames at the
-    end are dropped, so every frame is scored at most once. frames: float32 (3, T, S, S) ImageNet-normalised,
-    masks: int64 (T, S, S); both resized (squashed) to size x size, masks nearest-neighbour.
+    <root>/JPEGImages/<vid>/*.jpg, <root>/Annotations/<vid>/*.png and <root>/meta.json; a random `fraction` of
+    the videos (seeded, since only train has full masks); labels are category ids from meta.json
+    (ytvos_categories), not instance ids. Only annotated frames are used (clip_len 16 DAVIS, 4 YTVOS).
+    sampling (where each clip's frames come from):
+      'uniform' (default, TimeT's protocol): one clip per sequence, clip_len frames drawn at random over the
+                whole sequence and sorted (uniform_frame_sample), seeded by (seed, sequence name) so the frames
+                are the same on every run and do not depend on which other sequences are listed.
+      'consecutive': floor(len / clip_len) non-overlapping runs of consecutive annotated frames; leftover
+                frames at the end are dropped. Consecutive frames hold much less motion than TimeT's clips.
+    frames: float32 (3, T, S, S) ImageNet-normalised, masks: int64 (T, S, S); both resized (squashed) to
+    size x size, masks nearest-neighbour. frame_ids: the file stems of the T frames used.
     """
 
-    def __init__(self, root, layout="davis2017", clip_len=None, size=224, fraction=0.2, seed=0):
+    def __init__(self, root, layout="davis2017", clip_len=None, size=224, fraction=0.2, seed=0, sampling="uniform"):
         root = Path(root).expanduser()
+        if sampling not in VOS_SAMPLING:
+            raise ValueError(f"unknown VOS sampling {sampling!r}; choose one of {VOS_SAMPLING}")
+        self.categories = None  # {video: {instance id: category id}}, YouTube-VOS only
         if layout in ("davis2017", "davis2016"):
             self.frame_root, self.mask_root = root / "JPEGImages" / "480p", root / "Annotations" / "480p"
             listing = root / "ImageSets" / layout[-4:] / "val.txt"
@@ -566,29 +643,38 @@ class VOSDataset(torch.utils.data.Dataset):
             names = listing.read_text().split()
         elif layout == "ytvos":
             self.frame_root, self.mask_root = root / "JPEGImages", root / "Annotations"
-            if not self.mask_root.is_dir():
-                raise FileNotFoundError(f"ytvos: no {self.mask_root}; expected the YouTube-VOS train folder with "
-                                        f"JPEGImages/<video>/*.jpg and Annotations/<video>/*.png")
+            if not self.mask_root.is_dir() or not (root / "meta.json").is_file():
+                raise FileNotFoundError(f"ytvos: no {self.mask_root} or no {root / 'meta.json'}; expected the "
+                                        f"YouTube-VOS train folder with JPEGImages/<video>/*.jpg, "
+                                        f"Annotations/<video>/*.png and meta.json")
+            self.categories = ytvos_categories(root / "meta.json")
             everything = sorted(p.name for p in self.mask_root.iterdir() if p.is_dir())
             names = sorted(random.Random(seed).sample(everything, max(1, round(fraction * len(everything)))))
         else:
             raise ValueError(f"unknown VOS layout {layout!r}; choose davis2017, davis2016 or ytvos")
-        self.binary, self.size = layout == "davis2016", size
+        self.binary, self.size, self.sampling = layout == "davis2016", size, sampling
         clip_len = clip_len or (4 if layout == "ytvos" else 16)
-        self.clips = []  # (sequence name, [frame ids])
+        self.clips = []  # (sequence name, [frame ids], frames in the sequence)
         for name in names:
             ids = sorted(p.stem for p in (self.mask_root / name).glob("*.png")
                          if (self.frame_root / name / f"{p.stem}.jpg").is_file())
             if not ids:
                 raise FileNotFoundError(f"{layout}: sequence {name!r} has no annotated frames: expected masks "
                                         f"{self.mask_root / name}/*.png beside frames {self.frame_root / name}/*.jpg")
-            self.clips += [(name, ids[i:i + clip_len]) for i in range(0, len(ids) - clip_len + 1, clip_len)]
+            if self.categories is not None and name not in self.categories:
+                raise ValueError(f"ytvos: video {name!r} is not in meta.json")
+            if sampling == "uniform":
+                picked = uniform_frame_sample(len(ids), clip_len, random.Random(f"{seed}/{name}"))
+                self.clips.append((name, [ids[i] for i in picked], len(ids)))
+            else:
+                self.clips += [(name, ids[i:i + clip_len], len(ids))
+                               for i in range(0, len(ids) - clip_len + 1, clip_len)]
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, index):
-        name, ids = self.clips[index]
+        name, ids, length = self.clips[index]
         frames = torch.from_numpy(np.stack([np.asarray(Image.open(self.frame_root / name / f"{i}.jpg")
                                                        .convert("RGB")) for i in ids]))  # (T, H, W, 3) uint8
         masks = torch.from_numpy(np.stack([np.asarray(Image.open(self.mask_root / name / f"{i}.png"))
@@ -597,7 +683,21 @@ class VOSDataset(torch.utils.data.Dataset):
         masks = F.interpolate(masks[None], size=(self.size, self.size), mode="nearest-exact")[0].long()
         if self.binary:
             masks = (masks > 0).long()  # DAVIS-2016: 255 = object
-        return dict(frames=frames, masks=masks, name=name, frame_ids=list(ids))
+        if self.categories is not None:
+            masks = self._to_categories(name, masks)
+        return dict(frames=frames, masks=masks, name=name, frame_ids=list(ids), sequence_frames=length)
+
+    def _to_categories(self, name, masks):
+        """Instance ids (T, S, S) -> category ids through a lookup table; an id meta.json lacks is an error."""
+        lut = torch.full((256,), -1, dtype=torch.long)
+        lut[0] = 0
+        for instance, category in self.categories[name].items():
+            lut[instance] = category
+        out = lut[masks]  # (T, S, S)
+        if (out < 0).any():
+            raise ValueError(f"ytvos: video {name!r} has mask values {sorted(set(masks[out < 0].tolist()))} that "
+                             f"meta.json does not list as objects")
+        return out
 
 
 # ============ command line ============

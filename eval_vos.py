@@ -19,16 +19,23 @@ dataset score is the mean over clips.
     torchrun --nproc_per_node=8 eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS
     python eval_vos.py --bench       # seconds per clip on this machine, features vs clustering
 
-Clips are non-overlapping runs of consecutive annotated frames (data.VOSDataset). Writes a JSON
-file (every clip, the means of both protocols, the config) next to the checkpoint (or --out).
+The protocol follows TimeT (the reference of the paper's Table 4) by default:
+  --sampling uniform      one clip per sequence, T frames drawn at random over the whole sequence and
+                          sorted (seeded: the same frames on every run); 'consecutive' = our earlier
+                          non-overlapping runs of consecutive frames (about 4 short clips per DAVIS sequence)
+  --features timet        per clip, standardise every channel over the clip's tokens, then PCA to 50
+                          dimensions, then Euclidean k-means; 'l2' = our earlier L2-normalised tokens
+Numbers are only comparable with the paper's under the defaults. Writes a JSON file (every clip with the
+frames of its sequence it used, the means of both protocols, the config) next to the checkpoint (or --out).
 --vis N draws the first N clips into <json stem>_vis/: <clip>_clusters.png has one column per tube
 (its first frame) and five rows: frame, ground truth, clustering (labels in the ground truth's
 colours), overclustering's raw clusters, overclustering after the many-to-one map; for our
 checkpoints <clip>_prototypes.png has one row per prototype, its top 10% tubes lit, the rest dimmed.
 
 Reference (ViT-B, K400, DAVIS-2017, clustering / overclustering mIoU): VideoMAE 27.2 / 50.9,
-SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here (tiny preset, built-in synthetic set,
-80 clips, ~0.05 s per clip on 2 CPU cores; 3 seeds, `python study.py`): random init 17.6 / 35.5,
+SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here with the earlier protocol (--sampling
+consecutive --features l2; tiny preset, built-in synthetic set, 80 clips, ~0.05 s per clip on 2 CPU
+cores; 3 seeds, `python study.py`): random init 17.6 / 35.5,
 VideoMAE 18.9 / 44.9, SIGMA-MLP 29.9 / 44.9. A random-init encoder groups tokens mostly by position
 (the fixed position table dominates its features), so its clusters follow time slices -- see the
 pictures.
@@ -49,7 +56,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, VOSDataset
+from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
 from model import SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
@@ -73,9 +80,16 @@ def get_args(argv=None):
     p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the protocol's (16 DAVIS, "
                    "4 YouTube-VOS; the model's own for synthetic). The encoder's position table follows")
     p.add_argument("--img_size", type=int, default=0, help="frame side in pixels; 0 = the model's (224, tiny 64)")
+    p.add_argument("--sampling", default="uniform", choices=list(VOS_SAMPLING), help="uniform: TimeT's protocol, "
+                   "one clip of T frames spread over each whole sequence (seeded by --seed); consecutive: "
+                   "non-overlapping runs of T consecutive frames (our earlier protocol)")
     p.add_argument("--feat_size", type=int, default=0, help="side of the maps that are clustered and scored; "
                    "0 = twice the token grid (28 for 224/16, as in SPEC §9). Larger: finer masks, slower k-means")
     # ============ k-means ============
+    p.add_argument("--features", default="timet", choices=list(FEATURE_PREP), help="timet: standardise each "
+                   "channel over the clip's tokens, PCA to --pca_dim (TimeT's preparation, the reference); "
+                   "l2: L2-normalise each token (our earlier protocol)")
+    p.add_argument("--pca_dim", type=int, default=50, help="PCA dimensions for --features timet (TimeT: 50)")
     p.add_argument("--k_over", type=int, default=6, help="clusters for overclustering, ~3x the mean object count "
                    "(background included); more clusters make the task easier")
     p.add_argument("--restarts", type=int, default=5, help="k-means++ restarts per clip; the run with the lowest "
@@ -104,21 +118,41 @@ def get_args(argv=None):
 # ============ dense features ============
 
 @torch.no_grad()
-def dense_features(encoder, videos, size):
-    """Frozen tokens as feature maps: videos (B, 3, T, H, W) -> (B, t, D, size, size), fp32.
+def dense_features(encoder, videos):
+    """Frozen tokens as feature maps at the token grid: videos (B, 3, T, H, W) -> (B, t, D, h, w), fp32.
 
     The encoder sees every token (no mask), in eval mode. Its tokens come in (t, h, w) row-major
-    order (model.py), so they reshape straight into one (h, w) map per tube slice; each map is
-    upsampled bilinearly to `size` (SPEC §9: 14x14 -> 28x28).
+    order (model.py), so they reshape straight into one (h, w) map per tube slice. segment()
+    prepares them and upsamples them to the scoring resolution.
     """
     t, h, w = encoder.cfg.grid
     cuda = videos.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():  # fp32 on CPU
         x = encoder(videos)  # (B, N, D)
     B, N, D = x.shape
-    x = x.float().reshape(B * t, h, w, D).permute(0, 3, 1, 2)  # (B*t, D, h, w)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B*t, D, s, s)
-    return x.reshape(B, t, D, size, size)
+    return x.float().reshape(B, t, h, w, D).permute(0, 1, 4, 2, 3)  # (B, t, D, h, w)
+
+
+def standardise_pca(x, dim):
+    """TimeT's feature preparation (its normalize_and_transform): x (P, D) -> (P, min(dim, D)).
+
+    Each channel is standardised over the P points (mean 0, population std 1; a constant channel is
+    only centred, as sklearn's StandardScaler does), then projected on the `dim` principal axes of the
+    result (faiss PCAMatrix without whitening: the eigenvectors of the covariance with the largest
+    eigenvalues, in decreasing order). Computed in float64; signs of the axes are arbitrary.
+    """
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)  # (D,) each
+    z = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))  # (P, D), centred
+    evals, evecs = torch.linalg.eigh(z.t() @ z / len(z))  # ascending eigenvalues, (D,) and (D, D)
+    return (z @ evecs.flip(1)[:, :dim]).float()  # (P, dim), largest variance first
+
+
+# What is clustered (--features). TimeT fits its scaler and PCA on the 14x14 tokens of an evaluation
+# batch before upsampling; here on one clip's tokens (the clip is the unit k-means runs on).
+FEATURE_PREP = {"timet": "per-clip channel standardisation + PCA on the tokens, then bilinear upsampling "
+                         "(TimeT's preparation)",
+                "l2": "bilinear upsampling, then L2 normalisation of every point (our earlier protocol)"}
 
 
 def label_maps(masks, size):
@@ -130,10 +164,9 @@ def label_maps(masks, size):
 
 
 # ============ k-means (vectorised over points and restarts) ============
-# Euclidean (L2) k-means on L2-normalised features. Between unit vectors |a - b|^2 = 2 - 2 cos(a, b),
-# so points are grouped by cosine similarity; centroids are plain means (not re-normalised: this is
-# not spherical k-means). TimeT instead standardises each channel and projects to 50 PCA dimensions
-# before Euclidean faiss k-means; normalising each token needs no statistics shared between tokens.
+# Euclidean (L2) k-means, as TimeT's faiss k-means (niter 50, nredo 5; faiss seeds with random points,
+# ours with k-means++). With --features l2 the points are unit vectors, |a - b|^2 = 2 - 2 cos(a, b),
+# so they are grouped by cosine similarity; centroids are plain means (not spherical k-means).
 
 def sq_dists(x, c):
     """Squared Euclidean distances x (P, D), centroids c (R, K, D) -> (R, P, K), via |x|^2 - 2x.c + |c|^2."""
@@ -220,16 +253,33 @@ def miou(pred, gt, n_labels):
 PROTOCOLS = {"clustering": hungarian, "overclustering": many_to_one}
 
 
-def segment(feats, gt, k, match, restarts=5, iters=50, tol=1e-4, generator=None):
+def prepare(feats, size, features="timet", pca_dim=50):
+    """feats (t, D, h, w) token maps -> points to cluster (t*size*size, D') in (t, y, x) order.
+
+    timet: standardise + PCA on the t*h*w tokens (standardise_pca), then upsample the maps bilinearly
+    to size x size (SPEC §9: 14x14 -> 28x28); l2: upsample, then L2-normalise each point.
+    """
+    t, D, h, w = feats.shape
+    if features == "timet":
+        tokens = standardise_pca(feats.permute(0, 2, 3, 1).reshape(-1, D), pca_dim)  # (t*h*w, D')
+        feats = tokens.reshape(t, h, w, -1).permute(0, 3, 1, 2)  # (t, D', h, w)
+    if (h, w) != (size, size):
+        feats = F.interpolate(feats, size=(size, size), mode="bilinear", align_corners=False)  # (t, D', s, s)
+    x = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (t*s*s, D')
+    return F.normalize(x, dim=1) if features == "l2" else x
+
+
+def segment(feats, gt, k, match, features="timet", pca_dim=50, restarts=5, iters=50, tol=1e-4, generator=None):
     """Cluster one clip, name the clusters with labels, score them.
 
-    feats (t, D, s, s) feature maps, one per tube slice; gt (T, s, s) labels 0..L-1, all present,
-    with T = tubelet * t. Each tube's cluster map covers its `tubelet` frames (SPEC §9).
+    feats (t, D, h, w) feature maps, one per tube slice, at the token grid (or already at s x s);
+    gt (T, s, s) labels 0..L-1, all present, with T = tubelet * t. Each tube's cluster map covers
+    its `tubelet` frames (SPEC §9). features / pca_dim: see prepare().
     Returns (mIoU, clusters (T, s, s) in [0, k), pred (T, s, s) in [0, L)).
     """
-    t, D, s, _ = feats.shape
+    t, s = feats.shape[0], gt.shape[-1]
     T, n_labels = len(gt), int(gt.max()) + 1
-    x = F.normalize(feats.permute(0, 2, 3, 1).reshape(-1, D), dim=1)  # (t*s*s, D), unit norm
+    x = prepare(feats, s, features, pca_dim)  # (t*s*s, D')
     assign, _ = kmeans(x, k, restarts, iters, tol, generator)  # (t*s*s,)
     clusters = assign.reshape(t, 1, s, s).expand(t, T // t, s, s).reshape(T, s, s)  # tube -> its frames
     pred = match(confusion(clusters, gt, k, n_labels))[clusters]  # (T, s, s) labels
@@ -337,22 +387,31 @@ def build_dataset(args, num_frames, img_size):
         if not args.data_root or not root.is_dir():
             raise FileNotFoundError(f"--data_root {args.data_root!r} is not a folder: point it at the {args.dataset} "
                                     "folder that holds JPEGImages/ and Annotations/ (or use --dataset synthetic)")
-    return VOSDataset(root, layout, clip_len=num_frames, size=img_size, seed=args.seed)
+    return VOSDataset(root, layout, clip_len=num_frames, size=img_size, seed=args.seed, sampling=args.sampling)
 
 
 def evaluate_clip(encoder, item, args, feat_size, generator):
     """Both protocols on one clip. Returns (result dict, maps for the pictures)."""
     videos = item["frames"][None].to(args.device)  # (1, 3, T, S, S)
-    feats = dense_features(encoder, videos, feat_size)[0]  # (t, D, s, s)
+    feats = dense_features(encoder, videos)[0]  # (t, D, h, w)
     # Labels present = those visible at the scoring resolution; they are renumbered 0..L-1 (0 = background).
     ids, gt = label_maps(item["masks"].to(args.device), feat_size).unique(return_inverse=True)  # (T, s, s)
-    result = dict(name=item["name"], frame_ids=list(item["frame_ids"]), labels=ids.tolist())
+    result = dict(name=item["name"], frame_ids=list(item["frame_ids"]), sequence_frames=int(item["sequence_frames"]),
+                  labels=ids.tolist())
     maps = {"gt": gt}
     for name, match in PROTOCOLS.items():
         k = len(ids) if name == "clustering" else args.k_over
-        result[name], clusters, maps[name] = segment(feats, gt, k, match, args.restarts, args.iters, args.tol, generator)
+        result[name], clusters, maps[name] = segment(feats, gt, k, match, args.features, args.pca_dim, args.restarts,
+                                                     args.iters, args.tol, generator)
         maps[name + "_clusters"] = clusters
     return result, (videos, maps)
+
+
+def protocol_line(args):
+    """One line saying whether this run follows the reference (TimeT) protocol, and if not, how not."""
+    ref = args.sampling == "uniform" and args.features == "timet" and args.pca_dim == 50
+    return (f"{'TimeT reference protocol' if ref else 'NOT the TimeT reference protocol'}: sampling={args.sampling}, "
+            f"features={args.features}" + (f" (PCA {args.pca_dim})" if args.features == "timet" else ""))
 
 
 def main(argv=None):
@@ -391,7 +450,8 @@ def main(argv=None):
     vis_dir = out.with_name(out.stem + "_vis")
     if rank == 0:
         print(f"{args.dataset}: {n_clips} clips of {cfg.num_frames} frames at {cfg.img_size}px, token grid {cfg.grid}, "
-              f"scored at {feat_size}x{feat_size}; encoder {args.ckpt} on {args.device}")
+              f"scored at {feat_size}x{feat_size}; encoder {args.ckpt} on {args.device}\n"
+              f"protocol: {protocol_line(args)}")
 
     # ============ cluster and score every clip ============
     sigma, why = (None, "")
@@ -428,10 +488,12 @@ def main(argv=None):
     report = dict(mean=mean, num_clips=len(results), clips=results,
                   config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
                               feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
-                              kmeans="Euclidean k-means++ on L2-normalised features", world_size=world))
+                              feature_prep=FEATURE_PREP[args.features], kmeans="Euclidean k-means++, best of "
+                              f"{args.restarts} restarts", world_size=world),
+                  protocol=protocol_line(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"mIoU over {len(results)} clips: clustering {100 * mean['clustering']:.1f}, "
+    print(f"mIoU over {len(results)} clips ({protocol_line(args)}): clustering {100 * mean['clustering']:.1f}, "
           f"overclustering {100 * mean['overclustering']:.1f}  -> {out}" + (f", pictures in {vis_dir}" if args.vis else ""))
     return report
 
@@ -441,7 +503,7 @@ def main(argv=None):
 def bench(args):
     """Seconds per DAVIS-sized clip: encoder forward and each protocol's k-means + matching,
     random-init encoders, ground truth of 3 labels (2 objects + background, as in DAVIS-2017)."""
-    print(f"device {args.device}, {torch.get_num_threads()} threads; median of 3 after a warm-up; "
+    print(f"device {args.device}, {torch.get_num_threads()} threads; median of 3 after a warm-up; features {args.features}; "
           f"k-means: {args.restarts} restarts, <= {args.iters} iterations")
     print(f"{'model':6s} {'clip':>10s} {'tokens':>6s} {'map':>5s} {'features s':>10s} "
           f"{'clustering s':>12s} {'overclust. s':>12s}")
@@ -453,11 +515,12 @@ def bench(args):
         videos = torch.randn(1, 3, T, S, S, device=args.device)
         gt = torch.zeros(T, s, s, dtype=torch.long, device=args.device)
         gt[:, : s // 2, : s // 3], gt[:, s // 2:, s // 2:] = 1, 2  # two "objects"
-        feats = dense_features(encoder, videos, s)[0]  # (t, D, s, s)
-        jobs = {"features": lambda: dense_features(encoder, videos, s)}
+        feats = dense_features(encoder, videos)[0]  # (t, D, h, w)
+        jobs = {"features": lambda: dense_features(encoder, videos)}
         for name, match in PROTOCOLS.items():
             k = 3 if name == "clustering" else args.k_over
-            jobs[name] = lambda k=k, match=match: segment(feats, gt, k, match, args.restarts, args.iters, args.tol,
+            jobs[name] = lambda k=k, match=match: segment(feats, gt, k, match, args.features, args.pca_dim,
+                                                          args.restarts, args.iters, args.tol,
                                                           torch.Generator(args.device).manual_seed(0))
         timings = {}
         for name, job in jobs.items():

@@ -5,6 +5,7 @@
 import math
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -374,8 +375,8 @@ def test_missing_or_empty_root_names_path_and_layout(tmp_path, name):
 
 # ============ VOS ============
 
-def test_davis2016_real_sequences():
-    ds = data.VOSDataset(DATA / "davis", "davis2016", size=64)
+def test_davis2016_real_sequences_consecutive_runs():
+    ds = data.VOSDataset(DATA / "davis", "davis2016", size=64, sampling="consecutive")
     assert len(ds) == 2  # 20 annotated frames each -> floor(20 / 16) = 1 clip per sequence
     item = ds[0]
     assert item["name"] == "blackswan" and item["frame_ids"] == [f"{i:05d}" for i in range(16)]
@@ -385,7 +386,47 @@ def test_davis2016_real_sequences():
     original = np.stack([np.asarray(Image.open(DATA / "davis/Annotations/480p/blackswan" / f"{i:05d}.png"))
                          for i in range(16)]) > 0
     assert abs(item["masks"].float().mean().item() - original.mean()) < 0.01  # nearest resize keeps the area
-    assert len(data.VOSDataset(DATA / "davis", "davis2016", clip_len=4, size=32)) == 10
+    assert len(data.VOSDataset(DATA / "davis", "davis2016", clip_len=4, size=32, sampling="consecutive")) == 10
+
+
+def davis_ids(seq):
+    return sorted(p.stem for p in (DATA / "davis/Annotations/480p" / seq).glob("*.png"))
+
+
+def test_uniform_sampling_spans_real_davis_sequences(tmp_path):
+    """TimeT's protocol (the default): one clip per sequence, T distinct frames drawn over the whole
+    sequence, sorted; the ids are literally sorted(random.sample(range(n), T)) with the per-sequence
+    seed, and the masks returned are those of the frames named."""
+    ds = data.VOSDataset(DATA / "davis", "davis2016", clip_len=8, size=32)
+    assert [name for name, _, _ in ds.clips] == ["blackswan", "car-shadow"]  # one clip per sequence
+    for index, seq in enumerate(["blackswan", "car-shadow"]):
+        ids, item = davis_ids(seq), ds[index]
+        want = sorted(random.Random(f"0/{seq}").sample(range(len(ids)), 8))  # TimeT: random.sample, sorted
+        assert item["frame_ids"] == [ids[i] for i in want] and item["sequence_frames"] == 20
+        for t, i in enumerate(item["frame_ids"]):  # each mask is the named frame's (areas differ per frame)
+            area = (np.asarray(Image.open(DATA / "davis/Annotations/480p" / seq / f"{i}.png")) > 0).mean()
+            assert abs(item["masks"][t].float().mean().item() - area) < 0.03
+    # over seeds: every frame is drawn, each about T/n = 40% of the time, and clips span the sequence
+    picks = [[int(i) for i in data.VOSDataset(DATA / "davis", "davis2016", clip_len=8, size=32, seed=s).clips[0][1]]
+             for s in range(200)]
+    counts = np.bincount(np.concatenate(picks), minlength=20) / 200
+    assert len(counts) == 20 and counts.min() > 0.28 and counts.max() < 0.52
+    spans = [p[-1] - p[0] for p in picks]
+    assert np.mean(spans) > 14 and min(spans) > 7  # a consecutive run of 8 spans 7; expected 2*(8/9)*19 - 2 ~ 15.8
+    assert all(p == sorted(set(p)) for p in picks)
+    # a sequence shorter than the clip: drawn with replacement (TimeT: random.choices), still sorted
+    long_clip = data.VOSDataset(DATA / "davis", "davis2016", clip_len=24, size=32).clips[0][1]
+    assert len(long_clip) == 24 and long_clip == sorted(long_clip) and set(long_clip) <= set(davis_ids("blackswan"))
+    # the frames of a sequence do not depend on which other sequences are listed
+    for sub in ("JPEGImages", "Annotations"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "480p").symlink_to(DATA / "davis" / sub / "480p")
+    (tmp_path / "ImageSets/2016").mkdir(parents=True)
+    (tmp_path / "ImageSets/2016/val.txt").write_text("car-shadow\n")
+    alone = data.VOSDataset(tmp_path, "davis2016", clip_len=8, size=32)
+    assert alone.clips == ds.clips[1:]
+    with pytest.raises(ValueError, match="consecutive"):
+        data.VOSDataset(DATA / "davis", "davis2016", sampling="dense")
 
 
 def test_davis2017_palette_instances_and_missing_masks(tmp_path):
@@ -414,19 +455,112 @@ def test_davis2017_palette_instances_and_missing_masks(tmp_path):
         data.VOSDataset(tmp_path / "nope", "davis2016")
 
 
+def write_meta(root, objects):
+    """YouTube-VOS meta.json: objects = {video: {instance id: category}}."""
+    videos = {v: {"objects": {str(k): {"category": c, "frames": []} for k, c in objs.items()}}
+              for v, objs in objects.items()}
+    (root / "meta.json").write_text(json.dumps({"videos": videos}))
+
+
 def test_ytvos_annotated_frames_and_seeded_fraction(tmp_path):
     for v in range(10):
         for f in range(0, 45, 1):
             touch(tmp_path / "JPEGImages" / f"vid{v}" / f"{f:05d}.jpg")
         for f in range(0, 45, 5):  # every 5th frame annotated
             touch(tmp_path / "Annotations" / f"vid{v}" / f"{f:05d}.png")
-    a = data.VOSDataset(tmp_path, "ytvos", seed=0)
-    b = data.VOSDataset(tmp_path, "ytvos", seed=0)
-    assert a.clips == b.clips and len({name for name, _ in a.clips}) == 2  # 20% of 10 videos
+    write_meta(tmp_path, {f"vid{v}": {1: "cat"} for v in range(10)})
+    a = data.VOSDataset(tmp_path, "ytvos", seed=0, sampling="consecutive")
+    b = data.VOSDataset(tmp_path, "ytvos", seed=0, sampling="consecutive")
+    assert a.clips == b.clips and len({name for name, _, _ in a.clips}) == 2  # 20% of 10 videos
     assert len(a) == 2 * 2  # 9 annotated frames -> 2 clips of 4
     assert a.clips[0][1] == ["00000", "00005", "00010", "00015"]  # consecutive *annotated* frames
-    others = {tuple(sorted({n for n, _ in data.VOSDataset(tmp_path, "ytvos", seed=s).clips})) for s in range(10)}
+    others = {tuple(sorted({n for n, _, _ in data.VOSDataset(tmp_path, "ytvos", seed=s).clips})) for s in range(10)}
     assert len(others) > 1  # the seed picks the subset
+    uniform = data.VOSDataset(tmp_path, "ytvos", seed=0)  # the default: one clip of 4 annotated frames per video
+    assert [n for n, _, _ in uniform.clips] == [n for n, _, _ in a.clips[::2]]
+    assert all(len(set(ids)) == 4 and all(int(i) % 5 == 0 for i in ids) for _, ids, _ in uniform.clips)
+
+
+def test_ytvos_labels_are_category_ids_from_meta_json(tmp_path):
+    """Two objects of one category share its id; ids are 1 + the rank of the category name among all
+    categories in meta.json (TimeT's make_categories_dict), whichever videos are evaluated."""
+    write_meta(tmp_path, {"v0": {1: "person", 2: "person", 3: "dog"}, "v1": {1: "zebra"}, "v2": {5: "cat"}})
+    assert data.ytvos_categories(tmp_path / "meta.json") == {"v0": {1: 3, 2: 3, 3: 2}, "v1": {1: 4}, "v2": {5: 1}}
+    ids = np.zeros((40, 60), np.uint8)
+    ids[:, :20], ids[:, 20:40], ids[:20, 40:] = 1, 2, 3  # instances 1, 2 (people), 3 (dog); background below right
+    for f in range(4):
+        touch(tmp_path / "JPEGImages/v0" / f"{f:05d}.jpg")
+        Image.new("RGB", (60, 40)).save(tmp_path / "JPEGImages/v0" / f"{f:05d}.jpg")
+        png = Image.fromarray(ids, mode="P")
+        png.putpalette([v % 256 for v in range(768)])
+        (tmp_path / "Annotations/v0").mkdir(parents=True, exist_ok=True)
+        png.save(tmp_path / "Annotations/v0" / f"{f:05d}.png")
+    masks = data.VOSDataset(tmp_path, "ytvos", fraction=1.0, size=60)[0]["masks"]  # (4, 60, 60)
+    assert masks.unique().tolist() == [0, 2, 3]  # background, dog, person (cat = 1, zebra = 4: other videos)
+    assert (masks[:, :, :40] == 3).all() and (masks[:, :30, 40:] == 2).all() and (masks[:, 30:, 40:] == 0).all()
+    write_meta(tmp_path, {"v0": {1: "person", 3: "dog"}})  # instance 2 is not listed
+    with pytest.raises(ValueError, match=r"'v0' has mask values \[2\]"):
+        data.VOSDataset(tmp_path, "ytvos", fraction=1.0)[0]
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        data.VOSDataset(tmp_path, "ytvos")
+
+
+# ============ SSv2 segment sampling (released loader) ============
+
+def released_test_indices(n, T):
+    """The released SSv2 test loader's index arithmetic, written out literally: 2T indices (offset
+    tick/2 and 0), sorted; test view k (chunk_nb) takes every other one from k."""
+    tick = n / float(T)
+    all_index = sorted([int(tick / 2.0 + tick * x) for x in range(T)] + [int(tick * x) for x in range(T)])
+    return [all_index[k::2] for k in range(2)], [int(tick / 2.0 + tick * x) for x in range(T)]
+
+
+def test_segment_positions_test_views_match_released_formula():
+    for n in range(5, 400, 3):  # also shorter than T
+        (first, second), validation = released_test_indices(n, 16)
+        two = data.segment_positions(n, 16, train=False, num_clips=2)
+        assert two.tolist() == [first, second], n
+        assert data.segment_positions(n, 16, train=False).tolist() == [validation], n  # one view: segment centres
+
+
+@pytest.mark.parametrize("n", [16, 17, 31, 48, 100, 203])
+def test_segment_positions_train_one_random_frame_per_segment(n):
+    T = 16
+    avg = n // T
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([data.segment_positions(n, T, train=True, generator=g) for _ in range(400)])  # (400, T)
+    lo = torch.arange(T) * avg
+    assert ((draws >= lo) & (draws < lo + avg)).all()  # exactly one frame in each segment [x*avg, (x+1)*avg)
+    assert set(draws.flatten().tolist()) == set(range(T * avg))  # every frame of every segment is drawn
+    assert n - T * avg < T  # only the remainder of n // T (less than one segment) is never drawn, as released
+
+
+def test_segment_positions_short_video_uses_every_frame():
+    assert data.segment_positions(10, 16, train=True).tolist() == [[x * 10 // 16 for x in range(16)]]
+
+
+def test_segments_sampling_on_real_and_ramp_videos(tmp_path):
+    """VideoClips(sampling='segments'): eval views = the released 2 temporal views x 3 crops on a real
+    UCF101 clip, frame-exact; train clips draw one frame per segment (a gray ramp names each frame)."""
+    views = data.VideoClips([(UCF, 7)], num_frames=8, size=64, train=False, num_clips=2, num_crops=3,
+                            sampling="segments")
+    a, labels = views[0]
+    assert a.shape == (6, 3, 8, 64, 64) and labels.tolist() == [7] * 6
+    full = torch.from_numpy(sequential_decode(UCF))  # (240, 240, 320, 3)
+    for k, positions in enumerate(released_test_indices(240, 8)[0]):
+        for j, left in enumerate([0, 40, 80]):  # short-side squares: left, centre, right
+            ref = data.crop_resize_normalize(full[positions], (0, left, 240, 240), 64)
+            torch.testing.assert_close(a[k * 3 + j], ref)
+    path = gray_video(tmp_path / "ramp.mp4", np.arange(48) * 5)  # 48 frames, frame i has level 5 i
+    ds = data.VideoClips([(path, 0)], num_frames=8, size=16, train=True, sampling="segments")
+    torch.manual_seed(0)
+    frames = [torch.round(unnormalize(ds[0][0]).mean(dim=(0, 2, 3)) / 5).long() for _ in range(60)]  # (T,) each
+    frames = torch.stack(frames)  # (60, 8) frame positions
+    assert ((frames // 6) == torch.arange(8)).all()  # segment x = frames 6x .. 6x+5
+    assert len(frames.unique()) > 40  # random within the segments
+    with pytest.raises(ValueError, match="segments"):
+        data.VideoClips([(UCF, 0)], sampling="tsn")
 
 
 # ============ loader ============

@@ -139,7 +139,13 @@ def test_pretrained_tiny_end_to_end_with_cache(pretrained_ckpt, tiny_synthetic, 
     assert saved["forward_passes_per_train_clip"] == 2.0  # the clip and its mirror, once
     assert saved["missing_keys"] == [] and saved["unexpected_keys"] == []
     assert first["extract_seconds"]["train"] > 0
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed
+    # the number is labelled as a Table-9-protocol number, with the released probe's extras listed
+    assert saved["protocol"] == eval_linear.PROTOCOL and printed.count("protocol: Table-9 protocol") == 1
+    for extra in ("mixup 0.8", "cutmix 1.0", "label smoothing", "RandAugment", "random erasing", "/ 256",
+                  "5 warmup epochs"):
+        assert extra in printed and any(extra in d for d in saved["protocol"]["differences_from_released_probe"])
 
     again = main(args)  # every feature comes from the cache: no backbone pass, same numbers
     assert again["extract_seconds"] == {"train": 0.0, "test": 0.0} and again["top1"] == first["top1"]
@@ -247,7 +253,6 @@ def test_images_are_clips_of_one_repeated_frame(tmp_path):
               "--out", str(tmp_path / "c.json")])
 
 
-# ============ probes beside Table 9 (issue 11) ============
 
 def blobs(seed, n, dim, classes, spread, noise=0.0):
     """n points around `classes` random means (N(0, spread^2) per coordinate) + unit noise; a `noise`
@@ -450,3 +455,17 @@ def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, ti
     with pytest.raises(ValueError, match="--probes dense: no dense-label sidecar"):
         main(run_args("random", empty, tmp_path / "r.json", "--arch", "tiny", probes="dense"))
     assert not (tmp_path / "features").exists()  # refused before any encoding
+=======
+def test_ssv2_defaults_to_the_released_segment_sampling_and_views(tmp_path):
+    """SSv2: TSN-style segments and 2 temporal views x 3 crops, as the released SSv2 probe; stride sampling
+    stays available; other datasets keep stride sampling and one view."""
+    base = ["--ckpt", "random", "--data_root", str(tmp_path)]
+    ssv2 = eval_linear.get_args(base + ["--dataset", "ssv2"])
+    assert (ssv2.sampling, ssv2.test_clips, ssv2.test_crops) == ("segments", 2, 3)
+    stride = eval_linear.get_args(base + ["--dataset", "ssv2", "--sampling", "stride"])
+    assert (stride.sampling, stride.test_clips, stride.test_crops) == ("stride", 1, 1)
+    ucf = eval_linear.get_args(base + ["--dataset", "ucf101", "--test_clips", "5"])
+    assert (ucf.sampling, ucf.test_clips, ucf.test_crops) == ("stride", 5, 1)
+
+
+# ============ probes beside Table 9 (issue 11) =====

@@ -1,7 +1,9 @@
 """eval_vos.py: k-means against planted clusters and a literal Lloyd loop, both matchings against
-brute force, oracle features reaching the best score the tube resolution allows, noise far below
-it, the token -> map layout, and end-to-end runs (random init and a briefly trained checkpoint) on
-real DAVIS frames (tests/data/vos) and on a small synthetic set, with their JSON and PNGs."""
+brute force, TimeT's standardisation + PCA against numpy's SVD, oracle features (the masks as
+features) scoring 1.0 under both feature preparations and the best score the tube resolution
+allows on real frames, noise far below it, the token -> map layout, and end-to-end runs (random
+init and a briefly trained checkpoint) on real DAVIS frames (tests/data/vos) and on a small
+synthetic set, with their JSON (which frames each clip used) and PNGs."""
 import dataclasses
 import itertools
 import json
@@ -20,7 +22,7 @@ import eval_vos
 from data import VOSDataset, build_video_dataset, tube_mask
 from synthetic import synthetic_dataset
 from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
-                      miou, segment)
+                      miou, prepare, segment, standardise_pca)
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,11 +158,45 @@ def test_many_to_one_matches_brute_force(k, n_labels):
         assert correct(mapping.tolist()) == max(correct(m) for m in itertools.product(range(n_labels), repeat=k))
 
 
+# ============ TimeT's feature preparation ============
+
+def test_standardise_pca_matches_numpy_svd():
+    """Standardise each channel, then project on the principal axes: the reference is numpy's SVD of
+    the standardised matrix (right singular vectors = covariance eigenvectors), up to each axis' sign."""
+    g = gen(7)
+    x = torch.randn(300, 20, generator=g) @ torch.randn(20, 20, generator=g) * torch.linspace(0.1, 30, 20)
+    x[:, 3] = 5.0  # a constant channel: centred, not divided by 0
+    ours = standardise_pca(x, 6).double().numpy()  # (300, 6)
+    z = x.double().numpy()
+    std = z.std(0)
+    z = (z - z.mean(0)) / np.where(std > 0, std, 1)
+    _, sing, vt = np.linalg.svd(z, full_matrices=False)
+    ref = z @ vt[:6].T  # (300, 6)
+    signs = np.sign((ours * ref).sum(0))
+    np.testing.assert_allclose(ours * signs, ref, atol=1e-4)
+    np.testing.assert_allclose(ours.var(0), sing[:6] ** 2 / 300, rtol=1e-4)  # variances, largest first
+    assert standardise_pca(x, 50).shape == (300, 20)  # fewer channels than 50: all are kept (a rotation)
+
+
+def test_timet_preparation_ignores_channel_scales_and_l2_does_not():
+    """Standardisation makes the clusters independent of each channel's scale; L2-normalised tokens
+    are dominated by one channel scaled up 1000x."""
+    gt = blocky_labels()
+    feats = oracle_features(gt, 2, noise=0.3)  # (4, 4, 16, 16)
+    scaled = feats.clone()
+    scaled[:, 1] *= 1000
+    for features, same in (("timet", True), ("l2", False)):
+        a = segment(feats, gt, 4, eval_vos.hungarian, features, generator=gen(0))[1]
+        b = segment(scaled, gt, 4, eval_vos.hungarian, features, generator=gen(0))[1]
+        assert is_relabelling(a.flatten(), b.flatten(), 4) == same, features
+
+
 # ============ oracle and noise features ============
 
-def oracle_features(gt, tubelet, dim=16, noise=0.05, seed=0):
-    """Features that know the answer: one-hot of each tube's first-frame label + noise, (t, D, s, s)."""
-    onehot = F.one_hot(gt[::tubelet], dim).permute(0, 3, 1, 2).float()  # (t, D, s, s)
+def oracle_features(gt, tubelet, dim=None, noise=0.05, seed=0):
+    """The masks as features: one-hot of each tube's first-frame label (one channel per label unless
+    dim is given) + noise, (t, D, s, s)."""
+    onehot = F.one_hot(gt[::tubelet], dim or int(gt.max()) + 1).permute(0, 3, 1, 2).float()  # (t, D, s, s)
     return onehot + noise * torch.randn(onehot.shape, generator=gen(seed))
 
 
@@ -175,29 +211,36 @@ def blocky_labels(T=8, s=16, n_labels=4, seed=0):
     return gt.repeat_interleave(2, 0)
 
 
+@pytest.mark.parametrize("features", list(eval_vos.FEATURE_PREP))
 @pytest.mark.parametrize("name", list(eval_vos.PROTOCOLS))
-def test_oracle_scores_one_and_noise_far_lower(name):
+def test_oracle_scores_one_and_noise_far_lower(name, features):
     gt = blocky_labels()
     n_labels = int(gt.max()) + 1
     k = n_labels if name == "clustering" else 6
     match = eval_vos.PROTOCOLS[name]
-    oracle, _, pred = segment(oracle_features(gt, 2), gt, k, match, generator=gen(1))
+    oracle, _, pred = segment(oracle_features(gt, 2), gt, k, match, features, generator=gen(1))
     assert oracle == 1.0 and torch.equal(pred, gt)
     noise = torch.randn(4, 16, 16, 16, generator=gen(2))
-    scores = [segment(noise, gt, k, match, generator=gen(seed))[0] for seed in range(3)]
+    scores = [segment(noise, gt, k, match, features, generator=gen(seed))[0] for seed in range(3)]
     assert max(scores) < 0.5  # noise clusters ignore the objects
 
 
-def test_oracle_on_real_davis_reaches_the_tube_resolution_ceiling():
-    """A tube's cluster map covers its 2 frames, so even perfect features predict frame 2i+1 with frame
-    2i's mask. The oracle must score exactly that ceiling, and the ceiling must be below 1 but high."""
-    for item in VOSDataset(DAVIS, "davis2016", clip_len=16, size=64):
-        gt = label_maps(item["masks"], 16)  # (16, 16, 16) in {0, 1}
-        ceiling = miou(gt[::2].repeat_interleave(2, 0), gt, 2)
-        assert 0.8 < ceiling < 1.0, item["name"]  # the objects move between a tube's two frames
+@pytest.mark.parametrize("features", list(eval_vos.FEATURE_PREP))
+def test_oracle_on_real_davis_scores_one_and_the_tube_resolution_ceiling(features):
+    """Real DAVIS clips of the default protocol (8 frames spread over each sequence), masks given as
+    features. Scored against the masks of each tube's first frame the oracle gets exactly 1.0. A
+    tube's cluster map covers its 2 frames, so against every frame's own mask even perfect features
+    predict frame 2i+1 with frame 2i's mask: the oracle must score exactly that ceiling, below 1."""
+    for item in VOSDataset(DAVIS, "davis2016", clip_len=8, size=64):
+        gt = label_maps(item["masks"], 16)  # (8, 16, 16) in {0, 1}
+        per_tube = gt[::2].repeat_interleave(2, 0)  # (8, 16, 16): each tube's first-frame mask
+        ceiling = miou(per_tube, gt, 2)
+        assert 0.5 < ceiling < 1.0, item["name"]  # the objects move between a tube's two frames
         for name, match in eval_vos.PROTOCOLS.items():
             k = 2 if name == "clustering" else 6
-            score, _, _ = segment(oracle_features(gt, 2), gt, k, match, generator=gen(0))
+            perfect, _, pred = segment(oracle_features(gt, 2), per_tube, k, match, features, generator=gen(0))
+            assert perfect == 1.0 and torch.equal(pred, per_tube), (item["name"], name)
+            score, _, _ = segment(oracle_features(gt, 2), gt, k, match, features, generator=gen(0))
             assert score == pytest.approx(ceiling), (item["name"], name)
 
 
@@ -212,7 +255,8 @@ class OracleEncoder(torch.nn.Module):
         return self.tokens
 
 
-def test_dense_features_put_tokens_where_they_belong():
+@pytest.mark.parametrize("features", list(eval_vos.FEATURE_PREP))
+def test_dense_features_put_tokens_where_they_belong(features):
     """Tokens that one-hot a label layout at the token grid must come back as maps scoring ~1, and a
     transposed layout (what an (h, w) mix-up would produce) must not."""
     cfg = build_model("tiny", num_prototypes=8).cfg  # grid (4, 8, 8)
@@ -221,12 +265,12 @@ def test_dense_features_put_tokens_where_they_belong():
     for i in range(t):
         coarse[i, i:i + 2, :] = 1  # a horizontal band moving down: not symmetric under (h, w) transposition
     tokens = F.one_hot(coarse, 8).float().reshape(1, t * h * w, 8)  # (1, N, D) in (t, h, w) order
-    feats = dense_features(OracleEncoder(tokens, cfg), torch.zeros(1), 16)[0]  # (t, D, 16, 16)
-    assert feats.shape == (t, 8, 16, 16)
+    feats = dense_features(OracleEncoder(tokens, cfg), torch.zeros(1))[0]  # (t, D, h, w)
+    assert feats.shape == (t, 8, h, w) and prepare(feats, 16, features).shape == (t * 16 * 16, 8)
     gt = F.interpolate(coarse[:, None].float(), size=(16, 16), mode="nearest")[:, 0].long()
     gt = gt.repeat_interleave(2, 0)  # (8, 16, 16)
-    good = segment(feats, gt, 2, eval_vos.hungarian, generator=gen(0))[0]
-    bad = segment(feats.transpose(2, 3), gt, 2, eval_vos.hungarian, generator=gen(0))[0]
+    good = segment(feats, gt, 2, eval_vos.hungarian, features, generator=gen(0))[0]
+    bad = segment(feats.transpose(2, 3), gt, 2, eval_vos.hungarian, features, generator=gen(0))[0]
     assert good > 0.85 and bad < 0.5  # good < 1 only where bilinear upsampling blurs the band's edges
 
 
@@ -268,15 +312,22 @@ def check_report(report, path, n_clips):
         assert report["mean"][name] == pytest.approx(sum(values) / len(values))
     for c in report["clips"]:
         assert c["labels"][0] == 0 and len(c["frame_ids"]) == report["config"]["num_frames"]
+        assert c["frame_ids"] == sorted(c["frame_ids"]) and c["sequence_frames"] >= len(set(c["frame_ids"]))
+    if report["config"]["sampling"] == "uniform":  # one clip per sequence, its frames all distinct here
+        assert len({c["name"] for c in report["clips"]}) == n_clips
+        assert all(len(set(c["frame_ids"])) == len(c["frame_ids"]) for c in report["clips"])
+    reference = report["config"]["sampling"] == "uniform" and report["config"]["features"] == "timet"
+    assert report["protocol"].startswith("TimeT reference protocol" if reference else "NOT the TimeT")
 
 
 def test_random_tiny_on_real_davis(tmp_path):
     out = tmp_path / "davis.json"
     report = eval_vos.main(["--ckpt", "random", "--arch", "tiny", "--dataset", "davis2016", "--data_root",
                             str(DAVIS), "--num_frames", "8", "--out", str(out), "--vis", "1", "--workers", "0"])
-    check_report(report, out, 4)  # 2 sequences x 16 frames -> 4 clips of 8
-    assert [c["name"] for c in report["clips"]] == ["blackswan"] * 2 + ["motocross-jump"] * 2
+    check_report(report, out, 2)  # 2 sequences -> one clip of 8 frames each, spread over the 16
+    assert [c["name"] for c in report["clips"]] == ["blackswan", "motocross-jump"]
     assert all(c["labels"] == [0, 1] for c in report["clips"])
+    assert all(int(c["frame_ids"][-1]) - int(c["frame_ids"][0]) > 7 for c in report["clips"])  # not one run
     png = read_png((tmp_path / "davis_vis" / "0000_blackswan_clusters.png"))  # (3, H, W) uint8
     # 5 rows x 4 tube slices of 64 px frames with 2 px padding, upscaled 2x to at least 128 px
     assert png.shape == (3, 2 * (5 * 66 + 2), 2 * (4 * 66 + 2))
@@ -288,15 +339,27 @@ def test_random_tiny_on_real_davis(tmp_path):
     assert (tinted == swan).float().mean() > 0.99  # (a tint equal to the frame's colour is invisible)
 
 
+def test_earlier_protocol_as_options(tmp_path):
+    """--sampling consecutive --features l2: our earlier protocol, non-overlapping runs of consecutive
+    frames, still available and labelled as not the reference."""
+    out = tmp_path / "old.json"
+    report = eval_vos.main(["--arch", "tiny", "--dataset", "davis2016", "--data_root", str(DAVIS), "--num_frames", "8",
+                            "--sampling", "consecutive", "--features", "l2", "--out", str(out), "--workers", "0"])
+    check_report(report, out, 4)  # 2 sequences x 16 frames -> 4 clips of 8
+    assert [c["frame_ids"] for c in report["clips"][:2]] == [[f"{i:05d}" for i in range(8)],
+                                                             [f"{i:05d}" for i in range(8, 16)]]
+    assert report["config"]["feature_prep"] == eval_vos.FEATURE_PREP["l2"]
+
+
 def test_trained_checkpoint_on_synthetic_with_pictures(trained_ckpt, small_synthetic, monkeypatch, capsys):
     monkeypatch.setattr(eval_vos, "synthetic_dataset", lambda: small_synthetic)  # not the 800-video default
     report = eval_vos.main(["--ckpt", str(trained_ckpt), "--dataset", "synthetic", "--vis", "2", "--workers", "0"])
     out = trained_ckpt.parent / "vos_synthetic.json"  # next to the checkpoint
-    check_report(report, out, 8)  # 4 sequences x 16 frames -> 8 clips of the model's 8 frames
+    check_report(report, out, 4)  # 4 sequences of 16 frames -> one clip of the model's 8 frames each
     assert {len(c["labels"]) for c in report["clips"]} <= {2, 3, 4}  # background + 1-3 objects
     vis = trained_ckpt.parent / "vos_synthetic_vis"
     assert sorted(p.name for p in vis.iterdir()) == ["0000_val_00000_clusters.png", "0000_val_00000_prototypes.png",
-                                                     "0001_val_00000_clusters.png", "0001_val_00000_prototypes.png"]
+                                                     "0001_val_00001_clusters.png", "0001_val_00001_prototypes.png"]
     protos = report["clips"][0]["prototype_view"]  # the (up to) 3 prototypes most of the 256 tubes choose
     used = [p["tubes_choosing_it"] for p in protos]
     assert 1 <= len(protos) <= 3 and used == sorted(used, reverse=True) and used[-1] > 0
@@ -304,7 +367,7 @@ def test_trained_checkpoint_on_synthetic_with_pictures(trained_ckpt, small_synth
     assert all(p["lit_tubes"] == round(0.1 * 256) for p in protos)
     png = read_png((vis / "0000_val_00000_prototypes.png"))
     assert png.shape == (3, 2 * (len(protos) * 66 + 2), 2 * (4 * 66 + 2))  # one row per prototype
-    assert "mIoU over 8 clips" in capsys.readouterr().out
+    assert "mIoU over 4 clips (TimeT reference protocol" in capsys.readouterr().out
 
 
 def test_trained_checkpoint_at_davis_clip_length(trained_ckpt, tmp_path):
@@ -317,14 +380,21 @@ def test_trained_checkpoint_at_davis_clip_length(trained_ckpt, tmp_path):
 
 
 def test_youtube_vos_layout_uses_4_frame_clips_of_a_seeded_fifth(tmp_path):
-    """The same two real sequences in the YouTube-VOS train layout: round(20% of 2) = 1 video is
-    drawn, split into 16 / 4 = 4 clips of the protocol's 4 frames (2 tube slices each)."""
+    """The same two real sequences in the YouTube-VOS train layout (with a meta.json): round(20% of 2)
+    = 1 video is drawn, one clip of the protocol's 4 frames (2 tube slices) spread over its 16."""
     for sub in ("JPEGImages", "Annotations"):
         shutil.copytree(DAVIS / sub / "480p", tmp_path / "ytvos" / sub)
+    # DAVIS-2016 masks are {0, 255}: object 255, as meta.json would list it
+    meta = {"videos": {v: {"objects": {"255": {"category": c, "frames": []}}}
+                       for v, c in (("blackswan", "bird"), ("motocross-jump", "motorbike"), ("car-shadow", "car"))}}
+    (tmp_path / "ytvos" / "meta.json").write_text(json.dumps(meta))
     report = eval_vos.main(["--dataset", "ytvos", "--data_root", str(tmp_path / "ytvos"), "--workers", "0",
                             "--out", str(tmp_path / "yt.json")])
-    check_report(report, tmp_path / "yt.json", 4)
-    assert len({c["name"] for c in report["clips"]}) == 1 and report["config"]["grid"] == [2, 8, 8]
+    check_report(report, tmp_path / "yt.json", 1)
+    assert report["config"]["grid"] == [2, 8, 8]
+    clip = report["clips"][0]
+    assert clip["labels"] == [0, {"bird": 1, "car": 2, "motorbike": 3}[meta["videos"][clip["name"]]["objects"]["255"]
+                                                                       ["category"]]]  # category ids
 
 
 def test_bench_prints_a_row_per_model(capsys):
