@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import eval_linear
+import probes
 from data import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_CLASSES, build_video_dataset, tube_mask
 from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
 from model import build_model, load_encoder
@@ -253,6 +254,19 @@ def test_images_are_clips_of_one_repeated_frame(tmp_path):
               "--out", str(tmp_path / "c.json")])
 
 
+def test_ssv2_defaults_to_the_released_segment_sampling_and_views(tmp_path):
+    """SSv2: TSN-style segments and 2 temporal views x 3 crops, as the released SSv2 probe; stride sampling
+    stays available; other datasets keep stride sampling and one view."""
+    base = ["--ckpt", "random", "--data_root", str(tmp_path)]
+    ssv2 = eval_linear.get_args(base + ["--dataset", "ssv2"])
+    assert (ssv2.sampling, ssv2.test_clips, ssv2.test_crops) == ("segments", 2, 3)
+    stride = eval_linear.get_args(base + ["--dataset", "ssv2", "--sampling", "stride"])
+    assert (stride.sampling, stride.test_clips, stride.test_crops) == ("stride", 1, 1)
+    ucf = eval_linear.get_args(base + ["--dataset", "ucf101", "--test_clips", "5"])
+    assert (ucf.sampling, ucf.test_clips, ucf.test_crops) == ("stride", 5, 1)
+
+
+# ============ probes beside Table 9 (issue 11) ============
 
 def blobs(seed, n, dim, classes, spread, noise=0.0):
     """n points around `classes` random means (N(0, spread^2) per coordinate) + unit noise; a `noise`
@@ -267,13 +281,13 @@ def blobs(seed, n, dim, classes, spread, noise=0.0):
 
 def test_converged_probe_separates_and_stops_at_a_stationary_point():
     x, y = blobs(0, 300, 20, 3, spread=3.0)
-    res = eval_linear.linear_converged_probe(x, y, x[:, None], y, 3)
+    res = probes.linear_converged_probe(x, y, x[:, None], y, 3)
     assert res["train_top1"] == 100.0 and res["top1"] == 100.0
     # The optimum of mean CE + lam/2 |W|^2 on standardised inputs: the gradient, written out by hand
     # (softmax minus one-hot), vanishes there -- and not at a point nearby.
     xs = ((x - x.mean(0)) / x.std(0)).double()
     lam = 1e-2
-    W, b = eval_linear.fit_logistic(xs, y, 3, lam)
+    W, b = probes.fit_logistic(xs, y, 3, lam)
     onehot = torch.nn.functional.one_hot(y, 3).double()
 
     def grad_norm(W, b):
@@ -289,16 +303,16 @@ def test_held_out_lambda_is_larger_on_noisy_labels():
     the noise and the held-out part must pick a strong one; with clean labels, a weak one."""
     x, y = blobs(3, 400, 200, 4, spread=0.5)
     _, noisy = blobs(3, 400, 200, 4, spread=0.5, noise=0.5)
-    clean, dirty = (eval_linear.converged_logistic(x, labels, 4) for labels in (y, noisy))
+    clean, dirty = (probes.converged_logistic(x, labels, 4) for labels in (y, noisy))
     assert clean["lam"] <= 1e-3 and dirty["lam"] >= 1.0
-    assert set(clean["holdout_top1"]) == set(eval_linear.LAMBDAS)
+    assert set(clean["holdout_top1"]) == set(probes.LAMBDAS)
 
 
 def test_knn_matches_a_per_sample_reference():
     g = torch.Generator().manual_seed(0)
     train_x, train_y = torch.randn(200, 16, generator=g), torch.randint(5, (200,), generator=g)
     test_x = torch.randn(37, 16, generator=g)
-    votes = eval_linear.knn_votes(train_x, train_y, test_x, 5, chunk=8)  # several chunks
+    votes = probes.knn_votes(train_x, train_y, test_x, 5, chunk=8)  # several chunks
     for i, q in enumerate(test_x):  # DINO's rule, one test clip at a time
         sims = torch.stack([torch.dot(q, t) / (q.norm() * t.norm()) for t in train_x])  # (N,) cosine
         top = sims.argsort(descending=True)[:20]
@@ -308,7 +322,7 @@ def test_knn_matches_a_per_sample_reference():
         torch.testing.assert_close(votes[i], ref, rtol=1e-4, atol=0)
         assert votes[i].argmax() == ref.argmax()
     # Multi-view testing sums the views' votes; a training clip is its own nearest neighbour.
-    res = eval_linear.knn_probe(train_x, train_y, torch.stack([train_x, train_x], 1), train_y, 5)
+    res = probes.knn_probe(train_x, train_y, torch.stack([train_x, train_x], 1), train_y, 5)
     assert res["top1"] > 60 and res["k"] == 20
 
 
@@ -371,7 +385,7 @@ def test_token_labels_of_a_hand_built_mask():
     m[3, :2, :2], m[4, :2, :2] = 2, [[1, 1], [1, 0]]  # (1, 0, 0): 4 x class 2, 3 x class 1 -> 2
     m[3:5, :2, 2:] = 1  # (1, 0, 1): all class 1
     m[3, 2:, 2:], m[4, 2:, 2:] = [[1, 1], [1, 2]], [[2, 2], [0, 0]]  # (1, 1, 1): 3 / 3 / 2 -> the higher, 2
-    labels = eval_linear.token_labels(m, torch.tensor([1, 2, 3, 4]), cfg, 3)
+    labels = probes.token_labels(m, torch.tensor([1, 2, 3, 4]), cfg, 3)
     assert labels.tolist() == [0, 2, 1, 0, 2, 1, 0, 2]  # (t, h, w) row-major, the encoder's token order
 
 
@@ -389,10 +403,10 @@ def test_dense_labels_match_the_pixels_of_the_decoded_clip(dense_set):
         rgb = 255 * (ds[i][0] * std + mean)  # (3, T, S, S)
         colourful = rgb.max(0).values - rgb.min(0).values > 100  # the square, not the grey noise
         pixels = torch.where(colourful, torch.where(rgb[0] > rgb[2], 1, 2), 0).byte()  # (T, S, S)
-        seen = eval_linear.token_labels(pixels.numpy(), torch.arange(cfg.num_frames), cfg, 3)
+        seen = probes.token_labels(pixels.numpy(), torch.arange(cfg.num_frames), cfg, 3)
         agree.append((seen == labels[i]).float().mean())
         mask = torch.from_numpy(__import__("numpy").load(eval_linear.sidecar_path(ds.samples[i][0])))
-        early = eval_linear.token_labels(mask.numpy(), 2 * torch.arange(cfg.num_frames), cfg, 3)  # frames 0, 2, ..
+        early = probes.token_labels(mask.numpy(), 2 * torch.arange(cfg.num_frames), cfg, 3)  # frames 0, 2, ..
         shifted.append((seen == early).float().mean())
     assert min(agree) > 0.99 and max(shifted) < min(agree) - 0.02
 
@@ -402,10 +416,10 @@ def test_dense_probe_on_oracle_and_random_token_features():
     names = ["background", "a", "b"]
     labels = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 40 * 64, replacement=True, generator=g).view(40, 64)
     oracle = torch.nn.functional.one_hot(labels, 3).half()  # (clips, tokens, 3): the answer itself
-    res = eval_linear.dense_probe(oracle[:30], labels[:30], oracle[30:], labels[30:], names)
+    res = probes.dense_probe(oracle[:30], labels[:30], oracle[30:], labels[30:], names)
     assert res["miou"] == 100.0 and res["token_accuracy"] == 100.0 and res["iou"]["b"] == 100.0
     noise = torch.randn(40, 64, 16, generator=g).half()
-    res = eval_linear.dense_probe(noise[:30], labels[:30], noise[30:], labels[30:], names)
+    res = probes.dense_probe(noise[:30], labels[:30], noise[30:], labels[30:], names)
     assert abs(res["miou"] - res["chance_miou"]) < 3 and abs(res["token_accuracy"] - res["chance_token_accuracy"]) < 3
     assert 20 < res["chance_miou"] < 27  # all background: IoU 70 for it, 0 for a and b
 
@@ -422,9 +436,9 @@ def marker_tokens(seed, n, tokens=16, noise_dims=15):
 
 def test_attentive_probe_reads_what_mean_pooling_cannot():
     (xtr, ytr), (xte, yte) = marker_tokens(0, 1024), marker_tokens(1, 256)
-    with eval_linear.one_cpu_thread("cpu"):
-        res = eval_linear.attentive_probe(xtr, ytr, xte, yte, 2, heads=2)
-    pooled = eval_linear.linear_converged_probe(xtr.float().mean(1), ytr, xte.float().mean(1)[:, None], yte, 2)
+    with probes.one_cpu_thread("cpu"):
+        res = probes.attentive_probe(xtr, ytr, xte, yte, 2, heads=2)
+    pooled = probes.linear_converged_probe(xtr.float().mean(1), ytr, xte.float().mean(1)[:, None], yte, 2)
     assert res["top1"] > 85 and res["train_top1"] > 95
     assert pooled["top1"] < 60  # chance is 50 (SE 3 on 256 clips)
 
@@ -432,12 +446,12 @@ def test_attentive_probe_reads_what_mean_pooling_cannot():
 def test_all_probes_end_to_end_on_a_set_with_dense_labels(dense_set, tmp_path, capsys):
     out = tmp_path / "r.json"
     main(run_args("random", dense_set, out, "--arch", "tiny", probes=None))
-    probes = json.loads(out.read_text())["probes"]
-    assert set(probes) == {"linear_converged", "knn", "dense", "attentive"}  # all four: the built-in default
-    assert probes["linear_converged"]["train_top1"] == 100.0 and probes["knn"]["top1"] == 100.0  # colour
-    assert probes["dense"]["classes"] == ["background", "red", "blue"]
-    assert probes["dense"]["miou"] > 70 > probes["dense"]["chance_miou"]  # random features still see colour
-    assert 0 <= probes["attentive"]["top1"] <= 100 and all(p["seconds"] > 0 for p in probes.values())
+    found = json.loads(out.read_text())["probes"]
+    assert set(found) == {"linear_converged", "knn", "dense", "attentive"}  # all four: the built-in default
+    assert found["linear_converged"]["train_top1"] == 100.0 and found["knn"]["top1"] == 100.0  # colour
+    assert found["dense"]["classes"] == ["background", "red", "blue"]
+    assert found["dense"]["miou"] > 70 > found["dense"]["chance_miou"]  # random features still see colour
+    assert 0 <= found["attentive"]["top1"] <= 100 and all(p["seconds"] > 0 for p in found.values())
     table = capsys.readouterr().out
     assert "linear_converged" in table and "mIoU" in table
     tokens = [f for f in os.listdir(tmp_path / "features") if "_tokens_" in f]
@@ -455,17 +469,3 @@ def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, ti
     with pytest.raises(ValueError, match="--probes dense: no dense-label sidecar"):
         main(run_args("random", empty, tmp_path / "r.json", "--arch", "tiny", probes="dense"))
     assert not (tmp_path / "features").exists()  # refused before any encoding
-=======
-def test_ssv2_defaults_to_the_released_segment_sampling_and_views(tmp_path):
-    """SSv2: TSN-style segments and 2 temporal views x 3 crops, as the released SSv2 probe; stride sampling
-    stays available; other datasets keep stride sampling and one view."""
-    base = ["--ckpt", "random", "--data_root", str(tmp_path)]
-    ssv2 = eval_linear.get_args(base + ["--dataset", "ssv2"])
-    assert (ssv2.sampling, ssv2.test_clips, ssv2.test_crops) == ("segments", 2, 3)
-    stride = eval_linear.get_args(base + ["--dataset", "ssv2", "--sampling", "stride"])
-    assert (stride.sampling, stride.test_clips, stride.test_crops) == ("stride", 1, 1)
-    ucf = eval_linear.get_args(base + ["--dataset", "ucf101", "--test_clips", "5"])
-    assert (ucf.sampling, ucf.test_clips, ucf.test_crops) == ("stride", 5, 1)
-
-
-# ============ probes beside Table 9 (issue 11) =====
