@@ -3,7 +3,8 @@ Video data for SIGMA: tube masks, exact frame decoding, clip sampling and augmen
 (Kinetics-400, Something-Something v2, UCF101, HMDB51, DAVIS / YouTube-VOS), the distributed-aware
 DataLoader. The built-in datasets that need no download (synthetic.py) are read through the same layouts.
 
-    python data.py --bench [VIDEO]                      # clips/s per CPU core vs. a naive decoder (1 thread)
+    python data.py --bench [VIDEO ...]                  # clips/s per CPU core: original, store, naive (1 thread)
+    python data.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_store   # the clip store
 
 Measured on a 2-core CPU VM, otherwise idle: the K400 test clip (340x256 H.264) gives 11.4 clips/s per core
 for 16 frames at stride 4 with the full pretraining transform to 224 (3.1x "decode everything, then index"),
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import store
 from synthetic import SYNTHETIC_CLASSES, synthetic_dataset  # noqa: F401 (the built-in set, re-exported)
 
 # ============ defaults ============
@@ -192,11 +194,43 @@ class Video:
             out.update({p: last for p in wanted if p > last_position})
         return out
 
+    def frames(self):
+        """Every decodable frame in display order, uint8 (H, W, 3) each, streamed (what prepare_video stores).
+
+        Frame k is what read([k]) returns: positions are decode order, as in the in-order path, and equal to
+        timestamp order whenever each packet holds one frame (the tests compare both on the real clips).
+        """
+        self._open()
+        for position, frame in enumerate(self.container.decode(self.stream)):
+            if position == self.num_frames:
+                break
+            self.decoded += 1
+            yield frame.to_ndarray(format="rgb24")
+
+
+def open_video(path, threads=1):
+    """A prepared store entry (store.StoredVideo) or a video file (Video): the same num_frames and read()."""
+    return store.StoredVideo(path) if store.is_entry(path) else Video(path, threads)
+
 
 def decode_frames(path, indices, threads=1):
     """uint8 (len(indices), H, W, 3) RGB frames at display-order positions `indices` (see Video)."""
-    with Video(path, threads) as video:
+    with open_video(path, threads) as video:
         return video.read(indices)
+
+
+def prepare_video(src, dst_dir, codec="jpeg"):
+    """Store the video file `src` as the entry dst_dir/<same file name> (store.py); returns the entry's path.
+
+    The entry keeps the source's file name so that every layout parser finds it unchanged in a store that
+    mirrors the dataset's folders; VideoClips tells entries from videos by their first bytes. Atomic: an
+    interrupted call leaves no entry (only a temporary file that no layout lists).
+    """
+    src, dst_dir = Path(src), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    with Video(src, threads=1) as video:
+        store.write_entry(dst_dir / src.name, video.frames(), video.num_frames, codec, source=src)
+    return dst_dir / src.name
 
 
 # ============ augmentation ============
@@ -326,7 +360,7 @@ class VideoClips(torch.utils.data.Dataset):
                 f"download, or raise max_bad_fraction.")
 
     def _load(self, path):
-        with Video(path, self.decode_threads) as video:
+        with open_video(path, self.decode_threads) as video:
             room = max(video.num_frames - self.span, 0)  # the last start at which a whole clip fits
             if self.train:
                 starts = torch.randint(0, room + 1, (self.views,))  # (V,)
@@ -484,6 +518,7 @@ def build_video_dataset(name, root, split="train", fold=1, **clip_kwargs):
         return VideoClips(*_list_file(name, root, root.parent), **clip_kwargs)
     if not root.is_dir():
         raise _layout_error(name, root, "data root does not exist")
+    store.check_root(root)  # a prepared store (python data.py --prepare) of another format version is refused
     if name in ("k400", "synthetic"):
         samples, classes = _kinetics(root, split)  # synthetic is folder-per-class, one of the K400 layouts
     elif name == "ssv2":
@@ -600,11 +635,86 @@ class VOSDataset(torch.utils.data.Dataset):
         return dict(frames=frames, masks=masks, name=name, frame_ids=list(ids))
 
 
+# ============ preparing a clip store ============
+
+
+def _prepare_job(job):
+    src, dst_dir, codec = job
+    try:
+        return src, prepare_video(src, dst_dir, codec), None
+    except Exception as err:  # any failure skips the video and lists it; the run goes on
+        return src, None, f"{type(err).__name__}: {err}"
+
+
+def _is_complete_entry(path):
+    try:
+        with open(path, "rb") as f:
+            return store.is_entry(path) and bool(store.read_header(f, str(path)))
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_dataset(name, src, out, codec="jpeg", workers=None):
+    """Write a clip store of the dataset `name` at `src` into `out`; returns the list of unreadable videos.
+
+    `out` mirrors `src`: every video file (VIDEO_EXTENSIONS) becomes a store entry at the same relative path
+    and name, every other file (CSV / JSON / split lists, VOS frames) is copied, so build_video_dataset(name,
+    out) reads the store through the same layout parser. In parallel over `workers` processes (default: all
+    cores). Resumable: entries already complete are kept, temporary files of an interrupted run are deleted.
+    Videos that cannot be prepared are skipped and listed in out/unreadable.txt. Limitation: a list file's
+    absolute paths are not mirrored (they keep pointing at the original videos).
+    """
+    from multiprocessing import Pool
+
+    from tqdm import tqdm
+    if name == "synthetic" and src is None:
+        src = synthetic_dataset(None)
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if src == out or src in out.parents:
+        raise ValueError(f"--out {out} must lie outside --data_root {src}")
+    splits = []  # the splits the source layout parses: checked again on the store at the end
+    for split in ("train", "val"):
+        try:
+            build_video_dataset(name, src, split)
+            splits.append(split)
+        except FileNotFoundError as err:
+            problem = err
+    if not splits:
+        raise problem
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_marker(out, codec, src, name)
+    for stale in out.rglob("*.tmp-*"):  # left by an interrupted run; never listed by a layout
+        stale.unlink()
+    jobs, kept = [], 0
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = out / path.relative_to(src)
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        elif _is_complete_entry(target):
+            kept += 1
+        else:
+            jobs.append((path, target.parent, codec))
+    bad = []
+    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for path, entry, err in tqdm(pool.imap_unordered(_prepare_job, jobs), total=len(jobs),
+                                     desc=f"preparing {name}", unit="video", disable=not sys.stderr.isatty()):
+            if err is not None:
+                bad.append(f"{path.relative_to(src)}\t{err}")
+    (out / "unreadable.txt").write_text("".join(f"{line}\n" for line in sorted(bad)))
+    for split in splits:
+        build_video_dataset(name, out, split)  # the store parses as the source did
+    print(f"data.py: {len(jobs) - len(bad)} videos prepared, {kept} already done, {len(bad)} unreadable "
+          f"(listed in {out / 'unreadable.txt'}); {name} store at {out}")
+    return bad
+
+
 # ============ command line ============
 
 
-def _bench(path, iters):
-    """Clips/s on one core: this module vs. 'decode every frame to RGB, then index' (same transform)."""
+def _bench(path, iters, tmp):
+    """Clips/s on one core, same transform: the original file, its store entries, and 'decode every frame to
+    RGB, then index'; plus each store's bytes per video-hour, worst-frame PSNR and preparation cost."""
     torch.set_num_threads(1)  # one torch thread + threads=1 in FFmpeg (decode_threads / thread_count)
     T, stride, size = 16, 4, 224
 
@@ -616,31 +726,63 @@ def _bench(path, iters):
         clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
         return crop_resize_normalize(clip, multiscale_crop_box(*clip.shape[1:3], size), size)[None]
 
-    rows = [("naive: decode all to RGB, index", naive)]
-    for repeats in (1, 2, 4):
-        ds = VideoClips([(path, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
-        rows.append((f"data.py VideoClips, repeats={repeats}", lambda ds=ds: ds._load(ds.samples[0][0])))
+    with av.open(str(path), metadata_errors="ignore") as c:
+        fps = float(c.streams.video[0].average_rate or 25)
+    with Video(path) as video:
+        hours = video.num_frames / fps / 3600
+    rows, extra = [("naive: decode all to RGB, index", 1, naive)], {}
+    for codec in store.CODECS:
+        t0 = time.perf_counter()
+        entry = prepare_video(path, Path(tmp) / codec, codec)
+        with store.StoredVideo(entry) as sv:
+            worst = sv.header["min_psnr"]
+            extra[entry] = (f"{entry.stat().st_size / hours / 1e9:6.1f} GB/video-h (source file "
+                            f"{path.stat().st_size / hours / 1e9:.2f}), worst frame "
+                            f"{'exact' if worst is None else f'{worst:.1f} dB PSNR'}, "
+                            f"prepared in {time.perf_counter() - t0:.1f} s")
+    for repeats in (1, 4):
+        for name, p in [("original", path)] + [(f"store {codec}", Path(tmp) / codec / path.name)
+                                               for codec in store.CODECS]:
+            ds = VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
+            rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
     print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, {iters} calls")
-    print(f"{'method':36s} {'clips/call':>10s} {'ms/call':>8s} {'clips/s/core':>13s} {'vs naive':>9s}")
-    base = None
-    for name, fn in rows:
-        clips = len(fn())  # warm-up
+    print(f"{'method':36s} {'ms/call':>8s} {'clips/s/core':>13s} {'vs original':>12s}")
+    base = {}
+    for name, repeats, fn in rows:
+        fn()  # warm-up
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
         ms = (time.perf_counter() - t0) / iters * 1e3
-        rate = clips * 1e3 / ms
-        base = base or rate
-        print(f"{name:36s} {clips:10d} {ms:8.1f} {rate:13.1f} {rate / base:8.1f}x")
+        rate = repeats * 1e3 / ms
+        base.setdefault(repeats, rate) if name.startswith("original") else None
+        vs = f"{rate / base[repeats]:11.1f}x" if repeats in base else ""
+        print(f"{name:36s} {ms:8.1f} {rate:13.1f} {vs:>12s}")
+    for entry, text in extra.items():
+        print(f"store {entry.parent.name:9s}: {text}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", nargs="?", const=str(BENCH_VIDEO), metavar="VIDEO",
-                        help="benchmark clip loading on VIDEO (default: the K400 test clip, 340x256 H.264)")
+    parser.add_argument("--bench", nargs="*", metavar="VIDEO",
+                        help="benchmark clip loading on VIDEO(s) (default: the K400 test clip, 340x256 H.264)")
     parser.add_argument("--iters", type=int, default=40, help="timed calls per benchmark row")
+    parser.add_argument("--prepare", action="store_true", help="write a clip store of --dataset at --out")
+    parser.add_argument("--dataset", default="synthetic", help=f"layout to prepare: {' | '.join(LAYOUTS)}")
+    parser.add_argument("--data_root", default=None, help="the dataset folder (LAYOUTS); synthetic: the cache")
+    parser.add_argument("--out", default=None, help="store folder, outside --data_root; then train with "
+                                                    "--data_root OUT (same --dataset)")
+    parser.add_argument("--codec", default="jpeg", choices=store.CODECS,
+                        help="jpeg: >= 40 dB PSNR, smallest, fastest (default); magicyuv: bit-exact, ~2.5x disk")
+    parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
     args = parser.parse_args()
-    if args.bench:
-        _bench(Path(args.bench), args.iters)
+    if args.prepare:
+        if args.out is None:
+            parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
+        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers)
+    elif args.bench is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for video in args.bench or [str(BENCH_VIDEO)]:
+                _bench(Path(video), args.iters, tmp)
     else:
         parser.print_help()
