@@ -219,18 +219,34 @@ def decode_frames(path, indices, threads=1):
         return video.read(indices)
 
 
-def prepare_video(src, dst_dir, codec="jpeg"):
+def prepare_video(src, dst_dir, codec="jpeg", short_side=None):
     """Store the video file `src` as the entry dst_dir/<same file name> (store.py); returns the entry's path.
 
     The entry keeps the source's file name so that every layout parser finds it unchanged in a store that
     mirrors the dataset's folders; VideoClips tells entries from videos by their first bytes. Atomic: an
-    interrupted call leaves no entry (only a temporary file that no layout lists).
+    interrupted call leaves no entry (only a temporary file that no layout lists). short_side=None keeps the
+    source resolution, so that a clip from the store is the clip from the file (exactly, with "magicyuv");
+    short_side=S shrinks larger frames to a short side of S first (antialiased bilinear, as the transform):
+    a raw 720p copy of K400 then costs ~8x less disk and decode at S=256, but pixels differ from the file's.
     """
     src, dst_dir = Path(src), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     with Video(src, threads=1) as video:
-        store.write_entry(dst_dir / src.name, video.frames(), video.num_frames, codec, source=src)
+        frames = video.frames() if short_side is None else (_shrink(f, short_side) for f in video.frames())
+        store.write_entry(dst_dir / src.name, frames, video.num_frames, codec, source=src,
+                          short_side=short_side)
     return dst_dir / src.name
+
+
+def _shrink(rgb, short_side):
+    """uint8 (H, W, 3) -> the same with a short side of at most short_side, aspect kept."""
+    h, w = rgb.shape[:2]
+    if min(h, w) <= short_side:
+        return rgb
+    size = (short_side, round(w * short_side / h)) if h <= w else (round(h * short_side / w), short_side)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W), a channels-last view
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (1, 3, h, w)
+    return x[0].permute(1, 2, 0).numpy()  # (h, w, 3)
 
 
 # ============ augmentation ============
@@ -639,9 +655,9 @@ class VOSDataset(torch.utils.data.Dataset):
 
 
 def _prepare_job(job):
-    src, dst_dir, codec = job
+    src, dst_dir, codec, short_side = job
     try:
-        return src, prepare_video(src, dst_dir, codec), None
+        return src, prepare_video(src, dst_dir, codec, short_side), None
     except Exception as err:  # any failure skips the video and lists it; the run goes on
         return src, None, f"{type(err).__name__}: {err}"
 
@@ -654,15 +670,16 @@ def _is_complete_entry(path):
         return False
 
 
-def prepare_dataset(name, src, out, codec="jpeg", workers=None):
+def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None):
     """Write a clip store of the dataset `name` at `src` into `out`; returns the list of unreadable videos.
 
     `out` mirrors `src`: every video file (VIDEO_EXTENSIONS) becomes a store entry at the same relative path
     and name, every other file (CSV / JSON / split lists, VOS frames) is copied, so build_video_dataset(name,
     out) reads the store through the same layout parser. In parallel over `workers` processes (default: all
-    cores). Resumable: entries already complete are kept, temporary files of an interrupted run are deleted.
-    Videos that cannot be prepared are skipped and listed in out/unreadable.txt. Limitation: a list file's
-    absolute paths are not mirrored (they keep pointing at the original videos).
+    cores); codec and short_side as in prepare_video. Resumable: complete entries are kept, temporary files
+    of an interrupted run deleted. Videos that cannot be prepared are skipped and listed in
+    out/unreadable.txt. Limitation: a list file's absolute paths are not mirrored (they keep pointing at the
+    original videos).
     """
     from multiprocessing import Pool
 
@@ -682,7 +699,7 @@ def prepare_dataset(name, src, out, codec="jpeg", workers=None):
     if not splits:
         raise problem
     out.mkdir(parents=True, exist_ok=True)
-    store.write_marker(out, codec, src, name)
+    store.write_marker(out, src, name, codec=codec, short_side=short_side)
     for stale in out.rglob("*.tmp-*"):  # left by an interrupted run; never listed by a layout
         stale.unlink()
     jobs, kept = [], 0
@@ -694,7 +711,7 @@ def prepare_dataset(name, src, out, codec="jpeg", workers=None):
         elif _is_complete_entry(target):
             kept += 1
         else:
-            jobs.append((path, target.parent, codec))
+            jobs.append((path, target.parent, codec, short_side))
     bad = []
     with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for path, entry, err in tqdm(pool.imap_unordered(_prepare_job, jobs), total=len(jobs),
@@ -774,12 +791,15 @@ if __name__ == "__main__":
                                                     "--data_root OUT (same --dataset)")
     parser.add_argument("--codec", default="jpeg", choices=store.CODECS,
                         help="jpeg: >= 40 dB PSNR, smallest, fastest (default); magicyuv: bit-exact, ~2.5x disk")
+    parser.add_argument("--short_side", type=int, default=None,
+                        help="shrink larger frames to this short side (default: keep the source's; the release "
+                             "trains K400 from copies at 256-320)")
     parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
     args = parser.parse_args()
     if args.prepare:
         if args.out is None:
             parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
-        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers)
+        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side)
     elif args.bench is not None:
         with tempfile.TemporaryDirectory() as tmp:
             for video in args.bench or [str(BENCH_VIDEO)]:

@@ -97,11 +97,11 @@ class _MagicYUVEncoder:
         return dict(min_psnr=None)  # exact
 
 
-def write_entry(path, frames, num_frames, codec="jpeg", source=""):
+def write_entry(path, frames, num_frames, codec="jpeg", source="", **meta):
     """Store uint8 (H, W, 3) RGB `frames` (an iterable, streamed) as the entry `path`; returns its header.
 
     num_frames: the positions the video has (data.Video.num_frames); it may exceed the frames given by
-    placeholder packets. Atomic: written to `path`.tmp-<pid>, fsynced, renamed, and the folder fsynced.
+    placeholder packets. meta: more JSON-able header fields (how the frames were made). Atomic: written to `path`.tmp-<pid>, fsynced, renamed, and the folder fsynced.
     """
     if codec not in CODECS:
         raise ValueError(f"unknown store codec {codec!r}; choose one of {CODECS}")
@@ -122,7 +122,7 @@ def write_entry(path, frames, num_frames, codec="jpeg", source=""):
                 raise ValueError(f"{source}: no decodable video frames")
             header = dict(version=STORE_VERSION, codec=codec, height=shape[0], width=shape[1],
                           num_frames=num_frames, stored=len(offsets) - 1, index_at=offsets[-1],
-                          source=str(source), **encoder.record())
+                          source=str(source), **meta, **encoder.record())
             blob = json.dumps(header).encode()
             f.write(np.asarray(offsets, "<i8").tobytes() + blob + struct.pack("<Q", len(blob)) + END_MAGIC)
             f.flush()
@@ -225,17 +225,19 @@ class StoredVideo:
 # ============ the store root ============
 
 
-def write_marker(root, codec, source, dataset):
-    """Write (atomically) or check the store root's marker: a store of another version / codec is refused."""
+def write_marker(root, source, dataset, **settings):
+    """Write (atomically) or check the store root's marker: a store of another version, or one prepared with
+    other settings (codec, short_side), is refused rather than resumed into a mix."""
     path = Path(root) / MARKER
     if path.is_file():
         old = json.loads(path.read_text())
         _version_check(old.get("version"), str(root))
-        if old.get("codec") != codec:
-            raise ValueError(f"{root} is a {old.get('codec')!r} store; resume it with --codec {old.get('codec')} "
-                             f"or use another --out")
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"{root} was prepared with other settings {changed} (stored, now): resume it with "
+                             f"the stored ones or use another --out")
         return old
-    marker = dict(version=STORE_VERSION, codec=codec, source=str(source), dataset=dataset)
+    marker = dict(version=STORE_VERSION, source=str(source), dataset=dataset, **settings)
     tmp = path.with_name(f"{MARKER}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, path)

@@ -226,3 +226,15 @@ def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_p
         runs[name] = load_checkpoint(str(tmp_path / name / "ckpt.pth"))["model"]
     a, b = runs["original"], runs["store"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_short_side_shrinks_larger_frames_and_is_part_of_the_store(tiny_synthetic, tmp_path):
+    entry = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "s", short_side=128)  # 340x256 source
+    with data.open_video(entry) as video:
+        assert video.read([0, 5]).shape == (2, 128, 170, 3) and video.header["short_side"] == 128
+    small = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "big", short_side=300)  # never enlarged
+    with data.open_video(small) as video:
+        assert video.read([0]).shape == (1, 256, 340, 3)
+    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
+    with pytest.raises(ValueError, match="other settings"):  # no store mixes two resolutions or codecs
+        data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)
