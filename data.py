@@ -10,6 +10,10 @@ Measured on a 2-core CPU VM, otherwise idle: the K400 test clip (340x256 H.264) 
 for 16 frames at stride 4 with the full pretraining transform to 224 (3.1x "decode everything, then index"),
 17.0 with repeats=2 and 21.5 with repeats=4.
 
+With a prepared clip store (store.py; `--prepare` writes it once, then train with --data_root DST) every frame
+is an independent JPEG, so a clip decodes 16 pictures instead of a GOP's worth of H.264: see --bench and the
+README ("Prepared clip store") for what it gains and costs on disk.
+
 Conventions (SPEC §1): a clip is float32 (3, T, S, S), ImageNet-normalised; frames on disk are decoded to
 uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major token order, True = masked.
 

@@ -185,6 +185,9 @@ class StoredVideo:
         except BaseException:
             self.close()
             raise
+        if self.header["codec"] not in CODECS:
+            self.close()
+            raise ValueError(f"{self.path}: unknown store codec {self.header['codec']!r}")
         if self.header["codec"] == "magicyuv":
             self.ctx = av.CodecContext.create("magicyuv", "r")
             self.ctx.thread_count = 1
