@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from multiprocessing import Pool
 from pathlib import Path
 
 import av
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import store
 from synthetic import SYNTHETIC_CLASSES, synthetic_dataset  # noqa: F401 (the built-in set, re-exported)
@@ -685,12 +687,11 @@ def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None)
     out/unreadable.txt. Limitation: a list file's absolute paths are not mirrored (they keep pointing at the
     original videos).
     """
-    from multiprocessing import Pool
-
-    from tqdm import tqdm
     if name == "synthetic" and src is None:
         src = synthetic_dataset(None)
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.is_dir():
+        raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
     if src == out or src in out.parents:
         raise ValueError(f"--out {out} must lie outside --data_root {src}")
     splits = []  # the splits the source layout parses: checked again on the store at the end
