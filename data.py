@@ -767,21 +767,21 @@ def _bench(path, iters, tmp):
                                                for codec in store.CODECS]:
             ds = VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
             rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
-    # Rounds interleave the rows, so a burst of load from other processes hits all of them alike; the best
-    # round estimates the uncontended cost, the median shows the spread.
+    # Cost = CPU time of this (single-threaded) process, which other processes' load barely changes, unlike
+    # wall time; rounds interleave the rows so that what load remains hits all alike. Best and median round.
     rounds, calls = max(iters // 4, 1), min(iters, 4)
     times = {name: [] for name, _, _ in rows}
     for _, _, fn in rows:
         fn()  # warm-up
     for _ in range(rounds):
         for name, _, fn in rows:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - t0) / calls * 1e3)
-    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, "
+            times[name].append((time.process_time() - t0) / calls * 1e3)
+    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, CPU time, "
           f"best / median of {rounds} interleaved rounds of {calls} calls")
-    print(f"{'method':36s} {'ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
+    print(f"{'method':36s} {'CPU ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
     base = {}
     for name, repeats, _ in rows:
         best, median = min(times[name]), sorted(times[name])[rounds // 2]
