@@ -2,7 +2,7 @@
 the real clips, the jpeg PSNR bound, same sampling and crops through VideoClips, every layout, bad inputs
 (corrupt source, interrupted prepare, other-version store), and train.py bitwise equal on a lossless copy.
 
-    python -m pytest -q tests/test_store.py      # CPU, ~40 s
+    python -m pytest -q tests/test_store.py      # CPU: ~65 s of CPU time (measured on a loaded machine)
 """
 import json
 import os
