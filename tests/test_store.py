@@ -1,0 +1,240 @@
+"""Tests for the prepared clip store (store.py, data.prepare_video / prepare_dataset / --prepare): exactness on
+the real clips, the jpeg PSNR bound, same sampling and crops through VideoClips, every layout, bad inputs
+(corrupt source, interrupted prepare, other-version store), and train.py bitwise equal on a lossless copy.
+
+    python -m pytest -q tests/test_store.py      # CPU: ~65 s of CPU time (measured on a loaded machine)
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import store  # noqa: E402
+import train  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+VIDEOS = ROOT / "tests" / "data" / "videos"
+REAL_CLIPS = sorted(VIDEOS.iterdir())  # K400 (H.264 MP4), 2 x HMDB51 (DivX AVI), UCF101 (Xvid AVI)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as in DataLoader workers (two threads on a contended 2-core machine crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def entries(tmp_path_factory):
+    """{(clip name, codec): entry path} for every real clip and codec, prepared once."""
+    tmp = tmp_path_factory.mktemp("store")
+    return {(p.name, c): data.prepare_video(p, tmp / c, c) for p in REAL_CLIPS for c in store.CODECS}
+
+
+def original(path):
+    """Every position of the original decode, plus 3 past the end (-> last frame), uint8 (N+3, H, W, 3)."""
+    with data.Video(path) as video:
+        return video.read(range(video.num_frames + 3)).numpy(), video.num_frames
+
+
+# ============ exactness and quality ============
+
+@pytest.mark.parametrize("path", REAL_CLIPS, ids=lambda p: p.name[:20])
+def test_lossless_store_returns_the_original_frames(entries, path):
+    ref, num_frames = original(path)
+    entry = entries[(path.name, "magicyuv")]
+    assert entry == entry.parent / path.name and store.is_entry(entry) and not store.is_entry(path)
+    with data.open_video(entry) as video:
+        assert isinstance(video, store.StoredVideo) and video.num_frames == num_frames  # the packet count
+        np.testing.assert_array_equal(video.read(range(num_frames + 3)).numpy(), ref)
+    with data.open_video(entry) as video:
+        idx = [num_frames - 1, 0, 7, 7, num_frames + 9, 3]  # any order, repeats, past the end
+        np.testing.assert_array_equal(video.read(idx).numpy(), ref[np.minimum(idx, len(ref) - 1)])
+        assert video.decoded == 4  # only the distinct wanted frames were decoded (the last one once)
+
+
+@pytest.mark.parametrize("path", REAL_CLIPS, ids=lambda p: p.name[:20])
+def test_jpeg_store_holds_the_psnr_bound(entries, path):
+    ref, num_frames = original(path)
+    with data.open_video(entries[(path.name, "jpeg")]) as video:
+        got = video.read(range(num_frames + 3)).numpy()
+        scores = [store.psnr(a, b) for a, b in zip(got, ref)]
+        assert min(scores) >= store.MIN_PSNR == 40.0  # every frame, not just on average
+        assert video.header["min_psnr"] == round(min(scores), 2)  # the entry states its worst frame
+        assert np.abs(got.astype(int) - ref).mean() < 1.5  # and no frame is shifted (that would be ~20)
+
+
+@pytest.mark.parametrize("codec", store.CODECS)
+def test_videoclips_same_labels_sampling_and_crops(entries, codec):
+    path = VIDEOS / "R6llTwEh07w.mp4"
+    entry = entries[(path.name, codec)]
+    for kwargs in (dict(train=True, repeats=2), dict(train=False, num_clips=2, num_crops=3)):
+        clips = []
+        for p in (path, entry):
+            torch.manual_seed(0)  # same draws: starts and boxes depend only on num_frames and the frame size
+            clips.append(data.VideoClips([(p, 5)], num_frames=8, stride=4, size=64, **kwargs)[0])
+        (a, la), (b, lb) = clips
+        assert torch.equal(la, lb) and a.shape == b.shape
+        if codec == "magicyuv":
+            assert torch.equal(a, b)
+        else:
+            err = ((a - b) * torch.tensor(data.IMAGENET_STD).view(3, 1, 1, 1) * 255).pow(2).mean()
+            assert 10 * torch.log10(255 ** 2 / err) > store.MIN_PSNR  # resizing only averages the error down
+
+
+# ============ layouts ============
+
+def video(path, src):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, path)  # FFmpeg probes the content, so a .webm / .avi name over MP4 bytes still decodes
+
+
+@pytest.mark.parametrize("name", ["k400", "ssv2", "ucf101", "hmdb51", "list"])
+def test_every_layout_reads_its_store(tiny_synthetic, tmp_path, name):
+    src, out = tmp_path / "src", tmp_path / "out"
+    a, b = sorted((tiny_synthetic / "train").rglob("*.mp4"))[:2]
+    if name == "k400":
+        (src / "annotations").mkdir(parents=True)
+        (src / "annotations" / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                                       "x,aaa,0,10,train\ny,bbb,0,10,train\n")
+        video(src / "train" / "x" / "aaa_000000_000010.mp4", a), video(src / "train" / "bbb_000000_000010.mp4", b)
+    elif name == "ssv2":
+        (src / "labels").mkdir(parents=True)
+        (src / "labels" / "labels.json").write_text(json.dumps({"Pushing something": "0", "Moving something": "1"}))
+        (src / "labels" / "train.json").write_text(json.dumps([{"id": "1", "template": "Moving [something]"},
+                                                               {"id": "2", "template": "Pushing [something]"}]))
+        (src / "labels" / "validation.json").write_text("[]")
+        video(src / "20bn-something-something-v2" / "1.webm", a), video(src / "20bn-something-something-v2" / "2.webm", b)
+    elif name == "ucf101":
+        (src / "ucfTrainTestlist").mkdir(parents=True)
+        (src / "ucfTrainTestlist" / "classInd.txt").write_text("1 A\n2 B\n")
+        (src / "ucfTrainTestlist" / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\nB/v_B_g01_c01.avi 2\n")
+        video(src / "UCF-101" / "A" / "v_A_g01_c01.avi", a), video(src / "UCF-101" / "B" / "v_B_g01_c01.avi", b)
+    elif name == "hmdb51":
+        (src / "testTrainMulti_7030_splits").mkdir(parents=True)
+        (src / "testTrainMulti_7030_splits" / "wave_test_split1.txt").write_text("w.avi 1 \n")
+        (src / "testTrainMulti_7030_splits" / "run_test_split1.txt").write_text("r.avi 1 \n")
+        video(src / "wave" / "w.avi", a), video(src / "run" / "r.avi", b)
+    else:
+        src.mkdir()
+        (src / "train.txt").write_text("clips/one.mp4 3\nclips/two two.mp4 1\n")
+        video(src / "clips" / "one.mp4", a), video(src / "clips" / "two two.mp4", b)
+    assert data.prepare_dataset(name, src, out, workers=1) == []
+    before, after = data.build_video_dataset(name, src, "train"), data.build_video_dataset(name, out, "train")
+    assert [(Path(p).relative_to(src), y) for p, y in before.samples] == \
+        [(Path(p).relative_to(out), y) for p, y in after.samples] and before.classes == after.classes
+    assert all(store.is_entry(p) for p, _ in after.samples)
+    assert after[0][0].shape == before[0][0].shape
+
+
+# ============ bad input ============
+
+def test_corrupt_source_is_skipped_and_listed(tiny_synthetic, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_synthetic, src)
+    broken = sorted((src / "train").rglob("*.mp4"))[3]
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated: the header survives, no frame does
+    (src / "val" / "rotating" / "empty.mp4").write_bytes(b"")
+    bad = data.prepare_dataset("synthetic", src, tmp_path / "out", workers=2)
+    listed = (tmp_path / "out" / "unreadable.txt").read_text().splitlines()
+    assert len(bad) == len(listed) == 2 and all("\t" in line for line in listed)  # path <tab> the error
+    assert {line.split("\t")[0] for line in listed} == {str(broken.relative_to(src)), "val/rotating/empty.mp4"}
+    ds = data.build_video_dataset("synthetic", tmp_path / "out", "train")
+    assert len(ds) == 15 and all(store.is_entry(p) for p, _ in ds.samples)  # the other 15 train videos
+
+
+def test_interrupted_entry_write_leaves_nothing_acceptable(tmp_path):
+    def frames_then_crash():
+        yield np.zeros((16, 16, 3), np.uint8)
+        raise KeyboardInterrupt  # e.g. Ctrl-C mid-video
+    with pytest.raises(KeyboardInterrupt):
+        store.write_entry(tmp_path / "a.mp4", frames_then_crash(), 2)
+    assert list(tmp_path.iterdir()) == []  # no entry, and the temporary file is gone
+    # A kill -9 can leave a temporary file, or a copy can be cut short: neither is read as a video.
+    entry = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "full")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(entry.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="incomplete store entry"):
+        store.StoredVideo(cut)
+    ds = data.VideoClips([(cut, 0), (entry, 1)], num_frames=4, size=32, train=False, max_bad_fraction=0.9)
+    assert ds[0][1] == 1 and ds.bad == {0}  # skipped like any corrupt video
+
+
+def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    data.prepare_dataset("synthetic", tiny_synthetic, ref, workers=1)
+    cmd = [sys.executable, str(ROOT / "data.py"), "--prepare", "--dataset", "synthetic",
+           "--data_root", str(tiny_synthetic), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600  # generous: starting python + torch takes a minute on a loaded machine
+    while time.time() < deadline and len(list(out.rglob("*.mp4"))) < 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run, workers included, mid-write
+    proc.wait()
+    done = list(out.rglob("*.mp4"))
+    assert 3 <= len(done) < 24, "the run should have been killed midway"
+    assert all(data._is_complete_entry(p) for p in done)  # whatever has a final name is a whole entry
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout
+    assert f"{24 - len(done)} videos prepared, {len(done)} already done" in resumed
+    assert not list(out.rglob("*.tmp-*"))
+    for p in ref.rglob("*.mp4"):  # identical to an uninterrupted run, entry for entry
+        assert (out / p.relative_to(ref)).read_bytes() == p.read_bytes()
+
+
+def test_store_of_another_version_is_refused(tiny_synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)
+    marker = json.loads((out / store.MARKER).read_text())
+    (out / store.MARKER).write_text(json.dumps({**marker, "version": store.STORE_VERSION + 1}))
+    for attempt in (lambda: data.build_video_dataset("synthetic", out, "train"),
+                    lambda: data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)):
+        with pytest.raises(store.StoreVersionError, match="python data.py --prepare"):
+            attempt()
+    monkeypatch.setattr(store, "STORE_VERSION", 0)  # an entry written by an older version of the code
+    old = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "old")
+    monkeypatch.undo()
+    ds = data.VideoClips([(old, 0)], num_frames=4, size=32)
+    with pytest.raises(store.StoreVersionError, match="version 0"):  # refused, not skipped as "corrupt"
+        ds[0]
+
+
+# ============ training ============
+
+def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_path):
+    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "store", codec="magicyuv", workers=1)
+    runs = {}
+    for name, root in (("original", tiny_synthetic), ("store", tmp_path / "store")):
+        args = ["--data_root", str(root), "--out", str(tmp_path / name), "--batch_size", "8", "--micro_batch",
+                "8", "--epochs", "1", "--warmup_epochs", "1", "--num_prototypes", "32", "--workers", "1",
+                "--seed", "0"]
+        assert train.main(args) == 0
+        runs[name] = load_checkpoint(str(tmp_path / name / "ckpt.pth"))["model"]
+    a, b = runs["original"], runs["store"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_short_side_shrinks_larger_frames_and_is_part_of_the_store(tiny_synthetic, tmp_path):
+    entry = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "s", short_side=128)  # 340x256 source
+    with data.open_video(entry) as video:
+        assert video.read([0, 5]).shape == (2, 128, 170, 3) and video.header["short_side"] == 128
+    small = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "big", short_side=300)  # never enlarged
+    with data.open_video(small) as video:
+        assert video.read([0]).shape == (1, 256, 340, 3)
+    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
+    with pytest.raises(ValueError, match="other settings"):  # no store mixes two resolutions or codecs
+        data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)
