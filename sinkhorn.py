@@ -114,7 +114,10 @@ def assignment_stats(assignments, logp):
     only Sinkhorn's rebalancing still spreads the targets -- an early warning.
     """
     K = logp.shape[1]
-    counts = torch.bincount(assignments, minlength=K).float()  # (K,)
+    # index_add_ rather than bincount: the output shape stays K (bincount's depends on the data, which
+    # breaks a torch.compile graph).
+    counts = logp.new_zeros(K, dtype=torch.float32).index_add_(
+        0, assignments, logp.new_ones(assignments.shape, dtype=torch.float32))  # (K,)
     p = logp.exp().sum(dim=0)  # (K,) summed soft mass
     # One all-reduce for both statistics: [assignment counts | soft mass | token count].
     packed = torch.cat([counts, p.float(), logp.new_full((1,), float(logp.shape[0]), dtype=torch.float32)])

@@ -12,6 +12,15 @@ SIGMA pretraining with plain DDP. One script for a laptop and for a GPU cluster.
 The same command restarts an interrupted run: it resumes from <out>/ckpt.pth (model, optimizer,
 scaler, step, config; randomness is re-derived from (seed, epoch, rank) at every epoch start, so
 a resumed run replays the uninterrupted one exactly). Every step is logged to <out>/log.jsonl.
+
+A run that cannot silently go wrong: every option is checked before anything is read; a NaN loss or a
+sustained collapse stops it (keeping the last checkpoint); a restart refuses settings that change the
+result; ranks that find different checkpoints stop at once; a DataLoader worker stuck in FFmpeg stops
+its rank after --loader_timeout; skipped videos are listed in <out>/bad_videos.txt.
+
+Read in run order: recipes -> options and their checks -> distributed set-up -> precision ->
+optimizer and schedule -> checkpoints and resume -> train() and the loop -> monitoring. The tools at
+the end (--bench, the matmul ceiling, the memory estimate) are not part of a run.
 """
 import argparse
 import contextlib
@@ -384,15 +393,22 @@ def train(args, rank, world, device):
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
     dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
                                   stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
-    dataset.bad_list = paths["bad_videos.txt"]  # every skipped video's path, from every worker and rank
+    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
+    # (shared by every worker and rank; the end-of-run summary counts it).
+    dataset.bad_list = paths["bad_videos.txt"]
     loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
                          shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} videos give no full step of {args.batch_size} clips on {world} GPUs: "
                          f"lower --batch_size")
 
     # ============ optimizer, resume ============
+    # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor. The run's config (all
+    # options + what was derived from them) is printed, stored in every checkpoint, and compared on resume:
+    # the same command restarts from <out>/ckpt.pth if every setting outside RESUME_MAY_CHANGE matches and
+    # every rank found the same checkpoint (resume()).
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda")
     config = {**vars(args), "world_size": world, "accum": accum, "lr_abs": lr, "min_lr_abs": min_lr,
@@ -408,6 +424,8 @@ def train(args, rank, world, device):
               + (f"; resumed from {paths['ckpt.pth']}: epoch {start_epoch}, step {step}" if step else ""))
 
     # ============ training ============
+    # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
+    # rank at once (the values it checks are averaged over ranks first), so no rank is left waiting.
     run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
@@ -446,7 +464,7 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
     for i in bar:
         for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
             g["lr"] = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
-        stats = {}
+        stats = {}  # name -> 0-d device tensor, the mean over this step's micro-batches
         for micro in range(accum):
             videos = next_batch(batches, run)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
             videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling: (B*R, 3, T, H, W)
@@ -456,17 +474,23 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
             sync = micro == accum - 1 or run.world == 1
             with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast():
                 out = step_model(videos, mask)
+            # / accum: the accumulated gradient is the mean over the whole batch_size clips, as one big batch's
+            # would be. The scaler multiplies by the fp16 loss scale (a no-op for bf16 / fp32).
             scaler.scale(out["loss"] / accum).backward()
             for k, v in out.items():  # mean over micro-batches; 0-d tensors, no host sync
                 stats[k] = stats.get(k, 0) + v.detach().double() / accum
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)  # true gradients from here on (fp16: divided by the loss scale)
         # The released recipe does not clip gradients; max_norm=inf only measures the norm for the log.
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        # fp16: a step with inf / NaN gradients is skipped and the scale halved; otherwise a plain AdamW step.
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        # No .item() here: reading a value would make the host wait for the GPU to finish the step, and the
+        # next step could not be queued behind it. The values are read every --log_every steps instead.
         run.record(step, epoch + (i + 1) / run.steps_per_epoch, optimizer.param_groups[0]["lr"], stats)
+        # Always at the end of an epoch too: the checkpoint is written only after its steps were checked.
         if (step % args.log_every == 0 or i + 1 == run.steps_per_epoch) and run.flush(bar):
             return step, True
     return step, False
@@ -478,7 +502,7 @@ def next_batch(batches, run):
     of all of them waiting in Sinkhorn's all-reduce until the NCCL timeout."""
     t0 = time.perf_counter()
     try:
-        videos = next(batches)[0]
+        videos = next(batches)[0]  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
     except RuntimeError as err:
         if "timed out" not in str(err):
             raise
@@ -514,12 +538,13 @@ class Run:
 
     def flush(self, bar):
         """Read, log and check the pending steps; returns True when the run must stop."""
-        keys = list(self.pending[0][3])
-        values = torch.stack([torch.stack([s[k].double() for k in keys]) for *_, s in self.pending])  # (n, keys)
+        keys = list(self.pending[0][3])  # loss, its terms, monitors, grad_norm
+        values = torch.stack([torch.stack([s[k].double() for k in keys]) for *_, s in self.pending])  # (steps, keys)
         if self.world > 1:  # loss terms are per rank: average them (the monitors are already global)
             dist.all_reduce(values)
             values /= self.world
         rows = values.tolist()  # the one host sync of the interval
+        # Throughput over the interval: per-step host times mean little while the GPU runs behind the host.
         dt = time.perf_counter() - self.t0
         timing = {"clips_per_s": len(rows) * self.args.batch_size / dt, "data_wait": self.data_time / dt,
                   "peak_mem_gb": peak_memory_gb(self.device)}
