@@ -380,6 +380,7 @@ class VideoClips(torch.utils.data.Dataset):
         self.views = repeats if train else num_clips * num_crops
         self.span = (num_frames - 1) * stride + 1  # frames covered by one clip
         self.max_bad_fraction, self.bad, self.seen = max_bad_fraction, set(), set()
+        self.bad_list = None  # optional path: each skipped video's path is appended (train.py's run summary)
 
     @property
     def num_classes(self):
@@ -406,6 +407,9 @@ class VideoClips(torch.utils.data.Dataset):
 
     def _skip(self, index, err):
         self.bad.add(index)
+        if self.bad_list:  # one short O_APPEND write per line: safe from several worker processes at once
+            with open(self.bad_list, "a") as f:
+                f.write(self.samples[index][0] + "\n")
         print(f"data.py: skipping unreadable video {self.samples[index][0]} ({type(err).__name__}: {err})",
               file=sys.stderr)
 
@@ -605,7 +609,8 @@ def build_video_dataset(name, root, split="train", fold=1, **clip_kwargs):
 # ============ loader ============
 
 
-def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True, seed=0, distributed=None):
+def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True, seed=0, distributed=None,
+                timeout=0):
     """A DataLoader set up for SIGMA training and evaluation.
 
     distributed (None = auto: torch.distributed initialised): a DistributedSampler gives each rank its own
@@ -619,7 +624,8 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
     and an epoch replays identically after a restart. Workers are therefore started afresh every epoch (not
     persistent: a persistent worker would carry its RNG state over from the previous epoch); on Linux that
     costs a fork per worker per epoch. With num_workers=0 augmentations use the main process RNG (train.py
-    reseeds it per epoch too). Memory is pinned only when CUDA is there to use it.
+    reseeds it per epoch too). Memory is pinned only when CUDA is there to use it. timeout (seconds, 0 = wait
+    forever): with workers, a batch that takes longer raises RuntimeError("DataLoader timed out ...").
     """
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
@@ -627,7 +633,7 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-        generator=torch.Generator())
+        generator=torch.Generator(), timeout=timeout if num_workers > 0 else 0)
     loader.seed, loader.rank = seed, dist.get_rank() if distributed else 0
     set_epoch(loader, 0)
     return loader

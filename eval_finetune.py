@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, make_loader, set_epoch
-from eval_linear import VIDEO_DATASETS, build_dataset, topk_accuracy
+from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
 from train import git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
 
@@ -97,6 +97,8 @@ def get_args(argv=None):
     a("--test_split", default="val", help="'val' is the official test list for ucf101 / hmdb51")
     a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3)")
     a("--stride", type=int, default=None, help="frames between sampled frames (data.py default: 4, SSv2 2)")
+    a("--sampling", default=None, choices=["stride", "segments"], help="clip frames: 'segments' = one per equal "
+      "segment of the whole video (the released SSv2 loader; default for ssv2), 'stride' elsewhere")
     a("--repeats", type=int, default=1, help="clips per decoded training video, each augmented on its own "
       "(VideoMAE's --num_sample; its published scripts use 2); batch_size counts clips")
     a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip (not SSv2)")
@@ -135,6 +137,7 @@ def get_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.randaug = (int(args.randaug[0]), float(args.randaug[1]), float(args.randaug[2]))
+    args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")  # as eval_linear.py (data.py samplings)
     problems = [msg for bad, msg in [
         (args.ckpt is None and not args.bench, "--ckpt is required: a checkpoint file or 'random'"),
         (args.ckpt not in (None, "random") and not os.path.isfile(args.ckpt),

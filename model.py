@@ -417,7 +417,8 @@ class SIGMA(nn.Module):
     """The pretraining module: encoder + decoder (Psi), projection phi, prototypes and loss.
 
     forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked) -> dict with 'loss' (scalar
-    to backpropagate), its terms, and collapse monitors (python floats/ints, global over ranks).
+    to backpropagate), its terms, and collapse monitors: all 0-d tensors left on the device (no host
+    sync in the step; the monitors are global over ranks).
     state_dict() holds exactly the released checkpoint keys (SPEC §7): no positional tables
     and no frozen DINO weights.
     """
@@ -452,7 +453,10 @@ class SIGMA(nn.Module):
         """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
         B, cfg = len(videos), self.cfg
         if cfg.target == "dino":
-            y = dino_targets(self.dino, videos, cfg.grid)  # (B, N, D), frozen
+            # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
+            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation).
+            with torch.autocast(videos.device.type, enabled=False):
+                y = dino_targets(self.dino, videos.float(), cfg.grid)  # (B, N, D), frozen, fp32
         else:
             with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
                 y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
@@ -462,29 +466,34 @@ class SIGMA(nn.Module):
     def predict(self, videos, mask):
         """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors."""
         B = len(videos)
-        counts = mask.sum(dim=1)
-        lo, hi = counts.aminmax()
-        if lo != hi:
-            raise ValueError("every clip in a batch must mask the same number of tokens (tube masking does)")
+        lo, hi = mask.sum(dim=1).aminmax()
+        # Checked on the device (an `if` on a GPU tensor would make the host wait for the GPU every step).
+        torch._assert_async(lo == hi, "every clip in a batch must mask the same number of tokens (tube masking does)")
         # Psi: encode visible tubes, append one mask token per masked tube, decode.
         x = self.encoder_to_decoder(self.encoder(videos, mask))  # (B, N_vis, C_d)
         pos = self.pos_embed.expand(B, -1, -1).to(x.dtype)  # (B, N, C_d)
         C = x.shape[-1]
-        x = torch.cat([x + pos[~mask].reshape(B, -1, C),              # visible first, in token order
-                       self.mask_token + pos[mask].reshape(B, -1, C)],  # then masked, in token order
+        pos_masked = pos[mask].reshape(B, -1, C)  # (B, N_m, C_d)
+        x = torch.cat([x + pos[~mask].reshape(B, -1, C),  # visible first, in token order
+                       self.mask_token + pos_masked],      # then masked, in token order
                       dim=1)  # (B, N, C_d)
-        pred = self.decoder(x, int(hi))  # (B, N_m, D)
+        pred = self.decoder(x, pos_masked.shape[1])  # (B, N_m, D)
         return pred, self.targets(videos, mask)
 
     def prototype_scores(self, pred, target):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
 
         Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released).
+        Always fp32 with autocast off (SPEC §4): a bf16 matmul rounds the scores to 8 mantissa bits,
+        which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
+        released fp16 path loses. The matmul is small next to the encoder, so fp32 costs little.
         """
         self.normalize_prototypes()
-        z_phi = F.normalize(target.flatten(0, 1), dim=-1)  # (B*N_m, D)
-        z_psi = F.normalize(pred.flatten(0, 1), dim=-1)  # (B*N_m, D)
-        return z_phi @ self.prototypes.t(), z_psi @ self.prototypes.detach().t()
+        with torch.autocast(pred.device.type, enabled=False):
+            z_phi = F.normalize(target.flatten(0, 1).float(), dim=-1)  # (B*N_m, D) fp32
+            z_psi = F.normalize(pred.flatten(0, 1).float(), dim=-1)  # (B*N_m, D) fp32
+            protos = self.prototypes.float()  # (K, D)
+            return z_phi @ protos.t(), z_psi @ protos.detach().t()  # (B*N_m, K) each, fp32
 
     def forward(self, videos, mask):
         cfg = self.cfg
@@ -500,7 +509,7 @@ class SIGMA(nn.Module):
                                                hard=not cfg.soft_codes))
         # Per-token spread of phi (mean over channels of the std over masked tokens); it
         # shrinks to 0 when the target collapses to a constant.
-        out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean().item()
+        out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean()  # 0-d, stays on device
         return out
 
 

@@ -54,8 +54,9 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
         s_max = _all_reduce(s.max().reshape(1), op=dist.ReduceOp.MAX)
         P = (s - s_max).div_(eps).exp_()  # (N, K), in place: this matrix is the big one
         N, K = P.shape
-        # Tokens per rank may differ (e.g. the last batch); count them globally.
-        n_total = _all_reduce(torch.tensor([float(N)], device=P.device)).item()
+        # Tokens per rank may differ (e.g. the last batch); count them globally. The count stays a
+        # (1,) tensor on the device (filled there, not copied from the host): no host sync per step.
+        n_total = _all_reduce(P.new_full((1,), float(N)))
 
         v = torch.ones(N, device=P.device)  # token scaling: the first step weighs tokens equally
         for _ in range(n_iters):
@@ -81,18 +82,21 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     returns: dict(loss, loss_phi, loss_psi, protos_used, assign_entropy); loss_phi is the term
     that trains phi, the last two are the collapse monitor of phi's side (assignment_stats).
     """
-    q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
-    q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
-    logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
-    logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
-    y_phi = q_phi.argmax(dim=-1)  # (N,) hard assignment of each token on phi's side
-    if hard:
-        loss_phi = F.nll_loss(logp_phi, q_psi.argmax(dim=-1))
-        loss_psi = F.nll_loss(logp_psi, y_phi)
-    else:
-        loss_phi = -(q_psi * logp_phi).sum(dim=-1).mean()
-        loss_psi = -(q_phi * logp_psi).sum(dim=-1).mean()
-    used, entropy = assignment_stats(y_phi, logp_phi.detach())
+    # The whole loss is fp32 with autocast off (SPEC §4), like Sinkhorn: the logits s / tau span
+    # [-10, 10] and the cross-entropy compares them with a precision bf16 does not have.
+    with torch.autocast(s_phi.device.type, enabled=False):
+        q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
+        q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
+        logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
+        logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
+        y_phi = q_phi.argmax(dim=-1)  # (N,) hard assignment of each token on phi's side
+        if hard:
+            loss_phi = F.nll_loss(logp_phi, q_psi.argmax(dim=-1))
+            loss_psi = F.nll_loss(logp_psi, y_phi)
+        else:
+            loss_phi = -(q_psi * logp_phi).sum(dim=-1).mean()
+            loss_psi = -(q_phi * logp_psi).sum(dim=-1).mean()
+        used, entropy = assignment_stats(y_phi, logp_phi.detach())
     return dict(loss=loss_phi + loss_psi, loss_phi=loss_phi.detach(), loss_psi=loss_psi.detach(),
                 protos_used=used, assign_entropy=entropy)
 
@@ -103,22 +107,27 @@ def assignment_stats(assignments, logp):
 
     assignments: (N,) prototype index of each token (argmax of its Sinkhorn code: the hard target the
     other side must predict). logp: (N, K) log_softmax(scores / tau) of the same tokens.
-    Returns (prototypes_used, entropy): how many prototypes are assigned at least one token on any
+    Returns 0-d tensors (prototypes_used, entropy): how many prototypes are assigned at least one token on any
     rank, and the entropy (nats) of the mean soft assignment exp(logp). Healthy: many prototypes used
     and entropy towards ln(K). Collapse (identical features): one prototype used. Entropy falling
     towards 0 while prototypes stay in use means phi's features crowd onto a few prototypes and
     only Sinkhorn's rebalancing still spreads the targets -- an early warning.
     """
     K = logp.shape[1]
-    counts = torch.bincount(assignments, minlength=K).float()  # (K,)
+    # index_add_ rather than bincount: the output shape stays K (bincount's depends on the data, which
+    # breaks a torch.compile graph).
+    counts = logp.new_zeros(K, dtype=torch.float32).index_add_(
+        0, assignments, logp.new_ones(assignments.shape, dtype=torch.float32))  # (K,)
     p = logp.exp().sum(dim=0)  # (K,) summed soft mass
     # One all-reduce for both statistics: [assignment counts | soft mass | token count].
-    packed = torch.cat([counts, p, logp.new_tensor([logp.shape[0]], dtype=torch.float32)])
+    packed = torch.cat([counts, p.float(), logp.new_full((1,), float(logp.shape[0]), dtype=torch.float32)])
     _all_reduce(packed)
     counts, p, n = packed[:K], packed[K:2 * K], packed[-1]
     p = p / n
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return int((counts > 0).sum()), entropy.item()
+    # 0-d tensors, left on the device: reading them (.item()) would make the host wait for the GPU
+    # every step; train.py reads all logged scalars at once per log interval instead.
+    return (counts > 0).sum(), entropy
 
 
 if __name__ == "__main__":
@@ -141,5 +150,5 @@ if __name__ == "__main__":
     print(f"Sinkhorn marginals: prototype mass {q.sum(0).min():.1f}..{q.sum(0).max():.1f} "
           f"(target {N / K:.1f}), token mass {q.sum(1).min():.4f}..{q.sum(1).max():.4f} (target 1)")
     used, ent = assignment_stats(q.argmax(-1), F.log_softmax(scores / 0.1, dim=-1))
-    print(f"collapse monitor: {used} prototypes assigned, entropy of the mean soft assignment (tau 0.1) "
+    print(f"collapse monitor: {int(used)} prototypes assigned, entropy of the mean soft assignment (tau 0.1) "
           f"{ent:.2f} (max ln K = {math.log(K):.2f})")

@@ -12,6 +12,15 @@ SIGMA pretraining with plain DDP. One script for a laptop and for a GPU cluster.
 The same command restarts an interrupted run: it resumes from <out>/ckpt.pth (model, optimizer,
 scaler, step, config; randomness is re-derived from (seed, epoch, rank) at every epoch start, so
 a resumed run replays the uninterrupted one exactly). Every step is logged to <out>/log.jsonl.
+
+A run that cannot silently go wrong: every option is checked before anything is read; a NaN loss or a
+sustained collapse stops it (keeping the last checkpoint); a restart refuses settings that change the
+result; ranks that find different checkpoints stop at once; a DataLoader worker stuck in FFmpeg stops
+its rank after --loader_timeout; skipped videos are listed in <out>/bad_videos.txt.
+
+Read in run order: recipes -> options and their checks -> distributed set-up -> precision ->
+optimizer and schedule -> checkpoints and resume -> train() and the loop -> monitoring. The tools at
+the end (--bench, the matmul ceiling, the memory estimate) are not part of a run.
 """
 import argparse
 import contextlib
@@ -32,8 +41,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import build_video_dataset, make_loader, set_epoch, tube_mask
-from model import build_model, load_checkpoint, train_step_flops
+from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
+from model import PRESETS, build_config, build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
 # Keyed by dataset, or dataset_arch where the release has a second recipe. Every value can be
@@ -56,6 +65,16 @@ RECIPES = {
 }
 
 
+# Collapse alarm (--loss sigma): a step counts as collapsed when phi sends every token of the global batch
+# to one prototype, or when its mean soft assignment puts >~99% of the mass on one prototype (entropy below
+# 0.1 nats; healthy runs sit at several nats, the maximum is ln K). See the README, "Common issues".
+COLLAPSE_ENTROPY = 0.1
+# --loss l2 with a jointly trained phi collapses by design (Eq. 2): phi's spread across tokens below this.
+L2_COLLAPSED_STD = 1e-3
+
+
+# ============ command line: options, then every value checked before anything is built or read ============
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="SIGMA pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Options left at None take their value from the recipe chosen by --dataset (and --arch).
@@ -63,7 +82,8 @@ def get_args(argv=None):
     a("--dataset", default="synthetic", help="synthetic | k400 | ssv2 | ucf101 | hmdb51 | list (data.py layouts)")
     a("--data_root", default=None, help="dataset folder (or list file for 'list'); synthetic: cache folder")
     a("--split", default="train")
-    a("--out", default=None, help="output folder for ckpt.pth and log.jsonl (default out/<dataset>_<arch>_<target>_<loss>)")
+    a("--out", default=None, help="output folder for ckpt.pth and log.jsonl (default out/<dataset>_<arch>_<target>_<loss>); "
+      "on several nodes it must be on a file system every node sees")
     # model
     a("--arch", default=None, help="tiny | vit_s | vit_b")
     a("--target", default=None, help="projection phi: mlp (SIGMA-MLP) | dino (SIGMA-DINO) | pixel; default mlp, pixel for --loss pixel")
@@ -84,9 +104,12 @@ def get_args(argv=None):
     a("--mask_ratio", type=float, default=0.9, help="share of spatial positions masked in every tube slice")
     a("--repeats", type=int, default=1, help="clips sampled per decoded video (repeated sampling amortises decoding)")
     a("--workers", type=int, default=None, help="DataLoader workers per GPU")
+    a("--loader_timeout", type=float, default=300, help="seconds to wait for one batch from the workers before "
+      "stopping with a message (a worker stuck in FFmpeg); below the NCCL timeout (10 min); 0 = wait forever")
     # optimisation (SPEC §6)
     a("--batch_size", type=int, default=None, help="total clips per optimizer step, over all GPUs")
-    a("--micro_batch", type=int, default=None, help="clips per GPU per forward; accumulation fills the rest")
+    a("--micro_batch", type=int, default=None, help="clips per GPU per forward; accumulation fills the rest. "
+      "Sinkhorn balances over micro_batch x GPUs clips, so it is part of the recipe")
     a("--epochs", type=int, default=None)
     a("--warmup_epochs", type=int, default=None, help="linear warmup from 0, then per-step cosine")
     a("--lr", type=float, default=None, help="base lr per 256 clips: lr = base * batch_size / 256")
@@ -94,12 +117,17 @@ def get_args(argv=None):
     a("--weight_decay", type=float, default=0.05, help="not applied to biases, norms, 1-D params, mask token")
     a("--betas", type=float, nargs=2, default=(0.9, 0.95))
     a("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
-    a("--compile", action="store_true", help="torch.compile the model (GPU; first steps are slow)")
+    a("--compile", nargs="?", const="inductor", default=None, help="torch.compile the model, optionally naming the "
+      "backend (--compile = inductor; aot_eager compiles fast, for checks); the first steps are slow")
     # bookkeeping
     a("--seed", type=int, default=0)
     a("--save_every", type=int, default=None, help="epochs between checkpoints (always one at the end)")
     a("--max_epochs_this_run", type=int, default=0, help="stop after this many epochs (with a checkpoint); "
       "re-run the same command to continue -- for time-limited cluster jobs")
+    a("--log_every", type=int, default=10, help="steps between reads of the logged values from the GPU (each read "
+      "waits for the GPU; every step still gets its log line)")
+    a("--collapse_patience", type=int, default=100, help="stop when phi's assignments stay collapsed for this many "
+      "steps in a row (--loss sigma); 0 = never stop")
     a("--bench", action="store_true", help="time --bench_steps steps on random input and exit")
     a("--bench_steps", type=int, default=10)
     a("--bench_batch", type=int, default=None, help="clips per timed step (default: --micro_batch on GPU, 2 on "
@@ -116,6 +144,70 @@ def get_args(argv=None):
     if args.out is None:
         args.out = os.path.join("out", f"{args.dataset}_{args.arch}_{args.target}_{args.loss}")
     return args
+
+
+def check_args(args, world):
+    """Check every option before anything is built or read; returns the model Config.
+
+    A bad value stops here with a message naming the option and a valid value, instead of running to
+    the end (a negative eps, a warmup as long as the run, ...). All problems are listed at once.
+    """
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(args.dataset in LAYOUTS, f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(LAYOUTS))}")
+    need(args.arch in PRESETS, f"--arch {args.arch!r}: unknown arch, choose one of {', '.join(PRESETS)}")
+    need(args.target in ("mlp", "dino", "pixel"), f"--target {args.target!r}: choose mlp, dino or pixel")
+    need(args.loss in ("sigma", "l2", "pixel"), f"--loss {args.loss!r}: choose sigma, l2 or pixel")
+    need(args.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision {args.precision!r}: choose auto, fp32, bf16 or fp16")
+    for name, low in [("num_prototypes", 2), ("sk_iters", 1), ("stride", 1), ("repeats", 1), ("batch_size", 1),
+                      ("micro_batch", 1), ("epochs", 1), ("save_every", 1), ("log_every", 1), ("bench_steps", 1),
+                      ("workers", 0), ("warmup_epochs", 0), ("max_epochs_this_run", 0), ("collapse_patience", 0)]:
+        need(getattr(args, name) >= low, f"--{name} {getattr(args, name)}: must be >= {low}, e.g. {max(low, 1)}")
+    for name in ("sk_eps", "temperature", "lr"):
+        need(getattr(args, name) > 0, f"--{name} {getattr(args, name)}: must be > 0, e.g. {RECIPES['k400'].get(name, 0.1)}")
+    need(0 < args.mask_ratio < 1, f"--mask_ratio {args.mask_ratio}: must be in (0, 1), e.g. 0.9 (released)")
+    need(0 <= args.min_lr <= args.lr, f"--min_lr {args.min_lr}: must be in [0, --lr {args.lr}], e.g. {args.lr / 15:.2g}")
+    need(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be >= 0, e.g. 0.05")
+    need(all(0 <= b < 1 for b in args.betas), f"--betas {args.betas}: each in [0, 1), e.g. 0.9 0.95")
+    need(args.loader_timeout >= 0, f"--loader_timeout {args.loader_timeout}: seconds >= 0, e.g. 300 (0 = off)")
+    need(args.bench_batch is None or args.bench_batch >= 1, f"--bench_batch {args.bench_batch}: must be >= 1")
+    need(not args.proj_hidden or min(args.proj_hidden) >= 1, f"--proj_hidden {args.proj_hidden}: widths >= 1, e.g. 1024 1024 512")
+    # Combinations.
+    need(args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than --epochs "
+         f"{args.epochs} (the lr would never reach its peak), e.g. --warmup_epochs {args.epochs // 20}")
+    need(args.micro_batch % max(args.repeats, 1) == 0,
+         f"--micro_batch {args.micro_batch} must be a multiple of --repeats {args.repeats}, e.g. --repeats "
+         f"{max(r for r in range(1, max(args.repeats, 1) + 1) if args.micro_batch % r == 0)}")
+    if args.micro_batch >= 1 and args.batch_size % (world * args.micro_batch):
+        fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (world * m) == 0]
+        problems.append(f"--batch_size {args.batch_size} is not a multiple of {world} GPUs x --micro_batch "
+                        f"{args.micro_batch}; use --micro_batch {fits[0] if fits else 1} or change --batch_size")
+    need(not args.soft_codes or args.loss == "sigma", "--soft_codes only applies to --loss sigma: drop it")
+    need(not args.dino_weights or args.target == "dino", "--dino_weights is only read with --target dino: add "
+         "--target dino or drop --dino_weights")
+    if problems:
+        raise ValueError("invalid options:\n  - " + "\n  - ".join(problems))
+    cfg = build_config(args.arch, **model_options(args))  # the model's own checks (Config.validate)
+    positions = cfg.grid[1] * cfg.grid[2]
+    if not 1 <= int(args.mask_ratio * positions) < positions:
+        raise ValueError(f"--mask_ratio {args.mask_ratio} masks {int(args.mask_ratio * positions)} of {positions} "
+                         f"positions: at least one must be masked and one visible, e.g. --mask_ratio 0.9")
+    return cfg
+
+
+def model_options(args):
+    """The model Config fields that come from the command line (the rest come from the --arch preset)."""
+    options = dict(target=args.target, loss=args.loss, num_prototypes=args.num_prototypes, sk_eps=args.sk_eps,
+                   sk_iters=args.sk_iters, temperature=args.temperature, soft_codes=args.soft_codes,
+                   dino_weights=args.dino_weights, dino_arch=args.dino_arch)
+    options.update({k: getattr(args, k) for k in ("num_frames", "img_size") if getattr(args, k) is not None})
+    if args.proj_hidden:
+        options["proj_hidden"] = tuple(args.proj_hidden)
+    return options
 
 
 # ============ distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ============
@@ -144,6 +236,36 @@ def seed_everything(seed, epoch, rank):
     return torch.Generator().manual_seed(s + 1)  # the tube-mask generator
 
 
+def wrap_model(model, args, world, device):
+    """The module the loop calls: compiled and/or wrapped in DDP; `model` itself stays what we save.
+
+    forward_sync_buffers=False (torch 2.14's name for the deprecated broadcast_buffers=False): the only buffers
+    are the fixed positional tables, identical on every rank by construction, so DDP's default re-broadcast of
+    all buffers before each forward is pure overhead (the one broadcast at start stays).
+    """
+    if args.compile:
+        model = torch.compile(model, backend=args.compile)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    return model
+
+
+# ============ precision: one autocast context for the whole step ============
+
+def choose_precision(args, device):
+    """(precision, autocast, scaler). bf16 autocast on GPUs that have it (no loss scaling needed), fp32 on
+    CPU, fp16 + GradScaler only on request (the released code's choice on V100s; CPU supports it too, slowly).
+    Whatever the choice, prototype scores, Sinkhorn and the loss run in fp32 (model.py, sinkhorn.py), and so
+    does the frozen DINO, outside the autocast (as released)."""
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return precision, autocast, scaler
+
+
 # ============ optimisation: parameter groups and the lr schedule (SPEC §6) ============
 
 def param_groups(model, weight_decay):
@@ -164,11 +286,16 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ============ checkpoints: atomic, unwrapped, released key layout ============
+# ============ checkpoints and resume: atomic, unwrapped, released key layout ============
 
-# Settings that define the run: resuming with different ones would silently mix two runs.
-RESUME_MUST_MATCH = ("dataset", "arch", "target", "loss", "num_prototypes", "batch_size", "epochs",
-                     "num_frames", "img_size", "seed")
+# An allow-list: these settings may change between restarts (where files are, how fast, how often to save
+# or log, when to stop). Every other setting -- including micro_batch (Sinkhorn's batch), the GPU count and
+# the steps per epoch (the dataset) -- changes the result, and resuming with a different value is refused.
+# precision may change so that a run can move between GPU generations (fp16 <-> bf16); it changes the
+# rounding, not the recipe.
+RESUME_MAY_CHANGE = ("out", "data_root", "workers", "loader_timeout", "precision", "compile", "save_every",
+                     "max_epochs_this_run", "log_every", "collapse_patience", "bench", "bench_steps",
+                     "bench_batch", "git")
 
 
 def save_checkpoint(path, obj):
@@ -190,217 +317,320 @@ def git_hash():
         return None
 
 
-def matmul_flops_per_second(device, dtype, n=2048, seconds=2.0):
-    """Throughput of one large matmul on this device: the practical ceiling of a training step."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
+    """Auto-resume from <out>/ckpt.pth if it exists: returns (start_epoch, step), the same on every rank.
+
+    Every rank reads the checkpoint itself, then all ranks compare what they found in one all-reduce: a node
+    that cannot see rank 0's file would otherwise start from epoch 0 and hang later in an all-reduce. Refusals
+    (changed settings) go through the same exchange, so every rank stops together instead of some waiting.
+    """
+    epoch, step, problem = 0, 0, None
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        same = lambda v: json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
+        changed = {k: (ckpt["config"].get(k), v) for k, v in run_config.items()
+                   if k not in RESUME_MAY_CHANGE and same(ckpt["config"].get(k)) != same(v)}
+        if changed:
+            problem = (f"{ckpt_path} was trained with other settings {changed} (saved, now): use another --out or the "
+                       f"same settings (only {', '.join(RESUME_MAY_CHANGE)} may change between restarts)")
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["scaler"]:  # empty when saved by a bf16 / fp32 run: an fp16 restart starts a fresh scale
+                scaler.load_state_dict(ckpt["scaler"])
+            epoch, step = ckpt["epoch"], ckpt["step"]
+    if world > 1:
+        # One MAX all-reduce answers both questions: did any rank refuse, and do all ranks agree (max of the
+        # values equals max of their negatives' negation only when every rank holds the same value).
+        found = torch.tensor([epoch, step, -epoch, -step, int(problem is not None)], device=device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        hi_epoch, hi_step, lo_epoch, lo_step, refused = found.tolist()
+        if refused and problem is None:
+            problem = "another rank refused to resume (see its message above)"
+        elif not problem and (hi_epoch, hi_step) != (-lo_epoch, -lo_step):
+            raise RuntimeError(
+                f"rank {dist.get_rank()} would resume from epoch {epoch}, step {step} ({ckpt_path}), but other ranks "
+                f"found epochs {-lo_epoch}..{hi_epoch}: every rank must read the same checkpoint. Put --out on a "
+                f"file system that every node sees (e.g. the cluster's shared storage, not a node-local disk).")
+    if problem:
+        raise ValueError(problem)
+    return epoch, step
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (process RSS)
-
+# ============ the run, in the order it happens ============
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
-    master = rank == 0
     try:
-        return train(args, rank, world, device, master)
+        return train(args, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, rank, world, device, master):
-    # ============ precision ============
-    # One precision context for the whole step (SPEC §6): bf16 autocast on GPUs that have it (no loss
-    # scaling needed), fp32 on CPU, fp16 + GradScaler only on request (the released code's choice on
-    # V100s). Sinkhorn always runs in fp32 regardless (sinkhorn.py).
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU; on CPU use fp32 (or bf16)")
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # ============ building the model (fails here on a bad configuration) ============
+def train(args, rank, world, device):
+    master = rank == 0
+    cfg = check_args(args, world)  # every option, before any weight or video is read
+    precision, autocast, scaler = choose_precision(args, device)
     torch.manual_seed(args.seed)  # same initial weights for a given seed, on every rank
-    model_overrides = {k: getattr(args, k) for k in ("num_frames", "img_size") if getattr(args, k) is not None}
-    if args.proj_hidden:
-        model_overrides["proj_hidden"] = tuple(args.proj_hidden)
-    model = build_model(args.arch, target=args.target, loss=args.loss, num_prototypes=args.num_prototypes,
-                        sk_eps=args.sk_eps, sk_iters=args.sk_iters, temperature=args.temperature,
-                        soft_codes=args.soft_codes, dino_weights=args.dino_weights, dino_arch=args.dino_arch,
-                        **model_overrides).to(device)
-    cfg = model.cfg
+    model = build_model(args.arch, **model_options(args)).to(device)
     if args.bench:
-        return bench(model, cfg, args, device, autocast, amp_dtype)
+        return bench(model, cfg, args, device, autocast, precision)
 
     # ============ batch arithmetic ============
     # batch_size (total clips per optimizer step) = world x micro_batch x accum. The released K400 run used
     # 16 GPUs x 40 clips; on 8 GPUs the same 640 clips come from 2 accumulated micro-batches. The lr
     # follows the total batch (linear scaling rule, as released: base lr per 256 clips).
-    if args.batch_size % (world * args.micro_batch):
-        fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (world * m) == 0]
-        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of {world} GPUs x --micro_batch "
-                         f"{args.micro_batch}; use --micro_batch {fits[0] if fits else 1} or change --batch_size")
-    if args.micro_batch % args.repeats:
-        raise ValueError(f"--micro_batch {args.micro_batch} must be a multiple of --repeats {args.repeats}")
     accum = args.batch_size // (world * args.micro_batch)
-    lr = args.lr * args.batch_size / 256
-    min_lr = args.min_lr * args.batch_size / 256
+    lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
     # drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside
     # each one -- a rank with an extra batch would wait forever. With --repeats R each decoded video
     # yields R clips, so the loader batches micro_batch / R videos.
+    os.makedirs(args.out, exist_ok=True)
+    paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
     dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
                                   stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
+    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
+    # (shared by every worker and rank; the end-of-run summary counts it).
+    dataset.bad_list = paths["bad_videos.txt"]
     loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
-                         shuffle=True, drop_last=True, seed=args.seed)
+                         shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} videos give no full step of {args.batch_size} clips on {world} GPUs: "
                          f"lower --batch_size")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
 
     # ============ optimizer, resume ============
-    # Auto-resume: the same command restarts from <out>/ckpt.pth. Settings that define the run must match;
-    # the rest (workers, precision, ...) may change between restarts.
+    # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor. The run's config (all
+    # options + what was derived from them) is printed, stored in every checkpoint, and compared on resume:
+    # the same command restarts from <out>/ckpt.pth if every setting outside RESUME_MAY_CHANGE matches and
+    # every rank found the same checkpoint (resume()).
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda")
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pth"), os.path.join(args.out, "log.jsonl")
-    start_epoch, step = 0, 0
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        changed = {k: (ckpt["config"].get(k), v) for k, v in vars(args).items()
-                   if k in RESUME_MUST_MATCH and ckpt["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"{ckpt_path} was trained with other settings {changed} (saved, now): "
-                             f"use another --out or the same settings")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if master:
-            print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    raw_model = model  # unwrapped: what we save (no `module.` / `_orig_mod.` prefixes: released layout)
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     config = {**vars(args), "world_size": world, "accum": accum, "lr_abs": lr, "min_lr_abs": min_lr,
               "precision": precision, "steps_per_epoch": steps_per_epoch, "git": git_hash()}
+    start_epoch, step = resume(paths["ckpt.pth"], config, model, optimizer, scaler, world, device)
+    step_model = wrap_model(model, args, world, device)
     if master:
         print("config:", json.dumps(config, indent=None, default=str))
-        print(f"model: {args.arch} target={cfg.target} loss={cfg.loss}, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} "
-              f"trainable params; {len(dataset)} videos; {world} x {args.micro_batch} clips x {accum} accum = "
-              f"{args.batch_size} clips/step; {steps_per_epoch} steps/epoch; device {device}, {precision}")
+        print(f"model: {args.arch} target={cfg.target} loss={cfg.loss}, "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable params; {len(dataset)} "
+              f"videos; {world} x {args.micro_batch} clips x {accum} accum = {args.batch_size} clips/step; "
+              f"{steps_per_epoch} steps/epoch; device {device}, {precision}"
+              + (f"; resumed from {paths['ckpt.pth']}: epoch {start_epoch}, step {step}" if step else ""))
 
     # ============ training ============
-    log = open(log_path, "a") if master else None
-    first_losses, last = [], {}
-    end_epoch = args.epochs if not args.max_epochs_this_run else min(args.epochs, start_epoch + args.max_epochs_this_run)
+    # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
+    # rank at once (the values it checks are averaged over ranks first), so no rank is left waiting.
+    run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
+    end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
         # This epoch's randomness (augmentation, shuffle, masks) depends on (seed, epoch, rank) only,
         # so a run resumed from an end-of-epoch checkpoint continues exactly like an uninterrupted one.
         mask_gen = seed_everything(args.seed, epoch, rank)
         set_epoch(loader, epoch)
-        model.train()
-        batches = iter(loader)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if master else True,
-                   dynamic_ncols=True, leave=False)
-        for _ in bar:
-            t0 = time.perf_counter()
-            for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
-                g["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
-            data_time, stats = 0.0, {}
-            for micro in range(accum):
-                t_data = time.perf_counter()
-                videos = next(batches)[0].to(device, non_blocking=True)  # (B, 3, T, H, W); (B, R, ...) with --repeats R
-                data_time += time.perf_counter() - t_data
-                videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling
-                # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
-                mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen).to(device)
-                # Gradients are all-reduced by DDP only on the last micro-batch.
-                sync = micro == accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                    out = model(videos, mask)
-                scaler.scale(out["loss"] / accum).backward()
-                for k, v in out.items():  # mean over micro-batches
-                    stats[k] = stats.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v) / accum
-            scaler.unscale_(optimizer)
-            # The released recipe does not clip gradients; max_norm=inf only measures the norm for the log.
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf")).item()
-            # Average the logged loss over ranks. Every rank sees the same average, so a non-finite loss on
-            # any rank stops all of them together (one rank stopping alone would hang the others).
-            loss_mean = torch.tensor([stats["loss"]], device=device, dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(loss_mean)
-                loss_mean /= world
-            stats["loss"] = loss_mean.item()
-            if not math.isfinite(stats["loss"]):
-                if master:
-                    print(f"\nloss is {stats['loss']} at step {step} (epoch {epoch}); stopping. The last good "
-                          f"checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none (no epoch finished)'}. "
-                          "Try a lower --lr, more --warmup_epochs, or --precision fp32 / bf16.", file=sys.stderr)
-                return 1
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            dt = time.perf_counter() - t0
-            last = {"step": step, "epoch": epoch + (bar.n + 1) / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm, **{k: round(v, 5) for k, v in stats.items()},
-                    "clips_per_s": args.batch_size / dt, "data_wait": data_time / dt,
-                    "peak_mem_gb": peak_memory_gb(device)}
-            if master:
-                if len(first_losses) < 10:
-                    first_losses.append(stats["loss"])
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", protos=stats.get("protos_used", "-"),
-                                lr=f"{last['lr']:.1e}", clips_s=f"{last['clips_per_s']:.0f}",
-                                data=f"{last['data_wait']:.0%}")
-
+        step_model.train()
+        step, stop = train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step)
+        if stop:
+            return 1
         if master:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}"
-                  + (f", prototypes used {int(last['protos_used'])}/{cfg.num_prototypes}, entropy "
-                     f"{last['assign_entropy']:.2f}/{math.log(cfg.num_prototypes):.2f}" if "protos_used" in last else "")
-                  + f", target spread {last['target_std']:.3f}, {last['clips_per_s']:.1f} clips/s, "
-                  f"data wait {last['data_wait']:.0%}")
+            run.end_of_epoch(epoch)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch:
-                save_checkpoint(ckpt_path, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_checkpoint(paths["ckpt.pth"], {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "config": config,
                     "model_config": dataclasses.asdict(cfg)})
         if world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint exists
 
     if world > 1:
-        check_ranks_agree(raw_model, master)
+        check_ranks_agree(model, master)
     if master:
-        log.close()
-        summary(args, cfg, first_losses, last, ckpt_path, log_path, end_epoch)
+        run.summary(end_epoch)
     return 0
+
+
+def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):
+    """One pass over the loader: steps_per_epoch optimizer steps of accum micro-batches each.
+    Returns (step, stop): stop is True when the monitor found a NaN loss or a collapse."""
+    args, cfg, device, accum = run.args, run.cfg, run.device, run.accum
+    batches = iter(loader)
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+               leave=False, disable=None if run.master else True)
+    for i in bar:
+        for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
+            g["lr"] = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
+        stats = {}  # name -> 0-d device tensor, the mean over this step's micro-batches
+        for micro in range(accum):
+            videos = next_batch(batches, run)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+            videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling: (B*R, 3, T, H, W)
+            # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
+            mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen).to(device)  # (B, N)
+            # Gradients are all-reduced by DDP only on the last micro-batch.
+            sync = micro == accum - 1 or run.world == 1
+            with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast():
+                out = step_model(videos, mask)
+            # / accum: the accumulated gradient is the mean over the whole batch_size clips, as one big batch's
+            # would be. The scaler multiplies by the fp16 loss scale (a no-op for bf16 / fp32).
+            scaler.scale(out["loss"] / accum).backward()
+            for k, v in out.items():  # mean over micro-batches; 0-d tensors, no host sync
+                stats[k] = stats.get(k, 0) + v.detach().double() / accum
+        scaler.unscale_(optimizer)  # true gradients from here on (fp16: divided by the loss scale)
+        # The released recipe does not clip gradients; max_norm=inf only measures the norm for the log.
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        # fp16: a step with inf / NaN gradients is skipped and the scale halved; otherwise a plain AdamW step.
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        # No .item() here: reading a value would make the host wait for the GPU to finish the step, and the
+        # next step could not be queued behind it. The values are read every --log_every steps instead.
+        run.record(step, epoch + (i + 1) / run.steps_per_epoch, optimizer.param_groups[0]["lr"], stats)
+        # Always at the end of an epoch too: the checkpoint is written only after its steps were checked.
+        if (step % args.log_every == 0 or i + 1 == run.steps_per_epoch) and run.flush(bar):
+            return step, True
+    return step, False
+
+
+def next_batch(batches, run):
+    """The next batch, on the device. A worker that produces nothing for --loader_timeout seconds (FFmpeg stuck
+    on a pathological file) stops this rank with a message; torchrun then ends the other ranks at once instead
+    of all of them waiting in Sinkhorn's all-reduce until the NCCL timeout."""
+    t0 = time.perf_counter()
+    try:
+        videos = next(batches)[0]  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+    except RuntimeError as err:
+        if "timed out" not in str(err):
+            raise
+        raise RuntimeError(
+            f"rank {run.rank}: no batch from the DataLoader workers for {run.args.loader_timeout:g} s "
+            f"(--loader_timeout). A worker is probably stuck decoding a pathological video; the files skipped so far "
+            f"are listed in {run.paths['bad_videos.txt']}. Re-encode or remove the file (try decoding the dataset "
+            f"with `python data.py`), or raise --loader_timeout if decoding is merely slow.") from None
+    run.data_time += time.perf_counter() - t0
+    return videos.to(run.device, non_blocking=True)
+
+
+# ============ monitoring: the log, the NaN stop, the collapse alarm ============
+
+class Run:
+    """What the loop reports. Per step it only keeps the logged values as device tensors; every --log_every
+    steps (and at the end of each epoch) it reads them from the GPU in one transfer -- after one all-reduce
+    over ranks -- writes one JSON line per step, and checks them: a non-finite loss or a sustained collapse
+    stops the run (every rank reads the same averaged values, so every rank stops together)."""
+
+    def __init__(self, args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum):
+        self.args, self.cfg, self.world, self.device, self.master = args, cfg, world, device, master
+        self.rank = dist.get_rank() if world > 1 else 0
+        self.steps_per_epoch, self.paths, self.lr, self.min_lr, self.accum = steps_per_epoch, paths, lr, min_lr, accum
+        self.total_steps, self.warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+        self.pending, self.first_losses, self.last = [], [], {}
+        self.collapsed_steps, self.l2_collapse_noted = 0, False
+        self.data_time, self.t0 = 0.0, time.perf_counter()
+        self.log = open(paths["log.jsonl"], "a") if master else None
+
+    def record(self, step, epoch, lr, stats):
+        self.pending.append((step, epoch, lr, stats))
+
+    def flush(self, bar):
+        """Read, log and check the pending steps; returns True when the run must stop."""
+        keys = list(self.pending[0][3])  # loss, its terms, monitors, grad_norm
+        values = torch.stack([torch.stack([s[k].double() for k in keys]) for *_, s in self.pending])  # (steps, keys)
+        if self.world > 1:  # loss terms are per rank: average them (the monitors are already global)
+            dist.all_reduce(values)
+            values /= self.world
+        rows = values.tolist()  # the one host sync of the interval
+        # Throughput over the interval: per-step host times mean little while the GPU runs behind the host.
+        dt = time.perf_counter() - self.t0
+        timing = {"clips_per_s": len(rows) * self.args.batch_size / dt, "data_wait": self.data_time / dt,
+                  "peak_mem_gb": peak_memory_gb(self.device)}
+        for (step, epoch, lr, _), row in zip(self.pending, rows):
+            self.last = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in zip(keys, row)}, **timing}
+            if "protos_used" in self.last:
+                self.last["protos_used"] = round(self.last["protos_used"])
+            if self.master:
+                self.log.write(json.dumps(self.last) + "\n")
+                if len(self.first_losses) < 10:
+                    self.first_losses.append(self.last["loss"])
+            if self.alarm():
+                if self.master:
+                    self.log.flush()
+                return True
+        self.pending, self.data_time, self.t0 = [], 0.0, time.perf_counter()
+        if self.master:
+            self.log.flush()
+            bar.set_postfix(loss=f"{self.last['loss']:.3f}", protos=self.last.get("protos_used", "-"),
+                            lr=f"{self.last['lr']:.1e}", clips_s=f"{timing['clips_per_s']:.0f}",
+                            data=f"{timing['data_wait']:.0%}")
+        return False
+
+    def alarm(self):
+        """Checks one logged step. A NaN stops at once; a collapse stops after --collapse_patience steps."""
+        last, ckpt = self.last, self.paths["ckpt.pth"]
+        good = ckpt if os.path.exists(ckpt) else "none (no epoch finished)"
+        if not math.isfinite(last["loss"]):
+            self.say(f"loss is {last['loss']} at step {last['step']}; stopping. The last good checkpoint is {good}. "
+                     "Try a lower --lr, more --warmup_epochs, or --precision fp32 / bf16.")
+            return True
+        if self.cfg.loss == "l2" and last["target_std"] < L2_COLLAPSED_STD and not self.l2_collapse_noted:
+            self.l2_collapse_noted = True  # the Eq. 2 ablation: expected, so it runs to the end
+            self.say(f"phi's output collapsed to a constant at step {last['step']} (target_std {last['target_std']:.1e}), "
+                     "as expected for --loss l2 with a jointly trained phi (paper Eq. 2); not stopping.")
+        if self.cfg.loss != "sigma" or not self.args.collapse_patience:
+            return False
+        collapsed = last["protos_used"] <= 1 or last["assign_entropy"] < COLLAPSE_ENTROPY
+        self.collapsed_steps = self.collapsed_steps + 1 if collapsed else 0
+        if self.collapsed_steps < self.args.collapse_patience:
+            return False
+        self.say(f"collapse: for {self.collapsed_steps} steps up to step {last['step']}, phi assigned the tokens to "
+                 f"{last['protos_used']} of {self.cfg.num_prototypes} prototypes (assignment entropy "
+                 f"{last['assign_entropy']:.3f} nats, max {math.log(self.cfg.num_prototypes):.2f}): its features no "
+                 f"longer tell tokens apart and the loss teaches nothing. Stopping; the last checkpoint is {good} (if "
+                 "the collapse began before it, go back further). Try a lower --lr or more --warmup_epochs, a "
+                 "larger --micro_batch (Sinkhorn balances over micro_batch x GPUs clips), check that the videos "
+                 "are not blank or identical, or --collapse_patience 0 to keep going.")
+        return True
+
+    def say(self, message):
+        if self.master:
+            print("\n" + message, file=sys.stderr)
+
+    def end_of_epoch(self, epoch):
+        last, K = self.last, self.cfg.num_prototypes
+        print(f"epoch {epoch + 1}/{self.args.epochs}: loss {last['loss']:.4f}"
+              + (f", prototypes used {last['protos_used']}/{K}, entropy {last['assign_entropy']:.2f}/{math.log(K):.2f}"
+                 if "protos_used" in last else "")
+              + f", target spread {last['target_std']:.3f}, {last['clips_per_s']:.1f} clips/s, "
+              f"data wait {last['data_wait']:.0%}")
+
+    def summary(self, end_epoch):
+        args, last, ckpt = self.args, self.last, self.paths["ckpt.pth"]
+        self.log.close()
+        if not last:
+            print(f"nothing to do: {ckpt} already holds epoch {end_epoch}/{args.epochs}")
+            return
+        lines = [f"done: epoch {end_epoch}/{args.epochs}, step {last['step']}.",
+                 f"  loss {sum(self.first_losses) / len(self.first_losses):.3f} (first steps) -> "
+                 f"{last['loss']:.3f} (last step)"]
+        if "protos_used" in last:
+            lines.append(f"  prototypes in use {last['protos_used']}/{self.cfg.num_prototypes}, assignment entropy "
+                         f"{last['assign_entropy']:.2f} nats (max {math.log(self.cfg.num_prototypes):.2f}; near 0 = collapse)")
+        bad = self.paths["bad_videos.txt"]
+        n_bad = len(set(open(bad).read().split("\n")) - {""}) if os.path.exists(bad) else 0
+        lines += [f"  checkpoint {ckpt}", f"  log        {self.paths['log.jsonl']}  (one JSON line per step)",
+                  f"  unreadable videos skipped: {n_bad}" + (f", listed in {bad}" if n_bad else "")]
+        if end_epoch < args.epochs:
+            lines.append("  re-run the same command to continue.")
+        else:
+            data = f"--dataset {args.dataset}" + (f" --data_root {args.data_root}" if args.data_root else "")
+            lines += ["next:", f"  python eval_linear.py --ckpt {ckpt} {data}",
+                      f"  python eval_vos.py --ckpt {ckpt} --dataset "
+                      + ("synthetic" if args.dataset == "synthetic" else "davis2017 --data_root /path/to/DAVIS")]
+        print("\n".join(lines))
 
 
 def check_ranks_agree(model, master):
@@ -417,65 +647,30 @@ def check_ranks_agree(model, master):
         print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
 
 
-def summary(args, cfg, first_losses, last, ckpt_path, log_path, end_epoch):
-    if not last:
-        print(f"nothing to do: {ckpt_path} already holds epoch {end_epoch}/{args.epochs}")
-        return
-    lines = [f"done: epoch {end_epoch}/{args.epochs}, step {last['step']}.",
-             f"  loss {sum(first_losses) / len(first_losses):.3f} (first steps) -> {last['loss']:.3f} (last step)"]
-    if "protos_used" in last:
-        lines.append(f"  prototypes in use {int(last['protos_used'])}/{cfg.num_prototypes}, assignment entropy "
-                     f"{last['assign_entropy']:.2f} nats (max {math.log(cfg.num_prototypes):.2f}; near 0 = collapse)")
-    lines += [f"  checkpoint {ckpt_path}", f"  log        {log_path}  (one JSON line per step)"]
-    if end_epoch < args.epochs:
-        lines.append("  re-run the same command to continue.")
-    else:
-        data = f"--dataset {args.dataset}" + (f" --data_root {args.data_root}" if args.data_root else "")
-        lines += ["next:", f"  python eval_linear.py --ckpt {ckpt_path} {data}",
-                  f"  python eval_vos.py --ckpt {ckpt_path} --dataset "
-                  + ("synthetic" if args.dataset == "synthetic" else "davis2017 --data_root /path/to/DAVIS")]
-    print("\n".join(lines))
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30  # a host-side counter: no sync
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (process RSS)
 
 
-# ============ --bench: the training step on random input ============
+# ============================================================================================================
+# ============ tools (not part of a training run): --bench, the matmul ceiling, the memory estimate ============
+# ============================================================================================================
 
-def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
-    """Per-GPU memory of a training step, estimated without a GPU: fp32 weights, grads and AdamW
-    moments (16 bytes per trainable parameter) + the tensors autograd saves for backward,
-    counted on one clip under the run's autocast and scaled to `batch` clips + the two
-    (tokens x K) fp32 Sinkhorn matrices alive at the end of the forward. Allocator slack and
-    workspace are not included (add ~10-20%)."""
-    saved = {}
-
-    def pack(t):
-        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    videos = torch.randn(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=model.mask_token.device)
-    mask = tube_mask(1, cfg.grid, mask_ratio).to(videos.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        model(videos, mask)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    static = 16 * trainable + 4 * frozen
-    n_masked = int(mask.sum())
-    sinkhorn = 2 * 4 * batch * n_masked * cfg.num_prototypes if cfg.loss == "sigma" else 0
-    activations = batch * sum(saved.values())
-    return static / 2 ** 30, activations / 2 ** 30, sinkhorn / 2 ** 30
-
-
-def bench(model, cfg, args, device, autocast, amp_dtype):
-    """Median step time, clips/s and achieved FLOP/s against this device's matmul throughput."""
+def bench(model, cfg, args, device, autocast, precision):
+    """Median step time, clips/s and achieved FLOP/s against this device's matmul throughput, and the
+    memory estimate for --micro_batch clips."""
     batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2, args.micro_batch))
-    ceiling = matmul_flops_per_second(device, amp_dtype or torch.float32)
-    flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step
+    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ceiling = matmul_flops_per_second(device, amp_dtype)
+    flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step (model.py)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-5, fused=device.type == "cuda")
-    step_model = torch.compile(model) if args.compile else model
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    step_model = torch.compile(model, backend=args.compile) if args.compile else model
+    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(args.bench_steps + 2):  # two warm-up steps
-        mask = tube_mask(batch, cfg.grid, args.mask_ratio).to(device)
+        mask = tube_mask(batch, cfg.grid, args.mask_ratio).to(device)  # (B, N)
         sync()
         t0 = time.perf_counter()
         with autocast():
@@ -487,15 +682,75 @@ def bench(model, cfg, args, device, autocast, amp_dtype):
         times.append(time.perf_counter() - t0)
     t = sorted(times[2:])[len(times[2:]) // 2]
     print(f"{args.arch} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, target {cfg.target}, loss {cfg.loss}, "
-          f"batch {batch}, {device} {amp_dtype or torch.float32}, {torch.get_num_threads()} threads:\n"
+          f"batch {batch}, {device} {precision}, {torch.get_num_threads()} threads:\n"
           f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}), {t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
           f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = "
           f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s matmul throughput"
           + (f"\n  measured peak memory {peak_memory_gb(device):.2f} GiB" if device.type == "cuda" else ""))
     static, acts, sk = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
-    print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB = {static:.1f} "
-          f"weights+grads+AdamW + {acts:.1f} saved activations + {sk:.1f} Sinkhorn (+10-20% allocator slack)")
+    print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB "
+          f"= {static:.1f} weights+grads+AdamW + {acts:.1f} saved for backward + {sk:.1f} score/Sinkhorn temporaries "
+          f"(+10-20% allocator slack)")
     return 0
+
+
+def matmul_flops_per_second(device, dtype, n=2048, seconds=2.0):
+    """Throughput of one large matmul on this device: the practical ceiling of a training step."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def saved_for_backward_bytes(model, cfg, batch, autocast, mask_ratio):
+    """Bytes of the tensors autograd saves for backward in one forward of `batch` clips (distinct storages;
+    the parameters themselves are left out: they are counted with the weights)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[(ptr, t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    device = model.mask_token.device
+    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
+    mask = tube_mask(batch, cfg.grid, mask_ratio).to(device)  # (B, N)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        model(videos, mask)
+    return sum(saved.values()), int(mask[0].sum())
+
+
+def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
+    """Per-GPU memory of a training step on `batch` clips, estimated without a GPU; (static, saved, scores) GiB.
+
+    static: fp32 weights, grads and the two AdamW moments (16 bytes per trainable parameter; 4 per frozen one).
+    saved: the tensors autograd keeps for backward, counted under the run's autocast on 1 and on 2 clips and
+      extrapolated linearly, a + b * batch. The constant a holds what does not grow with the batch -- the bf16
+      copies of the weights that autocast saves for the backward matmuls -- which a plain "one clip x batch"
+      would multiply by the batch (overcounting ViT-B by ~40 x 0.2 GB under bf16).
+    scores: the (N, K) fp32 matrices of the loss that are alive at the forward's peak but not saved: s_phi and
+      s_psi, the two Sinkhorn plans (the returned codes), and one s / tau temporary -- 5 N K x 4 bytes, with
+      N = batch x masked tokens per clip. The two log-probability matrices the cross-entropy saves are already
+      in `saved`; the backward's (N, K) gradients (at most 2 at a time: of the log-probabilities and of the
+      logits) are freed before the encoder's, so the forward peak is the larger one.
+    Allocator slack and kernel workspaces are not included (add ~10-20%).
+    """
+    one, n_masked = saved_for_backward_bytes(model, cfg, 1, autocast, mask_ratio)
+    two, _ = saved_for_backward_bytes(model, cfg, 2, autocast, mask_ratio)
+    per_clip, fixed = two - one, 2 * one - two
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    static = 16 * trainable + 4 * frozen
+    scores = 5 * 4 * batch * n_masked * cfg.num_prototypes if cfg.loss == "sigma" else 0
+    return static / 2 ** 30, (fixed + batch * per_clip) / 2 ** 30, scores / 2 ** 30
 
 
 if __name__ == "__main__":
