@@ -55,6 +55,11 @@ PROBES = "linear_converged,knn"  # eval_linear.py --probes (printed beside the T
 # within 10 CPU minutes of pretraining): the category probes do not separate the methods here, the dense read-out
 # does (README Results). Its "chance" is the mIoU of calling every pixel background.
 HEADLINE = "vos_clustering"
+# The VOS read-out the README table was measured with: every clip's consecutive frames, k-means on L2-normalised
+# tokens (eval_vos.py's protocol before it adopted TimeT's). Pinned so that the study reproduces its table;
+# eval_vos.py's default (TimeT: frames spread over the video, standardise + PCA-50) is the one to use when
+# comparing with the paper's Table 4.
+VOS = ["--sampling", "consecutive", "--features", "l2"]
 COLUMNS = {"vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU",
            "linear_converged": "converged linear top-1", "knn": "20-NN top-1", "linear": "Table 9 head top-1",
            "supervised_top1": "trained-with-labels top-1"}
@@ -134,7 +139,7 @@ def evaluate(tag, seed, folder, root, log):
         run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
              "--probes", PROBES, "--out", linear], log)
     if not os.path.exists(vos):
-        run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
+        run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"), *VOS,
              "--out", vos], log)
     lin, seg = json.load(open(linear)), json.load(open(vos))
     row = dict(method=tag, seed=seed, linear=lin["top1"], linear_train=lin["train_top1"],

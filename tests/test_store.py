@@ -220,7 +220,7 @@ def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_p
     runs = {}
     for name, root in (("original", tiny_synthetic), ("store", tmp_path / "store")):
         args = ["--data_root", str(root), "--out", str(tmp_path / name), "--batch_size", "8", "--micro_batch",
-                "8", "--epochs", "1", "--warmup_epochs", "1", "--num_prototypes", "32", "--workers", "1",
+                "8", "--epochs", "1", "--warmup_epochs", "0", "--num_prototypes", "32", "--workers", "1",
                 "--seed", "0"]
         assert train.main(args) == 0
         runs[name] = load_checkpoint(str(tmp_path / name / "ckpt.pth"))["model"]
