@@ -148,10 +148,7 @@ class Video:
 
     def read(self, indices):
         """Frames at the given positions (any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if len(idx) == 0 or idx.min() < 0:
-            raise ValueError(f"positions must be non-negative and at least one, got {indices}")
-        idx = idx.clamp(max=self.num_frames - 1).tolist()  # past the end -> last frame (padding)
+        idx = store.clamp_positions(indices, self.num_frames)  # past the end -> last frame (padding)
         wanted = sorted(set(idx))
         frames = self._read_by_timestamp(wanted) if self.seekable else None
         if frames is None:

@@ -21,7 +21,6 @@ rerun the same command to resume it exactly), log.jsonl (one line per step) and 
 of the multi-view test, the resolved config, the missing / unexpected keys of the loaded weights).
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from data import IMAGENET_MEAN, IMAGENET_STD, make_loader, set_epoch
 from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
-from train import git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
+from train import choose_precision, git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
 
 # ============ defaults: the paper's Table 10 (the VideoMAE fine-tuning recipe the paper follows) ============
 # One block: COMMON for every dataset, then per-dataset changes. Every value can be overridden on the command
@@ -356,9 +355,7 @@ def main(argv=None):
 def finetune(args, rank, world, device):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
-                else contextlib.nullcontext)
+    precision, autocast, _ = choose_precision(args, device)  # train.py's rule; no fp16 here, so no GradScaler
 
     # ============ data (a missing split or root fails here, before any training) ============
     # The probe's dataset builder (eval_linear.build_dataset): training clips get data.py's multi-scale crop

@@ -142,6 +142,15 @@ def write_entry(path, frames, num_frames, codec="jpeg", source="", **meta):
 # ============ reading ============
 
 
+def clamp_positions(indices, num_frames):
+    """Frame positions (any order, repeats allowed) -> list of ints, those past the end clamped to the last
+    frame (the padding of short videos). Shared by both readers: data.Video and StoredVideo."""
+    idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+    if len(idx) == 0 or idx.min() < 0:
+        raise ValueError(f"positions must be non-negative and at least one, got {indices}")
+    return idx.clamp(max=num_frames - 1).tolist()
+
+
 def is_entry(path):
     """True when `path` starts with the store magic (8 bytes read: cheap beside any decode)."""
     try:
@@ -202,10 +211,7 @@ class StoredVideo:
         self.close()
 
     def read(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if len(idx) == 0 or idx.min() < 0:
-            raise ValueError(f"positions must be non-negative and at least one, got {indices}")
-        idx = idx.clamp(max=len(self.offsets) - 2).tolist()  # past the stored frames -> last frame (padding)
+        idx = clamp_positions(indices, len(self.offsets) - 1)  # past the stored frames -> last frame (padding)
         wanted = sorted(set(idx))
         pictures = []
         for p in wanted:
