@@ -1,29 +1,42 @@
 """
-The laptop-scale study of the README: the paper's Table 7b ablation on moving Fashion-MNIST, on a 2-core CPU.
+The laptop study: the paper's ablations (Table 7b, Table 6) on moving Fashion-MNIST, on a 2-core CPU, with
+paired comparisons precise enough to tell two arms apart.
 
-For each seed, pretrain the tiny preset on the moving Fashion-MNIST videos (synthetic.fashion_dataset) with
-  - SIGMA-MLP  (--loss sigma, jointly trained MLP target: the method),
-  - VideoMAE   (--loss pixel: regress standardised pixels),
-  - Eq. 2      (--loss l2: regress the jointly trained MLP target, which collapses),
-then evaluate each, and a randomly initialised encoder (the floor), with eval_linear.py (frozen features: the
-Table 9 head and the probes of PROBES) and eval_vos.py (unsupervised segmentation of the set's DAVIS-layout
-val clips). The ceiling is the same encoder trained with the labels for the same clips (supervised() below).
-Everything else goes through the command lines a user would type, every training setting passed as a flag
-(TRAIN), so that the study does not move when a recipe does. Rerun to continue: finished steps are skipped.
+An *arm* is a set of train.py flags added to one fixed recipe (TRAIN: the tiny preset, 6 epochs of 2000 clips).
+Every arm is pretrained once per seed, then its frozen encoder is read out:
+  headline  vos_clustering   unsupervised segmentation of 200 val clips (eval_vos.py: k-means on the tokens,
+                             clusters matched to the objects; "chance" = calling every pixel background)
+  semantic  knn              20-NN top-1 over the 4 garment categories (eval_linear.py, unseen items)
+  also      vos_overclustering, linear_converged (an L-BFGS logistic regression), linear (Table 9's head)
+The arm "random" is not trained: it is the encoder every other arm starts from.
 
-    python study.py            # 3 seeds: random / pixel / sigma / l2 (51 min on 2 cores) + the ceiling for seed 0
-    python study.py --quick    # seed 0: random / pixel / sigma (12 min)
+Arms are *paired*: one seed gives every arm the same initial encoder (train.py seeds before building the
+model), the same clip order and augmentation, and the same tube masks, and every arm is scored on the same
+clips. A comparison A - B is therefore taken seed by seed (and clip by clip), which removes the variance the
+arms share; its standard error comes from the spread of the per-seed differences (`pairs` in results.json).
 
-Writes results.json (--results): {"headline": metric, "chance": %, "rows": [{"method", "seed", metric: %, ...}], ...}.
+    python study.py                          # Table 7b + Table 6 arms, seeds 0 1 2
+    python study.py --quick                  # random / pixel / sigma, seed 0 (SE from the 200 clips)
+    python study.py --arm deep="--loss sigma --proj_hidden 1024 1024 1024" --arms random sigma deep
+    python study.py --compare sigma deep     # paired difference +- SE on every metric
+
+Results are cached per arm and seed under --out, in a folder named by a key of everything that produced them:
+the arm's flags, the recipe, the dataset's parameters and the bytes of the code involved (TRAIN_CODE for
+pretraining, EVAL_CODE for the read-outs). Editing model.py retrains; editing eval_vos.py only re-evaluates;
+nothing computed by other code is reused. Writes results.json (--results).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,64 +45,134 @@ import torch.nn.functional as F
 
 import data
 import model
-from synthetic import fashion_dataset
+from synthetic import fashion_dataset, vos_chance
+
+HERE = Path(__file__).resolve().parent
 
 # ============ defaults ============
-# Pretraining, identical for every method: the tiny preset (64x64, 8 frames stride 2, 8x8 patches: 256
-# tokens), 6 epochs of 2000 clips (3.5-5 min, i.e. 7-10 CPU minutes, per run on 2 cores), batch 32,
-# lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
+# Pretraining, identical for every arm: the tiny preset (64x64, 8 frames stride 2, 8x8 patches: 256 tokens),
+# 6 epochs of 2000 clips, batch 32, lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
+# train.py's built-in "fashion" recipe is the same (python train.py runs the sigma arm of seed 0).
 EPOCHS = 6
-TRAIN = ["--arch", "tiny", "--batch_size", "32", "--micro_batch", "32", "--warmup_epochs", "1", "--lr", "8e-3",
-         "--min_lr", "1e-4", "--weight_decay", "0.05", "--mask_ratio", "0.9", "--stride", "2", "--sk_eps", "0.05",
-         "--num_prototypes", "256", "--temperature", "0.1", "--precision", "fp32", "--save_every", "4",
-         "--workers", "2"]
-METHODS = {  # results.json method -> (table row, train.py flags; None: not pretrained)
-    "random": ("random init (floor)", None),
-    "pixel": ("VideoMAE (--loss pixel)", ["--loss", "pixel"]),
-    "sigma": ("SIGMA-MLP (--loss sigma)", ["--loss", "sigma"]),
-    "l2": ("Eq. 2 (--loss l2)", ["--loss", "l2"]),
+TRAIN = ["--dataset", "fashion", "--arch", "tiny", "--batch_size", "32", "--micro_batch", "32",
+         "--warmup_epochs", "1", "--lr", "8e-3", "--min_lr", "1e-4", "--weight_decay", "0.05", "--mask_ratio", "0.9",
+         "--stride", "2", "--sk_eps", "0.05", "--num_prototypes", "256", "--temperature", "0.1",
+         "--precision", "fp32", "--save_every", "3", "--workers", "2", "--epochs", str(EPOCHS), "--no-first_look"]
+ARMS = {  # name -> train.py flags added to TRAIN (None: not trained, the shared initialisation)
+    "random": None,
+    "pixel": "--loss pixel",                         # VideoMAE (Table 7b)
+    "sigma": "--loss sigma",                         # SIGMA-MLP, K = 256 (Table 7b, Table 6)
+    "l2": "--loss l2",                               # Eq. 2: regress the jointly trained target (collapses)
+    "k64": "--loss sigma --num_prototypes 64",       # Table 6 at this scale
+    "k1024": "--loss sigma --num_prototypes 1024",   # Table 6 at this scale
 }
-CEILING = ("supervised (ceiling)", None)  # not a results.json row: results.json "ceiling"
-PROBES = "linear_converged,knn"  # eval_linear.py --probes (printed beside the Table 9 head)
-# The headline, chosen by the issue's criterion (pretrained beats random init by >= 5 seed-to-seed standard errors
-# within 10 CPU minutes of pretraining): the category probes do not separate the methods here, the dense read-out
-# does (README Results). Its "chance" is the mIoU of calling every pixel background.
-HEADLINE = "vos_clustering"
-# The VOS read-out the README table was measured with: every clip's consecutive frames, k-means on L2-normalised
-# tokens (eval_vos.py's protocol before it adopted TimeT's). Pinned so that the study reproduces its table;
-# eval_vos.py's default (TimeT: frames spread over the video, standardise + PCA-50) is the one to use when
-# comparing with the paper's Table 4.
+FULL, QUICK = list(ARMS), ["random", "pixel", "sigma"]
+COMPARISONS = [("sigma", "random"), ("pixel", "random"), ("sigma", "pixel"), ("sigma", "l2"), ("pixel", "l2"),
+               ("k1024", "sigma"), ("sigma", "k64"), ("k1024", "k64")]
+HEADLINE, SEMANTIC = "vos_clustering", "knn"
+# The VOS read-out: consecutive frames, k-means on L2-normalised tokens, 200 clips (eval_vos.py --help).
 VOS = ["--sampling", "consecutive", "--features", "l2"]
+LINEAR = ["--probes", "linear_converged,knn"]
 COLUMNS = {"vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU",
-           "linear_converged": "converged linear top-1", "knn": "20-NN top-1", "linear": "Table 9 head top-1",
-           "supervised_top1": "trained-with-labels top-1"}
+           "knn": "20-NN top-1", "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
+# The code each step runs (imported modules included): its bytes are part of the cache key.
+TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py"]
+EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py"]
 
+
+# ============ cache keys ============
+
+def digest(*parts):
+    """A short stable hash of JSON-able parts and file contents."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def code_digest(files):
+    return digest({f: hashlib.sha256((HERE / f).read_bytes()).hexdigest() for f in files})
+
+
+def run_key(flags, dataset_params):
+    """Everything a pretrained checkpoint depends on (the seed is the folder below it)."""
+    return digest(flags, TRAIN, dataset_params, code_digest(TRAIN_CODE))
+
+
+def eval_key():
+    return digest(VOS, LINEAR, code_digest(EVAL_CODE))
+
+
+# ============ one arm, one seed ============
 
 def run(cmd, log):
-    """Run one of the repository's scripts, its output appended to `log`; stop on failure."""
+    """Run one of the repository's scripts, its output appended to `log`; stop on failure. Returns CPU minutes."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"failed: {' '.join(cmd)} (see {log})")
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode:
+            sys.exit(f"failed: {shlex.join(cmd)} (see {log})")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
+
+
+def measure(arm, flags, seed, root, params, out, log):
+    """Pretrain (unless flags is None) and read out one arm at one seed -> its results.json row (percent),
+    with the per-clip VOS scores under "clips" (for clip-level pairing)."""
+    py = sys.executable
+    folder = Path(out) / f"{arm}-{run_key(flags, params)}" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder.parent / "flags.txt").write_text(f"{flags}\n")
+    cpu = json.loads((folder / "cpu.json").read_text()) if (folder / "cpu.json").exists() else {}
+    if flags is None:
+        ckpt = ["--ckpt", "random", "--arch", "tiny", "--seed", str(seed)]
+    else:
+        ckpt = ["--ckpt", str(folder / "ckpt.pth")]
+        if not (folder / "done").exists():
+            cpu["train"] = run([py, "train.py", *TRAIN, "--data_root", str(root), *shlex.split(flags),
+                                "--seed", str(seed), "--out", str(folder)], log)
+            (folder / "done").touch()
+    ekey = eval_key()
+    vos, linear = folder / f"vos-{ekey}.json", folder / f"linear-{ekey}.json"
+    if not vos.exists():
+        cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
+                          *VOS, "--out", str(vos)], log)
+    if not linear.exists():
+        cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
+                             *LINEAR, "--out", str(linear)], log)
+    (folder / "cpu.json").write_text(json.dumps(cpu))
+    return make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
+
+
+def make_row(arm, seed, seg, lin, folder, cpu):
+    row = dict(method=arm, seed=seed, vos_clustering=100 * seg["mean"]["clustering"],
+               vos_overclustering=100 * seg["mean"]["overclustering"], linear=lin["top1"],
+               **{name: probe["top1"] for name, probe in lin.get("probes", {}).items()},
+               clips={k: [100 * c[k] for c in seg["clips"]] for k in ("clustering", "overclustering")},
+               cpu_min={k: round(v, 2) for k, v in cpu.items()})
+    log = folder / "log.jsonl"
+    if log.exists():  # the collapse monitors of the last training step
+        last = json.loads(log.read_text().splitlines()[-1])
+        row.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
+    return row
 
 
 # ============ the ceiling: the same encoder, trained with the labels ============
 
 def supervised(root, seed, epochs, folder):
     """Tiny encoder + mean pool + LayerNorm + Linear trained end to end with cross-entropy on the same clips and
-    optimiser settings as a pretraining run (AdamW, batch 32, warmup then cosine). Writes <folder>/ckpt.pth (the
-    encoder, for the same frozen evaluations as the pretrained ones) and <folder>/supervised.json (val top-1 %)."""
+    optimiser settings as a pretraining run (AdamW, batch 32, warmup then cosine, `epochs` epochs). Writes
+    <folder>/ckpt.pth (the encoder, for the same frozen read-outs as the arms) and <folder>/supervised.json."""
     torch.manual_seed(seed)
     cfg = model.build_config("tiny", target="pixel", loss="pixel")
     train = data.build_video_dataset("synthetic", root, "train", num_frames=cfg.num_frames, size=cfg.img_size)
     val = data.build_video_dataset("synthetic", root, "val", num_frames=cfg.num_frames, size=cfg.img_size, train=False)
     encoder = model.Encoder(cfg)
-    net = nn.Sequential(encoder, Pool(), nn.LayerNorm(cfg.enc_dim), nn.Linear(cfg.enc_dim, train.num_classes))
+    net = nn.Sequential(encoder, MeanPool(), nn.LayerNorm(cfg.enc_dim), nn.Linear(cfg.enc_dim, train.num_classes))
     loader = data.make_loader(train, 32, num_workers=2, seed=seed)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
-    total, warmup = epochs * len(loader), len(loader)
-    step = 0
+    total, warmup, step = epochs * len(loader), len(loader), 0
     for epoch in range(epochs):
         data.set_epoch(loader, epoch)
         for clips, labels in loader:  # (32, 3, T, S, S), (32,)
@@ -106,144 +189,163 @@ def supervised(root, seed, epochs, folder):
     with torch.no_grad():
         for clips, labels in data.make_loader(val, 64, num_workers=2, shuffle=False, drop_last=False):
             correct += (net(clips).argmax(1) == labels).sum().item()
-    torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, os.path.join(folder, "ckpt.pth"))
-    with open(os.path.join(folder, "supervised.json"), "w") as f:
-        json.dump(dict(top1=100 * correct / len(val), epochs=epochs, seed=seed), f)
+    torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, folder / "ckpt.pth")
+    (folder / "supervised.json").write_text(json.dumps(dict(top1=100 * correct / len(val), epochs=epochs, seed=seed)))
 
 
-class Pool(nn.Module):
+class MeanPool(nn.Module):
     def forward(self, x):  # (B, N, D) -> (B, D): the linear probe's mean over all tokens
         return x.mean(1)
 
 
-# ============ the study ============
-
-def evaluate(tag, seed, folder, root, log):
-    """Pretrain (unless random) and evaluate one run -> its results.json row (percent)."""
-    py = sys.executable
-    flags = (METHODS.get(tag) or CEILING)[1]
-    linear, vos = os.path.join(folder, "linear.json"), os.path.join(folder, "vos.json")
-    if tag == "random":
-        ckpt = ["--ckpt", "random", "--arch", "tiny", "--seed", str(seed)]
-    elif tag == "supervised":
-        ckpt = ["--ckpt", os.path.join(folder, "ckpt.pth"), "--arch", "tiny"]
-        if not os.path.exists(os.path.join(folder, "supervised.json")):
-            supervised(root, seed, EPOCHS, folder)
-    else:
-        ckpt = ["--ckpt", os.path.join(folder, "ckpt.pth")]
-        if not os.path.exists(os.path.join(folder, "done")):
-            run([py, "train.py", "--dataset", "synthetic", "--data_root", str(root), *TRAIN, *flags,
-                 "--epochs", str(EPOCHS), "--seed", str(seed), "--out", folder], log)
-            open(os.path.join(folder, "done"), "w").close()
-    if not os.path.exists(linear):
-        run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
-             "--probes", PROBES, "--out", linear], log)
-    if not os.path.exists(vos):
+def ceiling(root, params, seed, epochs, out, log):
+    """The supervised reference's frozen read-outs and its own end-to-end top-1 -> {metric: value}."""
+    folder = Path(out) / f"supervised-{digest(epochs, params, code_digest(TRAIN_CODE + ['study.py']))}" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "supervised.json").exists():
+        supervised(root, seed, epochs, folder)
+    ekey, py = eval_key(), sys.executable
+    vos, linear = folder / f"vos-{ekey}.json", folder / f"linear-{ekey}.json"
+    ckpt = ["--ckpt", str(folder / "ckpt.pth"), "--arch", "tiny"]
+    if not vos.exists():
         run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"), *VOS,
-             "--out", vos], log)
-    lin, seg = json.load(open(linear)), json.load(open(vos))
-    row = dict(method=tag, seed=seed, linear=lin["top1"], linear_train=lin["train_top1"],
-               vos_clustering=100 * seg["mean"]["clustering"], vos_overclustering=100 * seg["mean"]["overclustering"])
-    for name, probe in lin.get("probes", {}).items():
-        row[name] = probe["top1"]
-        if "train_top1" in probe:
-            row[f"{name}_train"] = probe["train_top1"]
-    if tag == "supervised":
-        row["supervised_top1"] = json.load(open(os.path.join(folder, "supervised.json")))["top1"]
-    elif flags is not None:  # the collapse monitors of the last training step (train.py's log)
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            last = json.loads(f.readlines()[-1])
-        row.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
-    return row
+             "--out", str(vos)], log)
+    if not linear.exists():
+        run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root), *LINEAR,
+             "--out", str(linear)], log)
+    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, {})
+    return {k: row[k] for k in COLUMNS if k in row} | {
+        "supervised_top1": json.loads((folder / "supervised.json").read_text())["top1"]}
 
 
-def vos_chance(root, num_vos):
-    """mIoU (%) of the trivial segmentation "all background" on the VOS clips: (background share + 0) / 2."""
-    shares = [(np.load(next((root / "val").rglob(f"val_{i:05d}.mask.npy"))) == 0).mean() for i in range(num_vos)]
-    return 100 * float(np.mean(shares)) / 2
+# ============ paired comparisons ============
 
-
-def margins(rows):
-    """Per metric: (best pretrained mean - random mean) / standard error of that difference over seeds."""
-    out = {}
-    for key in COLUMNS:
-        by = {m: [r[key] for r in rows if r["method"] == m and key in r] for m in METHODS}
-        candidates = [m for m in by if m != "random" and len(by[m]) > 1]
-        if len(by["random"]) < 2 or not candidates:
-            continue  # one seed: no spread to measure
-        best = max(candidates, key=lambda m: statistics.mean(by[m]))
-        se = math.sqrt(statistics.variance(by[best]) / len(by[best]) + statistics.variance(by["random"]) / len(by["random"]))
-        out[key] = dict(best=best, diff=statistics.mean(by[best]) - statistics.mean(by["random"]), se=se,
-                        in_se=(statistics.mean(by[best]) - statistics.mean(by["random"])) / max(se, 1e-9))
+def paired(rows, a, b, metric):
+    """A - B on `metric`, paired by seed. With two or more seeds the SE is the spread of the per-seed
+    differences / sqrt(seeds); with one seed (VOS metrics only) it is the clip-level SE of that seed's
+    per-clip differences, which measures the evaluation's noise but not the training seed's."""
+    by = {(r["method"], r["seed"]): r for r in rows}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by and metric in by[(a, s)] and metric in by[(b, s)])
+    if not seeds:
+        return None
+    diffs = [by[(a, s)][metric] - by[(b, s)][metric] for s in seeds]
+    out = dict(a=a, b=b, metric=metric, diff=statistics.mean(diffs), seeds=seeds, se=None, se_from="seeds")
+    if len(seeds) > 1:
+        out["se"] = statistics.stdev(diffs) / math.sqrt(len(seeds))
+    clip_key = metric.removeprefix("vos_")
+    if clip_key in by[(a, seeds[0])].get("clips", {}):
+        # The evaluation's share: per seed, the SE of the mean of the per-clip differences; averaged in quadrature
+        # over seeds and divided by sqrt(seeds), it is what the SE would be if training were deterministic.
+        ses = [np.std(np.subtract(by[(a, s)]["clips"][clip_key], by[(b, s)]["clips"][clip_key]), ddof=1) /
+               math.sqrt(len(by[(a, s)]["clips"][clip_key])) for s in seeds]
+        out["se_clips"] = float(math.sqrt(np.mean(np.square(ses)) / len(seeds)))
+        if len(seeds) == 1:
+            out["se"], out["se_from"] = out["se_clips"], "clips"
     return out
 
 
-def table(rows, ceiling, note):
-    def cell(rows, method, key):
-        values = [r[key] for r in rows if r["method"] == method and key in r]
+def pair_line(p):
+    se = "n/a" if p["se"] is None else f"{p['se']:.1f}"
+    z = "" if not p["se"] else f" = {p['diff'] / p['se']:+.1f} SE"
+    extra = f", of which evaluation {p['se_clips']:.1f}" if "se_clips" in p and p["se_from"] == "seeds" else ""
+    return (f"{p['a']} - {p['b']} {COLUMNS[p['metric']]}: {p['diff']:+.1f} ± {se}{z} "
+            f"(seeds {p['seeds']}, SE from {p['se_from']}{extra})")
+
+
+def table(rows, note):
+    def cell(arm, key):
+        values = [r[key] for r in rows if r["method"] == arm and key in r]
         if not values:
             return "-"
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.1f}" if len(values) == 1 else f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    lines = [note, "", "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for tag in dict.fromkeys(r["method"] for r in rows):
-        lines.append(f"| {METHODS[tag][0]} | " + " | ".join(cell(rows, tag, k) for k in COLUMNS) + " |")
-    if ceiling:
-        lines.append(f"| {CEILING[0]} | " + " | ".join(cell(ceiling, "supervised", k) for k in COLUMNS) + " |")
+    lines = [note, "", "| arm | flags | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for arm in dict.fromkeys(r["method"] for r in rows):
+        flags = next(r["flags"] for r in rows if r["method"] == arm)
+        lines.append(f"| {arm} | {flags or '(not trained)'} | " + " | ".join(cell(arm, k) for k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def main():
+# ============ command line ============
+
+def parse_arm(text):
+    name, sep, flags = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: write NAME=\"train.py flags\", e.g. "
+                                         f"deep=\"--loss sigma --proj_hidden 1024 1024 1024\"")
+    return name, flags.strip()
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seed 0, random / pixel / sigma only, no ceiling")
+    p.add_argument("--quick", action="store_true", help=f"arms {' '.join(QUICK)}, seed 0")
+    p.add_argument("--arm", type=parse_arm, action="append", default=[], metavar='NAME="FLAGS"',
+                   help="define (or redefine) an arm as train.py flags added to the recipe; repeatable")
+    p.add_argument("--arms", nargs="+", default=None, help=f"arms to run (default: {' '.join(FULL)}; --quick: "
+                   f"{' '.join(QUICK)}; with --arm: random, sigma and the new arms)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
-    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: all (--quick: "
-                   "random pixel sigma)")
-    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the supervised ceiling for the first seed (default: on, off with --quick)")
-    p.add_argument("--out", default="out/study", help="per-run folders and study.log")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                   help="run (or read from the cache) arms A and B only, then print A - B on every metric")
+    p.add_argument("--ceiling_epochs", type=int, default=None, help="train the supervised reference for this "
+                   "many epochs on the first seed and report its read-outs as results.json's ceiling (default: "
+                   f"{EPOCHS} in the full study, none with --quick, --compare or --arm)")
+    p.add_argument("--out", default="out/study", help="per-arm, per-seed folders and study.log")
     p.add_argument("--results", default="results.json", help="where the table's numbers go")
-    args = p.parse_args()
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    methods = args.methods or (["random", "pixel", "sigma"] if args.quick else list(METHODS))
-    with_ceiling = not args.quick if args.ceiling is None else args.ceiling
+    args = p.parse_args(argv)
+    args.arm_flags = {**ARMS, **dict(args.arm)}
+    if args.arms is None:
+        args.arms = (list(args.compare) if args.compare else QUICK if args.quick else
+                     ["random", "sigma", *dict(args.arm)] if args.arm else FULL)
+    if args.ceiling_epochs is None:
+        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm) else EPOCHS
+    if args.ceiling_epochs < 0:
+        p.error("--ceiling_epochs: 0 (no ceiling) or more, e.g. --ceiling_epochs 6")
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    for arm in args.arms + list(args.compare or []):
+        if arm not in args.arm_flags:
+            p.error(f"unknown arm {arm!r}: choose from {', '.join(args.arm_flags)} or define it with "
+                    f"--arm {arm}=\"--loss sigma ...\"")
+    if args.compare and set(args.compare) - set(args.arms):
+        p.error("--compare A B: both arms must be among --arms")
+    if any(s < 0 for s in args.seeds):
+        p.error("--seeds: seeds are integers >= 0, e.g. --seeds 0 1 2")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "study.log")
     t0 = time.time()
-    root = fashion_dataset()  # generated once (~1 min), cached in $SIGMA_CACHE
+    root = fashion_dataset()  # generated once (~30 s), cached in $SIGMA_CACHE
+    params = json.loads((root / "meta.json").read_text())
     print(f"[{(time.time() - t0) / 60:5.1f} min] moving Fashion-MNIST at {root}", flush=True)
-    rows, ceiling = [], []
-    for seed in seeds:
-        for tag in methods:
-            folder = os.path.join(args.out, f"{tag}_seed{seed}")
-            os.makedirs(folder, exist_ok=True)
-            rows.append(evaluate(tag, seed, folder, root, log))
-            print(f"[{(time.time() - t0) / 60:5.1f} min] {METHODS[tag][0]:26s} seed {seed}: " +
-                  ", ".join(f"{COLUMNS[k]} {rows[-1][k]:.1f}" for k in COLUMNS if k in rows[-1]), flush=True)
-        folder = os.path.join(args.out, f"supervised_seed{seed}")
-        # The ceiling trains the encoder on all 256 tokens (pretraining sees 10%): > 9 min a run, so by default the
-        # full study makes it for its first seed only; one already made is always tabulated.
-        if (with_ceiling and seed == seeds[0]) or os.path.exists(os.path.join(folder, "vos.json")):
-            os.makedirs(folder, exist_ok=True)
-            ceiling.append(evaluate("supervised", seed, folder, root, log))
-            print(f"[{(time.time() - t0) / 60:5.1f} min] {CEILING[0]:26s} seed {seed}: end-to-end top-1 "
-                  f"{ceiling[-1]['supervised_top1']:.1f}, " +
-                  ", ".join(f"{COLUMNS[k]} {ceiling[-1][k]:.1f}" for k in COLUMNS if k in ceiling[-1]), flush=True)
-    meta = json.load(open(root / "meta.json"))
-    note = (f"tiny preset, moving Fashion-MNIST ({meta['num_train']} train / {meta['num_val']} val clips, "
-            f"{len(meta['dense_classes']) - 1} classes), {EPOCHS} pretraining epochs, seeds {seeds} (mean ± std, %)")
-    text = table(rows, ceiling, note)
-    gaps = margins(rows)
-    text += "".join(f"\n{COLUMNS[k]}: best pretrained ({g['best']}) - random = {g['diff']:+.1f} = {g['in_se']:+.1f} SE"
-                    for k, g in gaps.items())
+    rows = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            row = measure(arm, args.arm_flags[arm], seed, root, params, args.out, log)
+            rows.append({**row, "flags": args.arm_flags[arm]})
+            print(f"[{(time.time() - t0) / 60:5.1f} min] {arm:8s} seed {seed}: " +
+                  ", ".join(f"{COLUMNS[k]} {row[k]:.1f}" for k in COLUMNS if k in row), flush=True)
+    top = ceiling(root, params, args.seeds[0], args.ceiling_epochs, args.out, log) if args.ceiling_epochs else {}
+    if top:
+        print(f"[{(time.time() - t0) / 60:5.1f} min] supervised ceiling: " + ", ".join(f"{k} {v:.1f}" for k, v in top.items()))
+    comparisons = [tuple(args.compare)] if args.compare else \
+        [(a, b) for a, b in COMPARISONS if a in args.arms and b in args.arms] + \
+        [(a, "sigma") for a in args.arms if a not in ARMS]
+    pairs = [p for a, b in comparisons for m in COLUMNS if (p := paired(rows, a, b, m))]
+    note = (f"tiny preset, moving Fashion-MNIST ({params['num_train']} train / {params['num_val']} val clips, "
+            f"{params['num_vos']} VOS clips, {len(params['dense_classes']) - 1} classes), {EPOCHS} pretraining "
+            f"epochs, seeds {args.seeds} (mean ± std over seeds, %)")
+    text = table(rows, note) + "\n\npaired differences (± standard error):\n" + "\n".join(map(pair_line, pairs))
     print("\n" + text + f"\n\ntotal {(time.time() - t0) / 60:.1f} min; per-run outputs and logs in {args.out}/")
-    results = dict(headline=HEADLINE, chance=vos_chance(root, meta["num_vos"]), rows=rows,
-                   class_chance=100 / (len(meta["dense_classes"]) - 1), margins=gaps,
-                   ceiling=ceiling, epochs=EPOCHS, dataset=meta, table=text)
+    results = dict(headline=HEADLINE, semantic=SEMANTIC, chance=vos_chance(root),
+                   class_chance=100 / (len(params["dense_classes"]) - 1), ceiling=top,
+                   rows=[{k: v for k, v in r.items() if k != "clips"} for r in rows], pairs=pairs,
+                   epochs=EPOCHS, dataset=params, train_flags=TRAIN, table=text)
     with open(args.results, "w") as f:
         json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

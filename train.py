@@ -34,14 +34,17 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from torchvision.utils import draw_segmentation_masks
 
 from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
+from synthetic import fashion_dataset, vos_chance
 from model import PRESETS, build_config, build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
@@ -50,6 +53,10 @@ from model import PRESETS, build_config, build_model, load_checkpoint, train_ste
 # micro_batch is clips per GPU per forward (the released per-GPU batch); the difference is made
 # up with gradient accumulation, so 8 GPUs reach the released 640 of 16 GPUs.
 RECIPES = {
+    # Moving Fashion-MNIST (synthetic.fashion_dataset: 2000 clips of real garment images), the laptop benchmark of
+    # study.py: tiny ViT, 6 epochs, ~5 minutes on a 2-core CPU. The default: `python train.py` runs this.
+    "fashion": dict(arch="tiny", batch_size=32, micro_batch=32, epochs=6, warmup_epochs=1, lr=8e-3,
+                    min_lr=1e-4, stride=2, sk_eps=0.05, num_prototypes=256, save_every=3, workers=2),
     # Built-in synthetic motion videos (data.py), 64x64x8 tiny ViT: minutes on a 2-core CPU.
     "synthetic": dict(arch="tiny", batch_size=32, micro_batch=32, epochs=20, warmup_epochs=2, lr=8e-3,
                       min_lr=1e-4, stride=2, sk_eps=0.05, num_prototypes=256, save_every=5, workers=2),
@@ -79,8 +86,12 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="SIGMA pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Options left at None take their value from the recipe chosen by --dataset (and --arch).
     a = p.add_argument
-    a("--dataset", default="synthetic", help="synthetic | k400 | ssv2 | ucf101 | hmdb51 | list (data.py layouts)")
-    a("--data_root", default=None, help="dataset folder (or list file for 'list'); synthetic: cache folder")
+    a("--dataset", default="fashion", help="fashion | synthetic | k400 | ssv2 | ucf101 | hmdb51 | list (data.py "
+      "layouts; fashion and synthetic are generated on first use)")
+    a("--data_root", default=None, help="dataset folder (or list file for 'list'); fashion / synthetic: cache folder")
+    a("--first_look", action=argparse.BooleanOptionalAction, default=True, help="--dataset fashion: at the end, "
+      "segment the val clips with this run's encoder and with the random-init encoder it started from, print both "
+      "mIoUs and draw first_look.png")
     a("--split", default="train")
     a("--out", default=None, help="output folder for ckpt.pth and log.jsonl (default out/<dataset>_<arch>_<target>_<loss>); "
       "on several nodes it must be on a file system every node sees")
@@ -451,7 +462,69 @@ def train(args, rank, world, device):
         check_ranks_agree(model, master)
     if master:
         run.summary(end_epoch)
+        if args.first_look and args.dataset == "fashion" and end_epoch == args.epochs and run.last:
+            first_look(args, paths["ckpt.pth"])
     return 0
+
+
+# ============ the first look: what did pretraining learn? ============
+
+def first_look(args, ckpt, num_pictured=8):
+    """Segment the fashion set's val clips without labels (eval_vos.py: k-means on the frozen tokens, clusters
+    matched to the objects) with this run's encoder and with the random-init encoder it started from (same seed);
+    print both mIoUs and draw <out>/first_look.png: one column per clip, rows = frame, ground truth, random-init
+    clusters, this run's clusters. The numbers are study.py's headline for this run's arm and seed."""
+    import eval_vos  # only here: the evaluation is not part of training
+    from torchvision.utils import make_grid, save_image
+    root = Path(args.data_root) if args.data_root else fashion_dataset()
+    common = ["--dataset", "davis2017", "--data_root", str(root / "davis"), "--sampling", "consecutive",
+              "--features", "l2", "--device", "cpu", "--workers", "0"]
+    print("first look: segmenting the val clips with the random-init encoder and with this run's", flush=True)
+    reports = {"random init": eval_vos.main(["--ckpt", "random", "--arch", args.arch, "--seed", str(args.seed), *common,
+                                             "--out", os.path.join(args.out, "first_look_random.json")]),
+               "this run": eval_vos.main(["--ckpt", ckpt, *common, "--out", os.path.join(args.out, "first_look.json")])}
+    chance = vos_chance(root)
+    mious = {name: 100 * r["mean"]["clustering"] for name, r in reports.items()}
+    print(f"VOS clustering mIoU over {reports['this run']['num_clips']} val clips: random init "
+          f"{mious['random init']:.1f} -> this run {mious['this run']:.1f} (all-background {chance:.1f})")
+
+    # The picture: the middle frame of evenly spaced clips, with the maps eval_vos.main scored (same k-means seeds).
+    dataset = eval_vos.VOSDataset(root / "davis", "davis2017", clip_len=16, size=64, seed=args.seed,
+                                  sampling="consecutive")
+    picked = np.linspace(0, len(dataset) - 1, num_pictured).round().astype(int).tolist()
+    rows = {"frame": [], "ground truth": [], "random init": [], "this run": []}
+    palette = (eval_vos.PALETTE * 255).round().to(torch.uint8).tolist()  # label k > 0 -> palette[k - 1]
+    for name, path, seed in (("random init", "random", args.seed), ("this run", ckpt, 0)):
+        torch.manual_seed(args.seed)  # the random-init encoder of this seed (as eval_vos.main builds it)
+        encoder, cfg = eval_vos.load_encoder(path, args.arch, num_frames=16)
+        encoder.eval().requires_grad_(False)
+        vos_args = eval_vos.get_args(["--ckpt", path, *common, "--seed", str(seed)])
+        for i in picked:
+            item = dataset[i]
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            _, (videos, maps) = eval_vos.evaluate_clip(encoder, item, vos_args, 2 * cfg.grid[1], generator)
+            t = item["masks"].shape[0] // 2  # the middle frame
+            if name == "random init":
+                rgb = (eval_vos.to_rgb(videos, 1)[t] * 255).round().to(torch.uint8)  # (3, 64, 64)
+                rows["frame"].append(rgb)
+                rows["ground truth"].append(paint(rgb, maps["gt"][t], palette))
+            rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t], palette))
+    grid = make_grid(torch.stack([img for row in rows.values() for img in row]).float() / 255, nrow=num_pictured,
+                     padding=2, pad_value=1.0)  # (3, H, W): one row per entry of `rows`
+    picture = os.path.join(args.out, "first_look.png")
+    save_image(torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0], picture)
+    print(f"  picture: {picture}  (rows: {', '.join(rows)})")
+    return mious, chance
+
+
+def paint(rgb, labels, palette):
+    """Colour a (h, w) label map over a uint8 (3, S, S) frame (0 = background, left as is)."""
+    labels = torch.nn.functional.interpolate(labels[None, None].float(), size=rgb.shape[-2:], mode="nearest")[0, 0]
+    ids = [int(k) for k in labels.unique() if k > 0]
+    if not ids:
+        return rgb
+    colours = [tuple(palette[(k - 1) % len(palette)]) for k in ids]
+    return draw_segmentation_masks(rgb, torch.stack([labels == k for k in ids]), alpha=0.55, colors=colours)
 
 
 def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):
