@@ -473,7 +473,7 @@ def first_look(args, ckpt, num_pictured=8):
     """Segment the fashion set's val clips without labels (eval_vos.py: k-means on the frozen tokens, clusters
     matched to the objects) with this run's encoder and with the random-init encoder it started from (same seed);
     print both mIoUs and draw <out>/first_look.png: one column per clip, rows = frame, ground truth, random-init
-    clusters, this run's clusters. The numbers are study.py's headline for this run's arm and seed."""
+    clusters, this run's clusters (background darkened). The numbers are study.py's headline for this run's arm and seed."""
     import eval_vos  # only here: the evaluation is not part of training
     from torchvision.utils import make_grid, save_image
     root = Path(args.data_root) if args.data_root else fashion_dataset()
@@ -493,7 +493,6 @@ def first_look(args, ckpt, num_pictured=8):
                                   sampling="consecutive")
     picked = np.linspace(0, len(dataset) - 1, num_pictured).round().astype(int).tolist()
     rows = {"frame": [], "ground truth": [], "random init": [], "this run": []}
-    palette = (eval_vos.PALETTE * 255).round().to(torch.uint8).tolist()  # label k > 0 -> palette[k - 1]
     for name, path, seed in (("random init", "random", args.seed), ("this run", ckpt, 0)):
         torch.manual_seed(args.seed)  # the random-init encoder of this seed (as eval_vos.main builds it)
         encoder, cfg = eval_vos.load_encoder(path, args.arch, num_frames=16)
@@ -507,8 +506,8 @@ def first_look(args, ckpt, num_pictured=8):
             if name == "random init":
                 rgb = (eval_vos.to_rgb(videos, 1)[t] * 255).round().to(torch.uint8)  # (3, 64, 64)
                 rows["frame"].append(rgb)
-                rows["ground truth"].append(paint(rgb, maps["gt"][t], palette))
-            rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t], palette))
+                rows["ground truth"].append(paint(rgb, maps["gt"][t]))
+            rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t]))
     grid = make_grid(torch.stack([img for row in rows.values() for img in row]).float() / 255, nrow=num_pictured,
                      padding=2, pad_value=1.0)  # (3, H, W): one row per entry of `rows`
     picture = os.path.join(args.out, "first_look.png")
@@ -517,14 +516,10 @@ def first_look(args, ckpt, num_pictured=8):
     return mious, chance
 
 
-def paint(rgb, labels, palette):
-    """Colour a (h, w) label map over a uint8 (3, S, S) frame (0 = background, left as is)."""
+def paint(rgb, labels):
+    """Show what a (h, w) label map calls the object: a uint8 (3, S, S) frame with its background (label 0) darkened."""
     labels = torch.nn.functional.interpolate(labels[None, None].float(), size=rgb.shape[-2:], mode="nearest")[0, 0]
-    ids = [int(k) for k in labels.unique() if k > 0]
-    if not ids:
-        return rgb
-    colours = [tuple(palette[(k - 1) % len(palette)]) for k in ids]
-    return draw_segmentation_masks(rgb, torch.stack([labels == k for k in ids]), alpha=0.55, colors=colours)
+    return draw_segmentation_masks(rgb, labels == 0, alpha=0.7, colors="black")
 
 
 def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):
@@ -699,11 +694,21 @@ class Run:
         if end_epoch < args.epochs:
             lines.append("  re-run the same command to continue.")
         else:
-            data = f"--dataset {args.dataset}" + (f" --data_root {args.data_root}" if args.data_root else "")
-            lines += ["next:", f"  python eval_linear.py --ckpt {ckpt} {data}",
-                      f"  python eval_vos.py --ckpt {ckpt} --dataset "
-                      + ("synthetic" if args.dataset == "synthetic" else "davis2017 --data_root /path/to/DAVIS")]
+            lines += ["next:"] + next_steps(args, ckpt)
         print("\n".join(lines))
+
+
+def next_steps(args, ckpt):
+    """The evaluation commands for this run's checkpoint (eval_linear.py reads the built-in sets as 'synthetic')."""
+    if args.dataset == "fashion":
+        root = args.data_root or fashion_dataset()
+        return [f"  python eval_linear.py --ckpt {ckpt} --dataset synthetic --data_root {root} --probes knn",
+                f"  python eval_vos.py --ckpt {ckpt} --dataset davis2017 --data_root {root}/davis "
+                "--sampling consecutive --features l2 --vis 4"]
+    data = f"--dataset {args.dataset}" + (f" --data_root {args.data_root}" if args.data_root else "")
+    return [f"  python eval_linear.py --ckpt {ckpt} {data}",
+            f"  python eval_vos.py --ckpt {ckpt} --dataset "
+            + ("synthetic" if args.dataset == "synthetic" else "davis2017 --data_root /path/to/DAVIS")]
 
 
 def check_ranks_agree(model, master):
