@@ -1,0 +1,94 @@
+"""study.py: paired differences and their standard errors, cache keys, arms, and the pairing premise (one seed
+gives every arm the same initial encoder). No training here: seconds."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import model
+import study
+
+
+def row(arm, seed, value, clips=None):
+    r = {"method": arm, "seed": seed, "vos_clustering": value, "knn": value / 2}
+    if clips is not None:
+        r["clips"] = {"clustering": list(clips), "overclustering": list(clips)}
+    return r
+
+
+def test_paired_difference_and_se_over_seeds():
+    a, b = [80.0, 76.5, 79.0, 81.0], [70.0, 69.0, 71.5, 70.0]
+    rows = [row("sigma", s, v) for s, v in enumerate(a)] + [row("pixel", s, v) for s, v in enumerate(b)]
+    rows.append(row("sigma", 9, 50.0))  # a seed the other arm lacks is not paired
+    p = study.paired(rows, "sigma", "pixel", "vos_clustering")
+    d = np.subtract(a, b)
+    assert p["seeds"] == [0, 1, 2, 3]
+    assert p["diff"] == pytest.approx(d.mean())
+    assert p["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(4))
+    assert p["se_from"] == "seeds"
+    # Pairing removes what the arms share: a seed effect common to both arms leaves the SE unchanged.
+    shifted = [row("sigma", s, v + 10 * s) for s, v in enumerate(a)] + [row("pixel", s, v + 10 * s) for s, v in enumerate(b)]
+    assert study.paired(shifted, "sigma", "pixel", "vos_clustering")["se"] == pytest.approx(p["se"])
+    assert study.paired(rows, "sigma", "l2", "vos_clustering") is None
+
+
+def test_paired_one_seed_uses_clip_level_se():
+    rng = np.random.default_rng(0)
+    clips_a, clips_b = rng.uniform(40, 100, 200), rng.uniform(40, 100, 200)
+    rows = [row("sigma", 0, clips_a.mean(), clips_a), row("random", 0, clips_b.mean(), clips_b)]
+    p = study.paired(rows, "sigma", "random", "vos_clustering")
+    d = clips_a - clips_b
+    assert p["se_from"] == "clips"
+    assert p["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(200))
+    assert p["diff"] == pytest.approx(d.mean())
+    # No per-clip scores for the semantic metric: no SE from one seed.
+    assert study.paired(rows, "sigma", "random", "knn")["se"] is None
+
+
+def test_cache_keys_follow_flags_data_and_code(tmp_path, monkeypatch):
+    for f in set(study.TRAIN_CODE + study.EVAL_CODE):
+        shutil.copy(study.HERE / f, tmp_path / f)
+    monkeypatch.setattr(study, "HERE", tmp_path)
+    params = {"version": 2, "seed": 0, "num_train": 2000}
+    key, ekey = study.run_key("--loss sigma", params), study.eval_key()
+    assert study.run_key("--loss sigma", params) == key  # stable
+    assert study.run_key("--loss pixel", params) != key  # the arm's flags
+    assert study.run_key("--loss sigma", {**params, "num_train": 1000}) != key  # the dataset
+    with open(tmp_path / "model.py", "a") as f:  # the code that trains
+        f.write("\n# edited\n")
+    key2, ekey2 = study.run_key("--loss sigma", params), study.eval_key()
+    assert key2 != key and ekey2 != ekey  # model.py is part of both
+    with open(tmp_path / "eval_vos.py", "a") as f:  # evaluation-only code: re-evaluate, don't retrain
+        f.write("\n# edited\n")
+    assert study.run_key("--loss sigma", params) == key2 and study.eval_key() != ekey2
+
+
+def test_arms_and_bad_options(capsys):
+    args = study.get_args(["--arm", 'deep=--loss sigma --proj_hidden 1024 1024 1024', "--seeds", "0", "1"])
+    assert args.arms == ["random", "sigma", "deep"] and args.arm_flags["deep"].endswith("1024 1024 1024")
+    assert study.get_args(["--quick"]).arms == study.QUICK and study.get_args(["--quick"]).seeds == [0]
+    assert study.get_args([]).arms == study.FULL
+    assert study.get_args(["--compare", "sigma", "pixel"]).arms == ["sigma", "pixel"]
+    for bad, word in ((["--arms", "nope"], "nope"), (["--arm", "no flags"], "--arm"),
+                      (["--compare", "sigma", "nope"], "nope"), (["--seeds", "-1"], "--seeds")):
+        with pytest.raises(SystemExit) as e:
+            study.get_args(bad)
+        assert e.value.code == 2 and word in capsys.readouterr().err
+
+
+def test_one_seed_gives_every_arm_the_same_initial_encoder():
+    """The premise of pairing: train.py seeds, then builds the model; the encoder is built first, so its initial
+    weights do not depend on the loss, the target or the number of prototypes, and equal the random-init arm's."""
+    def encoder_at_init(**options):
+        torch.manual_seed(5)
+        return {k.removeprefix("encoder."): v for k, v in model.build_model("tiny", **options).state_dict().items()
+                if k.startswith("encoder.")}
+
+    sigma = encoder_at_init(loss="sigma", target="mlp", num_prototypes=256)
+    torch.manual_seed(5)
+    random_arm = model.load_encoder("random", "tiny")[0].state_dict()
+    for other in (encoder_at_init(loss="pixel", target="pixel"), encoder_at_init(loss="l2", target="mlp"),
+                  encoder_at_init(loss="sigma", target="mlp", num_prototypes=64), random_arm):
+        assert other.keys() == sigma.keys() and all(torch.equal(other[k], sigma[k]) for k in sigma)
