@@ -82,6 +82,10 @@ L2_COLLAPSED_STD = 1e-3
 
 # ============ command line: options, then every value checked before anything is built or read ============
 
+class UsageError(ValueError):
+    """A bad option or a run that cannot resume as asked: `python train.py` prints the message, no traceback."""
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="SIGMA pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Options left at None take their value from the recipe chosen by --dataset (and --arch).
@@ -201,11 +205,11 @@ def check_args(args, world):
     need(not args.dino_weights or args.target == "dino", "--dino_weights is only read with --target dino: add "
          "--target dino or drop --dino_weights")
     if problems:
-        raise ValueError("invalid options:\n  - " + "\n  - ".join(problems))
+        raise UsageError("invalid options:\n  - " + "\n  - ".join(problems))
     cfg = build_config(args.arch, **model_options(args))  # the model's own checks (Config.validate)
     positions = cfg.grid[1] * cfg.grid[2]
     if not 1 <= int(args.mask_ratio * positions) < positions:
-        raise ValueError(f"--mask_ratio {args.mask_ratio} masks {int(args.mask_ratio * positions)} of {positions} "
+        raise UsageError(f"--mask_ratio {args.mask_ratio} masks {int(args.mask_ratio * positions)} of {positions} "
                          f"positions: at least one must be masked and one visible, e.g. --mask_ratio 0.9")
     return cfg
 
@@ -364,7 +368,7 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
                 f"found epochs {-lo_epoch}..{hi_epoch}: every rank must read the same checkpoint. Put --out on a "
                 f"file system that every node sees (e.g. the cluster's shared storage, not a node-local disk).")
     if problem:
-        raise ValueError(problem)
+        raise UsageError(problem)
     return epoch, step
 
 
@@ -412,7 +416,7 @@ def train(args, rank, world, device):
     # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} videos give no full step of {args.batch_size} clips on {world} GPUs: "
+        raise UsageError(f"{len(dataset)} videos give no full step of {args.batch_size} clips on {world} GPUs: "
                          f"lower --batch_size")
 
     # ============ optimizer, resume ============
@@ -832,4 +836,7 @@ def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (UsageError, FileNotFoundError) as e:  # the user's to fix: the message says how
+        sys.exit(f"train.py: error: {e}")

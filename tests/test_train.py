@@ -138,6 +138,13 @@ def test_bad_configuration_fails_before_training(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_option_from_the_command_line_prints_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--precision", "fp8", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode != 0 and "--precision" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_root_fails_clearly(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="does not exist"):
         train.main(["--dataset", "k400", "--arch", "tiny", "--data_root", str(tmp_path / "nope"),
