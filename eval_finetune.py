@@ -705,7 +705,8 @@ def write_results(args, data, run, acc, train_seconds):
 def bench(args, num_classes=400):
     """FLOPs per clip of forward + backward (torch.utils.flop_counter) and per-GPU memory: fp32 weights, grads
     and AdamW moments (16 bytes per parameter) + the tensors autograd saves for backward, counted on one clip
-    under bf16 autocast and scaled to --batch_size. An estimate: allocator slack and workspaces not included."""
+    under bf16 autocast and scaled to --batch_size (an estimate: allocator slack and workspaces not included);
+    then the CPU time of the training augmentation per clip (measured)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
     cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
     model = Classifier(Encoder(cfg, drop_path=args.drop_path), num_classes).train()
@@ -722,11 +723,23 @@ def bench(args, num_classes=400):
         model(videos)
     params = sum(p.numel() for p in model.parameters())
     static, acts = 16 * params / 2 ** 30, args.batch_size * sum(saved.values()) / 2 ** 30
+    # The training augmentation's CPU cost per clip (one thread), on frames of K400's usual 340 x 256.
+    transform = ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio, args.flip)
+    frames = torch.randint(0, 256, (cfg.num_frames, 256, 340, 3), dtype=torch.uint8)  # (T, H, W, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    for _ in range(5):
+        transform(frames)
+    aug_ms = (time.process_time() - t0) / 5 * 1000
+    torch.set_num_threads(threads)
     print(f"{args.arch or 'vit_b'} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, "
           f"{params:,} parameters ({num_classes} classes):\n"
           f"  {counter.get_total_flops() / 1e9:.1f} GFLOP per training clip (forward + backward)\n"
           f"  estimated memory per GPU at --batch_size {args.batch_size}: {static + acts:.1f} GiB = {static:.1f} "
-          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)")
+          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)\n"
+          f"  training augmentation (--randaug {' '.join(f'{v:g}' for v in args.randaug)}, crop, flip): "
+          f"{aug_ms:.0f} ms CPU per {cfg.num_frames}x256x340 clip on one thread, decoding not included")
     return 0
 
 

@@ -358,3 +358,4 @@ def test_bench_counts_flops_and_memory(capsys):
     assert main(["--bench", "--arch", "tiny", "--dataset", "synthetic", "--batch_size", "2"]) == 0
     out = capsys.readouterr().out
     assert "GFLOP per training clip" in out and "estimated memory per GPU at --batch_size 2" in out
+    assert "ms CPU per 8x256x340 clip" in out
