@@ -114,7 +114,8 @@ def build_parser():
     a = p.add_argument
     # what to fine-tune
     a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), "
-      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
+      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the "
+      "baseline row)")
     a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny)")
     a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
     a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
@@ -194,7 +195,7 @@ def check_options(args):
         (args.ckpt in (None, "random") or os.path.isfile(args.ckpt),
          f"--ckpt {args.ckpt!r} does not exist (or pass 'random')"),
         (args.lr > 0, f"--lr {args.lr} must be > 0, e.g. 1e-3"),
-        (0 <= args.min_lr <= args.lr, f"--min_lr {args.min_lr} must be in [0, --lr], e.g. 1e-6"),
+        (args.lr <= 0 or 0 <= args.min_lr <= args.lr, f"--min_lr {args.min_lr} must be in [0, --lr], e.g. 1e-6"),
         (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0, e.g. 0.05"),
         (all(0 <= b < 1 for b in args.betas), f"--betas {args.betas}: each in [0, 1), e.g. 0.9 0.999"),
         (0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1), e.g. 0.1"),
@@ -206,11 +207,12 @@ def check_options(args):
          f"e.g. 4 7 0.5"),
         (0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, f"--crop_scale {args.crop_scale}: 0 < min <= max <= 1, "
          f"e.g. 0.25 1"),
-        (0 < args.crop_ratio[0] <= args.crop_ratio[1], f"--crop_ratio {args.crop_ratio}: 0 < min <= max, e.g. 0.75 1.3333"),
+        (0 < args.crop_ratio[0] <= args.crop_ratio[1],
+         f"--crop_ratio {args.crop_ratio}: 0 < min <= max, e.g. 0.75 1.3333"),
         (0 <= args.reprob <= 1, f"--reprob {args.reprob} must be in [0, 1], e.g. 0.25"),
         (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1, e.g. 100"),
-        (0 <= args.warmup_epochs < max(args.epochs, 1), f"--warmup_epochs {args.warmup_epochs} must be in "
-         f"[0, --epochs {args.epochs}), e.g. 5"),
+        (args.epochs < 1 or 0 <= args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be "
+         f"in [0, --epochs {args.epochs}), e.g. 5"),
         (args.repeats >= 1, f"--repeats {args.repeats} must be >= 1, e.g. 1"),
         (args.batch_size >= 1 and args.batch_size % max(args.repeats, 1) == 0,
          f"--batch_size {args.batch_size} must be a positive multiple of --repeats {args.repeats}, e.g. 4"),
