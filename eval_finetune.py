@@ -1,7 +1,9 @@
 """
-Full fine-tuning (the paper's Tables 2, 3, 5-7 and the recipe of its Table 10): the pretrained encoder,
-every weight trained, with a mean-pooling + LayerNorm + Linear head, stochastic depth, layer-wise lr decay,
-RandAugment, MixUp / CutMix and label smoothing; multi-view testing at the end.
+Full fine-tuning (the paper's Tables 2, 3, 5-7): the pretrained encoder, every weight trained, with a
+mean-pooling + LayerNorm + Linear head, stochastic depth, layer-wise lr decay, RandAugment, random-resized crops,
+random erasing, MixUp / CutMix and label smoothing; multi-view testing at the end. The K400 and SSv2 presets are
+the released fine-tuning scripts (scripts_finetune/finetune_kinetics.sh, finetune_ssv2.sh) value by value; see
+docs/finetune.md for every setting, its released value and source file.
 
     python eval_finetune.py --ckpt out/synthetic_tiny_mlp_sigma/ckpt.pth --dataset synthetic   # laptop, minutes
     python eval_finetune.py --ckpt random --arch tiny --dataset synthetic                      # the baseline row
@@ -27,6 +29,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -36,61 +39,91 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, make_loader, set_epoch
+from data import IMAGENET_MEAN, IMAGENET_STD, VideoClips, make_loader, open_video, set_epoch
 from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
 from train import choose_precision, git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
 
-# ============ defaults: the paper's Table 10 (the VideoMAE fine-tuning recipe the paper follows) ============
-# One block: COMMON for every dataset, then per-dataset changes. Every value can be overridden on the command
-# line (an option left at None takes it from here). batch_size is clips per GPU, as in the released script
-# (run_class_finetuning.py --batch_size); the total is batch_size x GPUs and the lr follows the total:
-# lr_abs = lr x total / 256 (also min_lr). On 8 GPUs: K400 16 x 8 = 128 clips, SSv2 32 x 8 = 256; VideoMAE's
-# published scripts ran 64 GPUs x 6 clips x 2 repeated samples (--num_sample 2) = 768 clips per step.
+# ============ defaults: the released fine-tuning recipe ============
+# One block: COMMON for every dataset, then per-dataset changes; every value can be overridden on the command
+# line (an option left at None takes it from here). "released" = the default of the released
+# run_class_finetuning.py that both published scripts keep; "scripts" = a value both scripts set. batch_size is
+# clips per GPU; the lr follows the total, lr_abs = lr x batch_size x GPUs / 256 (also min_lr): the scripts run
+# 8 GPUs x 4 clips (update_freq 1) = 32 clips per step, lr_abs 1.25e-4.
 COMMON = dict(
-    lr=1e-3,             # base lr per 256 clips (AdamW, betas 0.9 / 0.999)
-    min_lr=1e-6,         # end of the cosine, per 256 clips (released default)
-    warmup_epochs=5,     # linear warmup from 0, then per-step cosine
-    weight_decay=0.05,   # not on norms, biases, positional / cls parameters
-    layer_decay=0.75,    # block i's lr is x 0.75^(depth - i); the tube embedding x 0.75^(depth + 1)
-    drop_path=0.1,       # stochastic depth of the last block, rising linearly from 0 at the first
-    mixup=0.8,           # MixUp Beta(alpha, alpha); 0 = off
-    cutmix=1.0,          # CutMix Beta(alpha, alpha); 0 = off. Each batch gets one of the two, 50 / 50
-    smoothing=0.1,       # label smoothing on the (mixed) targets
-    randaug=(2, 9.0, 0.5),  # RandAugment: ops per clip, magnitude (0-10), magnitude std = timm 'rand-m9-mstd0.5'
-    flip=True,           # random horizontal flip of training clips
-    batch_size=16,       # clips per GPU per step
-    epochs=100,
+    lr=1e-3,             # per 256 clips (scripts); AdamW, eps 1e-8
+    min_lr=1e-6,         # end of the cosine, per 256 clips (released)
+    warmup_epochs=5,     # linear from 0, then per-step cosine (released; the SSv2 script's --warmup_lr is unused)
+    weight_decay=0.05,   # constant; not on norms, biases, positional / cls parameters (scripts)
+    betas=(0.9, 0.999),  # (scripts)
+    layer_decay=0.75,    # block i's lr is x 0.75^(depth - i); the tube embedding x 0.75^(depth + 1) (released)
+    drop_path=0.1,       # stochastic depth of the last block, rising linearly from 0 at the first (released)
+    mixup=0.8,           # MixUp Beta(alpha, alpha); 0 = off (released)
+    cutmix=1.0,          # CutMix Beta(alpha, alpha); 0 = off. Each batch gets one of the two, 50 / 50 (released)
+    smoothing=0.1,       # label smoothing on the (mixed) targets (released)
+    randaug=(4, 7.0, 0.5),        # RandAugment ops, magnitude, magnitude std: 'rand-m7-n4-mstd0.5-inc1' (released)
+    crop_scale=(0.25, 1.0),       # random-resized crop: area fraction (released --finetuning_crops, always on)
+    crop_ratio=(0.75, 1.3333),    # and aspect ratio w / h (released kinetics.py / ssv2.py)
+    reprob=0.25,         # random erasing: probability per clip, one box, per-pixel N(0, 1) values (released)
+    flip=True,           # random horizontal flip of training clips (not SSV2, kinetics.py / ssv2.py)
+    batch_size=4,        # clips per GPU per step (scripts)
+    repeats=1,           # augmented clips per decoded video (scripts: --num_sample 1)
+    epochs=100,          # for datasets without a released script (ours)
     test_clips=5, test_crops=3,  # multi-view test: temporal clips x spatial crops per video, scores averaged
     num_workers=min(8, os.cpu_count() or 1),
     save_every=1,
 )
 RECIPES = {
-    "k400": dict(epochs=75),
+    "k400": dict(epochs=100, test_clips=7),              # scripts_finetune/finetune_kinetics.sh
     # SSv2's labels name directions ("pushing something from left to right"): no flip.
-    "ssv2": dict(epochs=50, batch_size=32, flip=False, test_clips=2, test_crops=3),
+    "ssv2": dict(epochs=40, flip=False, test_clips=2),   # scripts_finetune/finetune_ssv2.sh
+    "ucf101": dict(batch_size=16), "hmdb51": dict(batch_size=16),  # ours: no released script
     # Laptop scale: the built-in synthetic videos (64x64, square, so one crop), tiny encoder, 5 short epochs.
-    # A 10x higher base lr than the paper's, because 16 clips per step make lr_abs tiny (1e-3 x 16/256).
-    "synthetic": dict(epochs=5, warmup_epochs=1, lr=1e-2, test_clips=2, test_crops=1, num_workers=2),
+    # A 10x higher base lr than the release's, because 16 clips per step make lr_abs tiny (1e-2 x 16/256).
+    "synthetic": dict(epochs=5, warmup_epochs=1, lr=1e-2, batch_size=16, test_clips=2, test_crops=1,
+                      num_workers=2),
 }
+# --recipe paper: where the paper's text (its Table 10, the VideoMAE recipe) states other values than the
+# released scripts ran, these replace them (applied after RECIPES; explicit options still win).
+PAPER = {"all": dict(randaug=(2, 9.0, 0.5)), "k400": dict(epochs=75, test_clips=5), "ssv2": dict(epochs=50)}
 # A run folder is tied to these: resuming with others would mix two runs.
 RESUME_MUST_MATCH = ("ckpt", "arch", "dataset", "data_root", "batch_size", "epochs", "seed", "world_size", "repeats")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Full fine-tuning of a SIGMA / VideoMAE encoder (paper Table 10).",
+    """Parse, fill the recipe's values, check every option (a bad one stops here, before any file is read)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    resolve_recipe(args)
+    problems = check_options(args)
+    if problems:
+        p.error("; ".join(problems))  # usage + the messages on stderr, exit status 2, no traceback
+    if args.out is None and not args.bench:
+        base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random"
+                else os.path.dirname(os.path.abspath(args.ckpt)))
+        args.out = os.path.join(base, f"finetune_{args.dataset}")
+    return args
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Full fine-tuning of a SIGMA / VideoMAE encoder, as released.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to fine-tune
     a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), "
-      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
+      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the "
+      "baseline row)")
     a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny)")
     a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
     a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
     # data
     a("--dataset", required=True, choices=VIDEO_DATASETS)
+    a("--recipe", default="release", choices=["release", "paper"], help="'release': the released scripts' "
+      "values; 'paper': the paper's Table 10 where it differs (RandAugment 2 9 0.5, K400 75 epochs 5x3 views, "
+      "SSv2 50 epochs)")
     a("--data_root", default=None, help="dataset folder (data.py LAYOUTS); synthetic: generated if omitted")
     a("--train_split", default="train")
     a("--test_split", default="val", help="'val' is the official test list for ucf101 / hmdb51")
@@ -98,27 +131,31 @@ def get_args(argv=None):
     a("--stride", type=int, default=None, help="frames between sampled frames (data.py default: 4, SSv2 2)")
     a("--sampling", default=None, choices=["stride", "segments"], help="clip frames: 'segments' = one per equal "
       "segment of the whole video (the released SSv2 loader; default for ssv2), 'stride' elsewhere")
-    a("--repeats", type=int, default=1, help="clips per decoded training video, each augmented on its own "
-      "(VideoMAE's --num_sample; its published scripts use 2); batch_size counts clips")
-    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip (not SSv2)")
+    a("--repeats", type=int, default=None, help="clips per decoded training video, each augmented on its own "
+      "(the release's --num_sample; its scripts use 1); batch_size counts clips")
+    # augmentation (docs/finetune.md: what each does in the release)
     a("--randaug", type=float, nargs=3, default=None, metavar=("OPS", "MAG", "MSTD"),
-      help="RandAugment ops per clip, magnitude 0-10, magnitude std; the VideoMAE code's default is 4 7 0.5; "
-      "0 0 0 = off")
+      help="RandAugment ops per clip, magnitude 0-10, magnitude std; 0 0 0 = off")
+    a("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random-resized crop area "
+      "fraction (0.08 1 without the release's --finetuning_crops)")
+    a("--crop_ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="crop aspect ratio w / h")
+    a("--reprob", type=float, default=None, help="random erasing probability per clip; 0 = off")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip (not SSv2)")
     a("--mixup", type=float, default=None)
     a("--cutmix", type=float, default=None)
     a("--smoothing", type=float, default=None)
     a("--test_clips", type=int, default=None)
     a("--test_crops", type=int, default=None)
     # optimisation
-    a("--epochs", type=int, default=None, help="75 K400 / 50 SSv2 / 100 others")
+    a("--epochs", type=int, default=None, help="100 K400 / 40 SSv2 / 100 others")
     a("--warmup_epochs", type=int, default=None)
-    a("--batch_size", type=int, default=None, help="clips per GPU per step (16; SSv2 32)")
+    a("--batch_size", type=int, default=None, help="clips per GPU per step (4; the release ran 8 GPUs)")
     a("--lr", type=float, default=None, help="base lr per 256 clips: lr_abs = lr x batch_size x GPUs / 256")
     a("--min_lr", type=float, default=None, help="final lr per 256 clips")
     a("--weight_decay", type=float, default=None)
     a("--layer_decay", type=float, default=None, help="layer-wise lr decay; 1 = the same lr everywhere")
     a("--drop_path", type=float, default=None, help="stochastic depth rate of the last block")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    a("--betas", type=float, nargs=2, default=None)
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
     # bookkeeping
     a("--out", default=None, help="run folder (default <ckpt folder>/finetune_<dataset>, out/random_<arch>_... "
@@ -129,40 +166,68 @@ def get_args(argv=None):
     a("--seed", type=int, default=0)
     a("--bench", action="store_true", help="print FLOPs per clip and the estimated memory per GPU of a training "
       "step of --arch at --batch_size, then exit (no data needed)")
-    args = p.parse_args(argv)
+    return p
 
-    args.recipe = {**COMMON, **RECIPES.get(args.dataset, {})}
-    for k, v in args.recipe.items():
+
+def recipe(dataset, which="release"):
+    """The preset of `dataset`: COMMON, its RECIPES entry, and with which='paper' the PAPER values."""
+    values = {**COMMON, **RECIPES.get(dataset, {})}
+    if which == "paper":
+        values.update({**PAPER["all"], **PAPER.get(dataset, {})})
+    return values
+
+
+def resolve_recipe(args):
+    """Fill every option left at None from the preset (in place)."""
+    for k, v in recipe(args.dataset, args.recipe).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.randaug = (int(args.randaug[0]), float(args.randaug[1]), float(args.randaug[2]))
+    args.randaug, args.betas = tuple(args.randaug), tuple(args.betas)
+    args.crop_scale, args.crop_ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
     args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")  # as eval_linear.py (data.py samplings)
-    problems = [msg for bad, msg in [
-        (args.ckpt is None and not args.bench, "--ckpt is required: a checkpoint file or 'random'"),
-        (args.ckpt not in (None, "random") and not os.path.isfile(args.ckpt),
+
+
+def check_options(args):
+    """Every problem with the options, each naming the option and a valid value ([] = all good)."""
+    ops, magnitude, std = args.randaug
+    checks = [
+        (args.ckpt is not None or args.bench, "--ckpt is required: a checkpoint file or 'random'"),
+        (args.ckpt in (None, "random") or os.path.isfile(args.ckpt),
          f"--ckpt {args.ckpt!r} does not exist (or pass 'random')"),
-        (args.lr <= 0 or args.min_lr < 0, "--lr must be > 0 and --min_lr >= 0"),
-        (not 0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1), e.g. 0.1"),
-        (not 0 < args.layer_decay <= 1, f"--layer_decay {args.layer_decay} must be in (0, 1], e.g. 0.75"),
-        (not 0 <= args.smoothing < 1, f"--smoothing {args.smoothing} must be in [0, 1), e.g. 0.1"),
-        (args.mixup < 0 or args.cutmix < 0, "--mixup / --cutmix are Beta alphas: >= 0 (0 = off)"),
-        (args.randaug[0] < 0 or not 0 <= args.randaug[1] <= 10 or args.randaug[2] < 0,
-         f"--randaug {args.randaug}: ops >= 0, magnitude in [0, 10], std >= 0, e.g. 2 9 0.5"),
-        (args.epochs < 1 or not 0 <= args.warmup_epochs < args.epochs,
-         f"--epochs {args.epochs} / --warmup_epochs {args.warmup_epochs}: need 0 <= warmup < epochs"),
-        (args.batch_size < 1 or args.batch_size % args.repeats,
-         f"--batch_size {args.batch_size} must be a positive multiple of --repeats {args.repeats}"),
-        ((args.mixup > 0 or args.cutmix > 0) and args.batch_size // args.repeats < 2,
-         "--mixup / --cutmix mix clips of different videos: --batch_size must hold 2 or more videos"),
-        (args.test_clips < 1 or args.test_crops < 1, "--test_clips / --test_crops must be >= 1"),
-        (args.save_every < 1, "--save_every must be >= 1")] if bad]
-    if problems:
-        p.error("; ".join(problems))
-    if args.out is None and not args.bench:
-        base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random"
-                else os.path.dirname(os.path.abspath(args.ckpt)))
-        args.out = os.path.join(base, f"finetune_{args.dataset}")
-    return args
+        (args.lr > 0, f"--lr {args.lr} must be > 0, e.g. 1e-3"),
+        (args.lr <= 0 or 0 <= args.min_lr <= args.lr, f"--min_lr {args.min_lr} must be in [0, --lr], e.g. 1e-6"),
+        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0, e.g. 0.05"),
+        (all(0 <= b < 1 for b in args.betas), f"--betas {args.betas}: each in [0, 1), e.g. 0.9 0.999"),
+        (0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1), e.g. 0.1"),
+        (0 < args.layer_decay <= 1, f"--layer_decay {args.layer_decay} must be in (0, 1], e.g. 0.75"),
+        (0 <= args.smoothing < 1, f"--smoothing {args.smoothing} must be in [0, 1), e.g. 0.1"),
+        (args.mixup >= 0 and args.cutmix >= 0, "--mixup / --cutmix are Beta alphas: >= 0 (0 = off), e.g. 0.8 / 1.0"),
+        (ops >= 0 and ops == int(ops) and 0 <= magnitude <= 10 and std >= 0,
+         f"--randaug {ops:g} {magnitude:g} {std:g}: ops a whole number >= 0, magnitude in [0, 10], std >= 0, "
+         f"e.g. 4 7 0.5"),
+        (0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, f"--crop_scale {args.crop_scale}: 0 < min <= max <= 1, "
+         f"e.g. 0.25 1"),
+        (0 < args.crop_ratio[0] <= args.crop_ratio[1],
+         f"--crop_ratio {args.crop_ratio}: 0 < min <= max, e.g. 0.75 1.3333"),
+        (0 <= args.reprob <= 1, f"--reprob {args.reprob} must be in [0, 1], e.g. 0.25"),
+        (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1, e.g. 100"),
+        (args.epochs < 1 or 0 <= args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be "
+         f"in [0, --epochs {args.epochs}), e.g. 5"),
+        (args.repeats >= 1, f"--repeats {args.repeats} must be >= 1, e.g. 1"),
+        (args.batch_size >= 1 and args.batch_size % max(args.repeats, 1) == 0,
+         f"--batch_size {args.batch_size} must be a positive multiple of --repeats {args.repeats}, e.g. 4"),
+        (args.mixup == args.cutmix == 0 or args.batch_size // max(args.repeats, 1) >= 2,
+         "--mixup / --cutmix mix clips of different videos: --batch_size must hold 2 or more videos, e.g. 4"),
+        (args.test_clips >= 1 and args.test_crops >= 1, "--test_clips / --test_crops must be >= 1, e.g. 5 3"),
+        (args.fold in (1, 2, 3), f"--fold {args.fold} must be 1, 2 or 3"),
+        (args.stride is None or args.stride >= 1, f"--stride {args.stride} must be >= 1, e.g. 4"),
+        (args.num_frames is None or args.num_frames >= 1, f"--num_frames {args.num_frames} must be >= 1, e.g. 16"),
+        (args.img_size is None or args.img_size >= 1, f"--img_size {args.img_size} must be >= 1, e.g. 224"),
+        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0, e.g. 8"),
+        (args.save_every >= 1, f"--save_every {args.save_every} must be >= 1, e.g. 1"),
+        (args.max_epochs_this_run >= 0, f"--max_epochs_this_run {args.max_epochs_this_run} must be >= 0 (0 = all)"),
+        (args.seed >= 0, f"--seed {args.seed} must be >= 0, e.g. 0")]
+    return [message for ok, message in checks if not ok]
 
 # ============ the fine-tuning model ============
 
@@ -243,47 +308,151 @@ def finetune_param_groups(model, weight_decay, layer_decay):
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
-# ============ augmentation: RandAugment per clip, MixUp / CutMix per batch (torchvision transforms v2) ============
+# ============ augmentation: the release's training transform, one draw per clip (torchvision transforms v2) ====
+# The released kinetics.py / ssv2.py `_aug_frame`, in its order: RandAugment on the decoded frames, normalise,
+# random-resized crop to S x S, horizontal flip (not SSv2), random erasing. Every step draws its parameters once
+# per clip and applies them to all T frames (the clip is one v2 Video), as the release does (a per-frame draw
+# would make the clip flicker). Erasing runs on the batch, after normalisation (erase_clips).
 
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-FILL = [round(255 * m) for m in IMAGENET_MEAN]  # geometric ops fill with the mean colour, as timm's RandAugment
+# The release's RandAugment op set ('inc1': the ops whose severity grows with the magnitude level m in [0, 10]),
+# each mapped from m to the value torchvision's kernels take: name -> (value(m, height, width) or None, random sign).
+RANDAUG_OPS = {
+    "AutoContrast": (None, False),
+    "Equalize": (None, False),
+    "Invert": (None, False),
+    "Rotate": (lambda m, h, w: m / 10 * 30, True),                # degrees
+    "Posterize": (lambda m, h, w: 4 - int(m / 10 * 4), False),    # bits kept: 4 down to 0 as m grows
+    "Solarize": (lambda m, h, w: 256 - int(m / 10 * 256), False),  # invert pixels >= this: 256 (none) down to 0
+    "SolarizeAdd": (lambda m, h, w: int(m / 10 * 110), False),    # added to pixels below 128
+    "Color": (lambda m, h, w: m / 10 * 0.9, True),                # blend factor 1 +- 0.9 m / 10 (saturation)
+    "Contrast": (lambda m, h, w: m / 10 * 0.9, True),
+    "Brightness": (lambda m, h, w: m / 10 * 0.9, True),
+    "Sharpness": (lambda m, h, w: m / 10 * 0.9, True),
+    "ShearX": (lambda m, h, w: m / 10 * 0.3, True),               # shear factor (tan of the angle)
+    "ShearY": (lambda m, h, w: m / 10 * 0.3, True),
+    "TranslateX": (lambda m, h, w: m / 10 * 0.45 * w, True),      # pixels, a fraction of the frame
+    "TranslateY": (lambda m, h, w: m / 10 * 0.45 * h, True),
+}
 
 
-class RandAugmentClips(torch.utils.data.Dataset):
-    """Training clips (data.py: multi-scale crop, optional flip) with RandAugment on top, one draw per clip.
+class ClipRandAugment(v2.RandAugment):
+    """RandAugment as the release runs it ('rand-m7-n4-mstd0.5-inc1'), on a uint8 clip (T, 3, H, W): one draw
+    for all T frames.
 
-    Items as the wrapped dataset: (clip (3, T, S, S), label) or, with repeats R, ((R, 3, T, S, S), (R,)),
-    each of the R clips augmented on its own. The clip goes back to uint8 (exact: data.py resized uint8
-    frames), its T frames form one batch for v2.RandAugment, which draws the ops and magnitude once per call,
-    so every frame gets the same ones (a per-frame draw would make the clip flicker), and is normalised again.
-    Magnitude: timm's mstd, a per-clip N(magnitude, std) clipped to [0, 10], on torchvision's scale through
-    101 bins (bin 10 m = m/10 of each op's range, the same fraction timm uses).
+    Per call, num_ops ops are drawn uniformly with replacement from RANDAUG_OPS; each is applied with probability
+    1/2, at a level drawn afresh from N(magnitude, magnitude_std) clipped to [0, 10], with a random sign where the
+    op has one. torchvision's v2.RandAugment applies every drawn op at one fixed magnitude bin and has neither
+    Invert nor SolarizeAdd in its set; its kernels (v2's op dispatch) do the work here. Geometric ops fill
+    with grey (128, the release's default fill) and use bilinear interpolation (the release: bicubic on PIL
+    images; torchvision's tensor kernels offer nearest and bilinear only).
     """
 
-    def __init__(self, clips, num_ops, magnitude, magnitude_std):
-        self.clips, self.num_ops, self.magnitude, self.magnitude_std = clips, num_ops, magnitude, magnitude_std
+    _AUGMENTATION_SPACE = RANDAUG_OPS
 
-    def __len__(self):
-        return len(self.clips)
+    def __init__(self, num_ops=4, magnitude=7.0, magnitude_std=0.5):
+        super().__init__(num_ops=int(num_ops), interpolation=v2.InterpolationMode.BILINEAR, fill=128)
+        self.magnitude, self.magnitude_std = float(magnitude), float(magnitude_std)
 
-    @property
-    def num_classes(self):
-        return self.clips.num_classes
+    def level(self):
+        """One op's magnitude level: N(magnitude, magnitude_std) clipped to [0, 10] (timm's 'mstd')."""
+        return min(10.0, max(0.0, self.magnitude + self.magnitude_std * torch.randn(()).item()))
 
-    def __getitem__(self, i):
-        clip, label = self.clips[i]
-        views = clip if clip.dim() == 5 else clip[None]  # (V, 3, T, S, S)
-        out = torch.stack([self.augment(v) for v in views])
-        return (out if clip.dim() == 5 else out[0]), label
+    def forward(self, *inputs):
+        flat_inputs, clip = self._flatten_and_extract_image_or_video(inputs)
+        height, width = TF.get_size(clip)
+        names = list(self._AUGMENTATION_SPACE)
+        for _ in range(self.num_ops):
+            name = names[torch.randint(len(names), ()).item()]
+            if torch.rand(()).item() < 0.5:
+                continue  # each drawn op is applied with probability 1/2
+            value_of, signed = self._AUGMENTATION_SPACE[name]
+            value = 0.0 if value_of is None else value_of(self.level(), height, width)
+            if signed and torch.rand(()).item() < 0.5:
+                value = -value
+            clip = self.apply_op(clip, name, value)
+        return self._unflatten_and_insert_image_or_video(flat_inputs, clip)
 
-    def augment(self, clip):
-        """(3, T, S, S) normalised -> the same, RandAugmented."""
-        m = min(10.0, max(0.0, self.magnitude + self.magnitude_std * torch.randn(()).item()))
-        op = v2.RandAugment(num_ops=self.num_ops, magnitude=round(10 * m), num_magnitude_bins=101, fill=FILL)
-        frames = ((clip * _STD + _MEAN) * 255).round_().clamp_(0, 255).to(torch.uint8)  # (3, T, S, S)
-        frames = op(frames.transpose(0, 1))  # (T, 3, S, S): one draw for all T frames
-        return (frames.transpose(0, 1).float() / 255 - _MEAN) / _STD
+    def apply_op(self, clip, name, value):
+        """One op with its value on uint8 frames (..., 3, H, W)."""
+        if name == "SolarizeAdd":  # not in torchvision: lift the dark pixels, saturating at 255
+            lifted = (clip.as_subclass(torch.Tensor).int() + int(value)).clamp_(max=255).to(torch.uint8)
+            out = torch.where(clip.as_subclass(torch.Tensor) < 128, lifted, clip.as_subclass(torch.Tensor))
+            return tv_tensors.wrap(out, like=clip) if isinstance(clip, tv_tensors.TVTensor) else out
+        if name == "Solarize":  # an integer threshold in pixel values (v2's op takes a fraction of 255)
+            return clip if value > 255 else TF.solarize(clip, threshold=value)
+        return self._apply_image_or_video_transform(clip, name, value, interpolation=self.interpolation,
+                                                    fill=self._fill)
+
+
+class ClipTransform:
+    """uint8 frames (T, H, W, 3) of one clip -> float32 (3, T, S, S), ImageNet-normalised: the release's training
+    augmentation up to the flip (random erasing follows on the batch, erase_clips).
+
+    The crop is v2.RandomResizedCrop with the release's bounds and sampler (area fraction uniform in crop_scale,
+    log-uniform aspect ratio in crop_ratio, 10 tries, then a centre crop), bilinear without antialiasing as the
+    release's interpolate call. The release normalises before cropping; cropping the uint8 frames first rounds
+    the resized pixels to whole values (at most 0.5 / 255) and is several times faster.
+    """
+
+    def __init__(self, size, randaug=(4, 7.0, 0.5), crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333), flip=True):
+        self.randaug = ClipRandAugment(*randaug) if randaug[0] > 0 else None
+        self.crop = v2.RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio,
+                                         interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        steps = [self.randaug, self.crop, v2.RandomHorizontalFlip() if flip else None,
+                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.steps = v2.Compose([s for s in steps if s is not None])
+
+    def __call__(self, frames):
+        clip = self.steps(tv_tensors.Video(frames.permute(0, 3, 1, 2)))  # (T, 3, S, S), one draw per step
+        return clip.as_subclass(torch.Tensor).transpose(0, 1).contiguous()  # (3, T, S, S)
+
+
+class ClipErasing(v2.RandomErasing):
+    """Random erasing of a normalised clip (T, 3, H, W), as the release's random_erasing.py in 'pixel' mode with
+    one box per clip: with probability p, one box (area fraction uniform in [0.02, 1/3], log-uniform aspect
+    h / w in [0.3, 1/0.3]) is filled with N(0, 1) values, the same box in every frame and fresh values in each.
+
+    v2.RandomErasing draws the box once per call but repeats one (3, h, w) noise patch in every frame; here each
+    frame gets its own, as released. It tries 10 boxes before giving up (the release 100); a box fits in a
+    square clip in 99.5% of tries (docs/finetune.md), so giving up is a 1e-23 event.
+    """
+
+    def __init__(self, p=0.25):
+        super().__init__(p=p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value=0.0, inplace=True)
+
+    def make_params(self, flat_inputs):
+        params = super().make_params(flat_inputs)  # the box (i, j, h, w); v = None if none fitted
+        if params["v"] is not None:
+            clip = flat_inputs[0]
+            params["v"] = torch.randn(clip.shape[0], clip.shape[1], params["h"], params["w"], device=clip.device)
+        return params
+
+
+def erase_clips(videos, eraser):
+    """videos (B, 3, T, H, W), normalised: each clip erased on its own draw, in place. Returns videos."""
+    if eraser is not None:
+        for clip in videos:
+            eraser(clip.transpose(0, 1))  # (T, 3, H, W) view: one box for all frames, written into videos
+    return videos
+
+
+class AugmentedClips(VideoClips):
+    """Training clips read as data.VideoClips reads them (the same frames, the same handling of unreadable
+    videos; `clips` is the VideoClips that parsed the dataset), augmented by `transform` instead of data.py's
+    multi-scale crop. Items: (clip (3, T, S, S), label), or ((R, 3, T, S, S), (R,)) with repeats R."""
+
+    def __init__(self, clips, transform):
+        super().__init__(clips.samples, clips.classes, num_frames=clips.num_frames, stride=clips.stride,
+                         size=clips.size, train=True, repeats=clips.views, max_bad_fraction=clips.max_bad_fraction,
+                         decode_threads=clips.decode_threads, sampling=clips.sampling)
+        self.transform = transform
+
+    def _load(self, path):
+        with open_video(path, self.decode_threads) as video:
+            positions = self._positions(video.num_frames)  # (V, T); clamped in read()
+            frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views
+        frames = frames.view(self.views, self.num_frames, *frames.shape[1:])  # (V, T, H, W, 3)
+        return torch.stack([self.transform(f) for f in frames])  # (V, 3, T, S, S), each view its own draw
 
 
 def build_mixer(mixup, cutmix, num_classes):
@@ -297,10 +466,11 @@ def build_mixer(mixup, cutmix, num_classes):
 def mix_batch(videos, labels, mixer, num_classes, smoothing):
     """videos (B, 3, T, H, W), labels (B,) -> (mixed videos, soft targets (B, C), each row summing to 1).
 
-    v2's MixUp / CutMix pair clip b with clip b-1 (a roll of the batch) and return the mixed one-hot labels
-    lam * onehot(y_b) + (1 - lam) * onehot(y_b-1), lam corrected to the pasted area for CutMix; CutMix cuts
-    the same box out of every frame. Smoothing is applied afterwards, t * (1 - s) + s / C: since the mixed
-    one-hot sums to 1 this equals timm's order (smooth each one-hot, then mix) exactly.
+    v2's MixUp / CutMix pair clip b with clip b-1 (a roll of the batch; the release pairs b with B-1-b) and
+    return the mixed one-hot labels lam * onehot(y_b) + (1 - lam) * onehot(y_b-1), lam corrected to the pasted
+    area for CutMix; CutMix cuts the same box out of every frame. Smoothing is applied afterwards,
+    t * (1 - s) + s / C: since the mixed one-hot sums to 1 this equals the release's order (smooth each
+    one-hot, then mix) exactly.
     """
     if mixer is None:
         soft = F.one_hot(labels, num_classes).float()
@@ -337,7 +507,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, rank=0, 
         scores, labels = torch.cat([s for s, _ in parts]), torch.cat([y for _, y in parts])
     return dict(topk_accuracy(scores, labels), num_test=len(labels))
 
-# ============ main ============
+# ============ the run: data, model and optimizer, resume, training, test ============
 
 
 def main(argv=None):
@@ -353,150 +523,183 @@ def main(argv=None):
 
 
 def finetune(args, rank, world, device):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    """The whole run -> the results dict (rank 0, after the test), 0 (other ranks, or stopped early by
+    --max_epochs_this_run) or 1 (a non-finite loss)."""
+    say = print if rank == 0 else (lambda *a, **k: None)
     precision, autocast, _ = choose_precision(args, device)  # train.py's rule; no fp16 here, so no GradScaler
-
-    # ============ data (a missing split or root fails here, before any training) ============
-    # The probe's dataset builder (eval_linear.build_dataset): training clips get data.py's multi-scale crop
-    # and, with --flip, a random mirror; RandAugment is added on top. Test clips: clips x crops views.
     torch.manual_seed(args.seed)  # the 'random' encoder's init, then the head's
-    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    source, cfg = load_encoder(args.ckpt, args.arch, **overrides)  # the architecture; a misfit fails here
-    train_set = build_dataset(args, cfg, args.train_split, train=True, repeats=args.repeats)
-    if args.randaug[0] > 0:
-        train_set = RandAugmentClips(train_set, *args.randaug)
-    test_set = build_dataset(args, cfg, args.test_split, clips=args.test_clips, crops=args.test_crops)
-    num_classes = test_set.num_classes
-    if train_set.num_classes != num_classes:
-        raise ValueError(f"train split has {train_set.num_classes} classes, test split {num_classes}")
-    loader = make_loader(train_set, args.batch_size // args.repeats, args.num_workers, shuffle=True,
-                         drop_last=True, seed=args.seed)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training videos give no full step of --batch_size {args.batch_size} "
-                         f"on {world} GPUs: lower --batch_size")
-    total_batch = args.batch_size * world
-    lr, min_lr = args.lr * total_batch / 256, args.min_lr * total_batch / 256  # linear scaling, as released
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-
-    # ============ model, optimizer ============
-    model, missing, unexpected = build_classifier(args, source, num_classes)
-    model.to(device)
-    groups = finetune_param_groups(model, args.weight_decay, args.layer_decay)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr,
-                                  betas=tuple(args.betas), fused=device.type == "cuda")
-    mixer = build_mixer(args.mixup, args.cutmix, num_classes)
-    config = {**vars(args), "world_size": world, "total_batch": total_batch, "lr_abs": lr, "min_lr_abs": min_lr,
-              "steps_per_epoch": steps_per_epoch, "precision": precision, "num_classes": num_classes,
-              "git": git_hash()}
-    say("config: " + json.dumps(config, default=str))
-    say(f"encoder: {describe_state_dict(model.encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} "
-        f"clips, drop path {args.drop_path}; {sum(p.numel() for p in model.parameters()):,} parameters, all trained; "
-        f"{len(train_set)} train / {len(test_set)} test videos, {num_classes} classes; {world} x {args.batch_size} "
-        f"= {total_batch} clips/step, lr {lr:.2e}; {steps_per_epoch} steps/epoch; {device}, {precision}")
-    if args.ckpt != "random":
-        say(f"weights: {args.ckpt}; missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
-    say("lr scale per layer: " + ", ".join(f"{g['layer']}: {g['lr_scale']:.3g}" for g in groups
-                                           if not g["weight_decay"]))
-
-    # ============ resume (the same command restarts from <out>/ckpt.pth) ============
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pth"), os.path.join(args.out, "log.jsonl")
-    start_epoch, step = 0, 0
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        changed = {k: (ckpt["config"].get(k), config[k]) for k in RESUME_MUST_MATCH
-                   if ckpt["config"].get(k) != config[k]}
-        if changed:
-            raise ValueError(f"{ckpt_path} was trained with other settings {changed} (saved, now): use another --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        say(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    raw_model = model
+    data = build_data(args, world)
+    run = build_run(args, data, world, device, precision)
+    report(args, data, run, say)
+    start_epoch, step = resume(args, run, say)
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ============ training ============
-    log = open(log_path, "a") if master else None
+        run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     t_train = time.perf_counter()
-    for epoch in range(start_epoch, end_epoch):
-        # Randomness (shuffle, crops, RandAugment, mixing, drop path) from (seed, epoch, rank) only: a run
-        # resumed from an end-of-epoch checkpoint replays the uninterrupted one exactly.
-        seed_everything(args.seed, epoch, rank)
-        set_epoch(loader, epoch)
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if master else True,
-                   leave=False, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for i, (videos, labels) in enumerate(bar):
-            t_data = time.perf_counter() - t0
-            videos, labels = videos.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
-                videos, labels = videos.flatten(0, 1), labels.flatten()
-            videos, targets = mix_batch(videos, labels.long(), mixer, num_classes, args.smoothing)  # (B, C) soft
-            rate = lr_at(step, total_steps, warmup_steps, lr, min_lr)
-            for g in optimizer.param_groups:  # per-step cosine, scaled per layer
-                g["lr"] = rate * g["lr_scale"]
-            with autocast():
-                logits = model(videos)  # (B, C)
-            loss = F.cross_entropy(logits.float(), targets)  # soft-target cross-entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # No clipping in the released recipe; max_norm=inf only measures the norm for the log.
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf")).item()
-            # Every rank sees the mean loss, so a non-finite one on any rank stops all of them together.
-            loss_mean = loss.detach().double().reshape(1)
-            if world > 1:
-                dist.all_reduce(loss_mean)
-                loss_mean /= world
-            if not math.isfinite(loss_mean.item()):
-                say(f"\nloss is {loss_mean.item()} at step {step} (epoch {epoch}); stopping. The last good checkpoint "
-                    f"is {ckpt_path if os.path.exists(ckpt_path) else 'none'}. Try a lower --lr or --precision fp32.",
-                    file=sys.stderr)
+    with open(run.log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
+        for epoch in range(start_epoch, end_epoch):
+            step = train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log, say)
+            if step is None:
                 return 1
-            optimizer.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            last = dict(step=step, epoch=epoch + (i + 1) / steps_per_epoch, lr=rate, loss=round(loss_mean.item(), 5),
-                        grad_norm=grad_norm, clips_per_s=total_batch / dt, data_wait=t_data / dt)
-            if master:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{rate:.1e}", data=f"{last['data_wait']:.0%}")
-            t0 = time.perf_counter()
-        say(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}, lr {rate:.2e}, "
-            f"{last['clips_per_s']:.1f} clips/s")
-        if master and ((epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch):
-            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                            epoch=epoch + 1, step=step, config=config,
-                                            model_config=dataclasses.asdict(cfg)))
-        if world > 1:
-            dist.barrier()  # nobody goes on (or exits) before the checkpoint exists
-    if master:
-        log.close()
+            if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch):
+                save_checkpoint(run.ckpt_path, dict(model=run.raw_model.state_dict(),
+                                                    optimizer=run.optimizer.state_dict(), epoch=epoch + 1, step=step,
+                                                    config=run.config, model_config=dataclasses.asdict(data.cfg)))
+            if world > 1:
+                dist.barrier()  # nobody goes on (or exits) before the checkpoint exists
     if end_epoch < args.epochs:
         say(f"stopped after epoch {end_epoch}/{args.epochs} (--max_epochs_this_run); rerun the same command to go on")
         return 0
+    acc = evaluate(run.raw_model, data.test_set, args.batch_size, args.num_workers, device, autocast, rank, world)
+    return write_results(args, data, run, acc, time.perf_counter() - t_train) if rank == 0 else 0
 
-    # ============ multi-view test, results JSON beside the checkpoint ============
-    train_seconds = time.perf_counter() - t_train
-    acc = evaluate(raw_model, test_set, args.batch_size, args.num_workers, device, autocast, rank, world)
-    if master:
-        results = dict(top1=acc["top1"], top5=acc["top5"], num_test=acc["num_test"], dataset=args.dataset,
-                       test_split=args.test_split, test_views=f"{args.test_clips}x{args.test_crops}",
-                       num_train=len(train_set), num_classes=num_classes, ckpt=args.ckpt, epochs=args.epochs,
-                       missing_keys=missing, unexpected_keys=unexpected, train_seconds_this_run=train_seconds,
-                       encoder=dataclasses.asdict(cfg), config=config)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"fine-tuned {args.dataset} ({args.test_split}, {len(train_set)} train / {acc['num_test']} test videos, "
-              f"{num_classes} classes, {results['test_views']} views): top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f}"
-              f"  -> {os.path.join(args.out, 'results.json')}")
-        return results
-    return 0
+
+def build_data(args, world):
+    """The encoder to start from and both splits (a missing split or root fails here, before any training).
+
+    Training clips: the release's augmentation (ClipTransform) on the frames data.py decodes; test clips:
+    data.py's clips x crops views (short-side squares, resized), as the release's test loader."""
+    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
+    source, cfg = load_encoder(args.ckpt, args.arch, **overrides)  # the architecture; a misfit fails here
+    parsed = build_dataset(args, cfg, args.train_split, train=True, repeats=args.repeats)
+    train_set = AugmentedClips(parsed, ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio,
+                                                     args.flip))
+    test_set = build_dataset(args, cfg, args.test_split, clips=args.test_clips, crops=args.test_crops)
+    if train_set.num_classes != test_set.num_classes:
+        raise ValueError(f"train split has {train_set.num_classes} classes, test split {test_set.num_classes}")
+    loader = make_loader(train_set, args.batch_size // args.repeats, args.num_workers, shuffle=True,
+                         drop_last=True, seed=args.seed)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training videos give no full step of --batch_size {args.batch_size} "
+                         f"on {world} GPUs: lower --batch_size")
+    return SimpleNamespace(source=source, cfg=cfg, train_set=train_set, test_set=test_set, loader=loader,
+                           num_classes=test_set.num_classes)
+
+
+def build_run(args, data, world, device, precision):
+    """Model, optimizer, augmentation on the batch, lr schedule and the resolved config."""
+    model, missing, unexpected = build_classifier(args, data.source, data.num_classes)
+    model.to(device)
+    groups = finetune_param_groups(model, args.weight_decay, args.layer_decay)
+    steps_per_epoch, total_batch = len(data.loader), args.batch_size * world
+    lr, min_lr = args.lr * total_batch / 256, args.min_lr * total_batch / 256  # linear scaling, as released
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr,
+                                  betas=args.betas, fused=device.type == "cuda")
+    config = {**vars(args), "world_size": world, "total_batch": total_batch, "lr_abs": lr, "min_lr_abs": min_lr,
+              "steps_per_epoch": steps_per_epoch, "precision": precision, "num_classes": data.num_classes,
+              "git": git_hash()}
+    return SimpleNamespace(
+        model=model, raw_model=model, groups=groups, optimizer=optimizer, missing=missing, unexpected=unexpected,
+        mixer=build_mixer(args.mixup, args.cutmix, data.num_classes),
+        eraser=ClipErasing(args.reprob) if args.reprob > 0 else None,
+        lr=lr, min_lr=min_lr, total_batch=total_batch, steps_per_epoch=steps_per_epoch,
+        total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch,
+        config=config, ckpt_path=os.path.join(args.out, "ckpt.pth"), log_path=os.path.join(args.out, "log.jsonl"))
+
+
+def report(args, data, run, say):
+    """The resolved config and what will be trained, on rank 0."""
+    cfg, world = data.cfg, run.config["world_size"]
+    say("config: " + json.dumps(run.config, default=str))
+    say(f"encoder: {describe_state_dict(run.model.encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x"
+        f"{cfg.img_size} clips, drop path {args.drop_path}; {sum(p.numel() for p in run.model.parameters()):,} "
+        f"parameters, all trained; {len(data.train_set)} train / {len(data.test_set)} test videos, "
+        f"{data.num_classes} classes; {world} x {args.batch_size} = {run.total_batch} clips/step, lr {run.lr:.2e}; "
+        f"{run.steps_per_epoch} steps/epoch; {run.config['precision']}")
+    if args.ckpt != "random":
+        say(f"weights: {args.ckpt}; missing keys: {run.missing or 'none'}; unexpected keys: {run.unexpected or 'none'}")
+    say("lr scale per layer: " + ", ".join(f"{g['layer']}: {g['lr_scale']:.3g}" for g in run.groups
+                                           if not g["weight_decay"]))
+
+
+def resume(args, run, say):
+    """(start_epoch, step): 0, 0 for a new run folder; else the state of <out>/ckpt.pth, loaded into the model
+    and optimizer, refused if it was trained with other RESUME_MUST_MATCH settings."""
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.exists(run.ckpt_path):
+        return 0, 0
+    ckpt = load_checkpoint(run.ckpt_path)
+    changed = {k: (ckpt["config"].get(k), run.config[k]) for k in RESUME_MUST_MATCH
+               if ckpt["config"].get(k) != run.config[k]}
+    if changed:
+        raise ValueError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use another --out")
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    say(f"resumed from {run.ckpt_path}: epoch {ckpt['epoch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["step"]
+
+
+def train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log, say):
+    """One epoch of steps -> the step count after it, or None if the loss stopped being finite."""
+    # Randomness (shuffle, augmentation, erasing, mixing, drop path) from (seed, epoch, rank) only: a run
+    # resumed from an end-of-epoch checkpoint replays the uninterrupted one exactly.
+    seed_everything(args.seed, epoch, rank)
+    set_epoch(data.loader, epoch)
+    run.model.train()
+    bar = tqdm(data.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 else True,
+               leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for i, (videos, labels) in enumerate(bar):
+        t_data = time.perf_counter() - t0
+        videos, labels = videos.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
+            videos, labels = videos.flatten(0, 1), labels.flatten()
+        videos = erase_clips(videos, run.eraser)  # (B, 3, T, S, S), after normalisation as released
+        videos, targets = mix_batch(videos, labels.long(), run.mixer, data.num_classes, args.smoothing)  # (B, C)
+        rate = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
+        loss, grad_norm = train_step(run, videos, targets, rate, world, autocast)
+        if not math.isfinite(loss):
+            last_good = run.ckpt_path if os.path.exists(run.ckpt_path) else "none"
+            say(f"\nloss is {loss} at step {step} (epoch {epoch}); stopping. The last good checkpoint is "
+                f"{last_good}. Try a lower --lr or --precision fp32.", file=sys.stderr)
+            return None
+        step += 1
+        dt = time.perf_counter() - t0
+        last = dict(step=step, epoch=epoch + (i + 1) / run.steps_per_epoch, lr=rate, loss=round(loss, 5),
+                    grad_norm=grad_norm, clips_per_s=run.total_batch / dt, data_wait=t_data / dt)
+        log.write(json.dumps(last) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rate:.1e}", data=f"{last['data_wait']:.0%}")
+        t0 = time.perf_counter()
+    say(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}, lr {rate:.2e}, {last['clips_per_s']:.1f} clips/s")
+    return step
+
+
+def train_step(run, videos, targets, rate, world, autocast):
+    """One optimizer step at lr `rate` (scaled per layer) -> (mean loss over ranks, gradient norm). The
+    parameters are not updated when the loss is not finite on some rank (all ranks then stop together)."""
+    for g in run.optimizer.param_groups:  # per-step cosine, scaled per layer
+        g["lr"] = rate * g["lr_scale"]
+    with autocast():
+        logits = run.model(videos)  # (B, C)
+    loss = F.cross_entropy(logits.float(), targets)  # soft-target cross-entropy
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # No clipping in the released recipe; max_norm=inf only measures the norm for the log.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), float("inf")).item()
+    loss_mean = loss.detach().double().reshape(1)  # every rank sees the mean loss
+    if world > 1:
+        dist.all_reduce(loss_mean)
+        loss_mean /= world
+    if math.isfinite(loss_mean.item()):
+        run.optimizer.step()
+    return loss_mean.item(), grad_norm
+
+
+def write_results(args, data, run, acc, train_seconds):
+    """results.json beside the checkpoint (top-1 / top-5, the config, the weights' key report) -> its dict."""
+    results = dict(top1=acc["top1"], top5=acc["top5"], num_test=acc["num_test"], dataset=args.dataset,
+                   test_split=args.test_split, test_views=f"{args.test_clips}x{args.test_crops}",
+                   num_train=len(data.train_set), num_classes=data.num_classes, ckpt=args.ckpt, epochs=args.epochs,
+                   missing_keys=run.missing, unexpected_keys=run.unexpected, train_seconds_this_run=train_seconds,
+                   encoder=dataclasses.asdict(data.cfg), config=run.config)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"fine-tuned {args.dataset} ({args.test_split}, {len(data.train_set)} train / {acc['num_test']} test "
+          f"videos, {data.num_classes} classes, {results['test_views']} views): top-1 {acc['top1']:.2f}  "
+          f"top-5 {acc['top5']:.2f}  -> {path}")
+    return results
 
 # ============ --bench: FLOPs and memory of a training step, without data or a GPU ============
 
@@ -504,7 +707,8 @@ def finetune(args, rank, world, device):
 def bench(args, num_classes=400):
     """FLOPs per clip of forward + backward (torch.utils.flop_counter) and per-GPU memory: fp32 weights, grads
     and AdamW moments (16 bytes per parameter) + the tensors autograd saves for backward, counted on one clip
-    under bf16 autocast and scaled to --batch_size. An estimate: allocator slack and workspaces not included."""
+    under bf16 autocast and scaled to --batch_size (an estimate: allocator slack and workspaces not included);
+    then the CPU time of the training augmentation per clip (measured)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
     cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
     model = Classifier(Encoder(cfg, drop_path=args.drop_path), num_classes).train()
@@ -521,11 +725,23 @@ def bench(args, num_classes=400):
         model(videos)
     params = sum(p.numel() for p in model.parameters())
     static, acts = 16 * params / 2 ** 30, args.batch_size * sum(saved.values()) / 2 ** 30
+    # The training augmentation's CPU cost per clip (one thread), on frames of K400's usual 340 x 256.
+    transform = ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio, args.flip)
+    frames = torch.randint(0, 256, (cfg.num_frames, 256, 340, 3), dtype=torch.uint8)  # (T, H, W, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    for _ in range(5):
+        transform(frames)
+    aug_ms = (time.process_time() - t0) / 5 * 1000
+    torch.set_num_threads(threads)
     print(f"{args.arch or 'vit_b'} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, "
           f"{params:,} parameters ({num_classes} classes):\n"
           f"  {counter.get_total_flops() / 1e9:.1f} GFLOP per training clip (forward + backward)\n"
           f"  estimated memory per GPU at --batch_size {args.batch_size}: {static + acts:.1f} GiB = {static:.1f} "
-          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)")
+          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)\n"
+          f"  training augmentation (--randaug {' '.join(f'{v:g}' for v in args.randaug)}, crop, flip): "
+          f"{aug_ms:.0f} ms CPU per {cfg.num_frames}x256x340 clip on one thread, decoding not included")
     return 0
 
 

@@ -1,17 +1,23 @@
 """eval_finetune.py: drop path (0 = bit-identical, > 0 only in train mode, expectation kept); layer-wise lr
 decay and weight-decay groups against the released formula; MixUp / CutMix targets against the timm formula
-(rows sum to 1, with smoothing); RandAugment draws once per clip; the released head init; bad settings fail at
+(rows sum to 1, with smoothing); the release's augmentation (one crop, flip, RandAugment draw and erased box per
+clip; crop and erasing boxes distributed as the release's samplers; RandAugment's op set, levels, per-op
+probability); the presets against the released scripts' values; the released head init; bad settings stop at
 start naming the option; end to end on tiny synthetic videos; a resumed run equals an uninterrupted one bitwise."""
 import json
+import math
 import os
+import random
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
 
-from eval_finetune import (Classifier, RandAugmentClips, build_mixer, finetune_param_groups, get_args, main,
-                           mix_batch)
+from data import DEFAULT_STRIDE, IMAGENET_MEAN, IMAGENET_STD, build_video_dataset, open_video
+from eval_finetune import (AugmentedClips, Classifier, ClipErasing, ClipRandAugment, ClipTransform, build_mixer,
+                           erase_clips, finetune_param_groups, get_args, main, mix_batch)
 from model import Block, Encoder, build_config, build_model, drop_path
 from train import lr_at
 
@@ -113,36 +119,164 @@ def test_mixed_targets_follow_the_mixing_and_sum_to_one(which):
     assert torch.allclose(plain, F.one_hot(labels, C) * (1 - s) + s / C)
 
 
-class _Clips(torch.utils.data.Dataset):
-    num_classes = 2
+# ============ the release's training augmentation: one draw per clip, the release's bounds ============
 
-    def __init__(self, clip):
-        self.clip = clip
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, i):
-        return self.clip, 0
+# The release's RandAugment op set for 'inc1' (its rand_augment.py), spelled out here independently.
+RELEASED_INCREASING_OPS = {"AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+                           "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+                           "TranslateY"}
 
 
-def test_randaugment_draws_once_per_clip():
-    from data import IMAGENET_MEAN, IMAGENET_STD
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    g = torch.Generator().manual_seed(0)
-    frame = torch.randint(0, 256, (3, 1, 32, 32), generator=g).float()
-    clip = (frame.expand(-1, 6, -1, -1) / 255 - mean) / std  # (3, T, S, S): six identical frames
-    assert torch.allclose(RandAugmentClips(_Clips(clip), 0, 9, 0.5)[0][0], clip, atol=1e-5)  # no op: exact
-    aug = RandAugmentClips(_Clips(clip), 2, 9, 0.5)
-    changed = 0
-    for seed in range(8):
+def _still_clip(T=6, H=48, W=64, seed=0):
+    """T identical random frames, uint8 (T, H, W, 3): any per-frame draw would make them differ."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, H, W, 3), generator=g, dtype=torch.uint8).expand(T, -1, -1, -1).contiguous()
+
+
+def test_every_frame_gets_the_same_crop_flip_and_randaugment():
+    frames = _still_clip()
+    transform = ClipTransform(32, randaug=(4, 7.0, 0.5), crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333))
+    outputs = []
+    for seed in range(12):
         torch.manual_seed(seed)
-        out = aug[0][0]
-        assert out.shape == clip.shape
-        assert torch.equal(out, out[:, :1].expand_as(out))  # every frame got the same ops and magnitude
-        changed += not torch.allclose(out, clip, atol=1e-5)
-    assert changed >= 4
+        out = transform(frames)  # (3, T, S, S)
+        assert out.shape == (3, 6, 32, 32) and out.dtype == torch.float32
+        assert torch.equal(out, out[:, :1].expand_as(out)), seed  # one crop, flip and op draw for all frames
+        outputs.append(out[:, 0])
+    assert len({o.sum().item() for o in outputs}) == 12  # and the draw changes from clip to clip
+    # The test has teeth: drawing per frame (T calls) gives frames that differ.
+    torch.manual_seed(0)
+    per_frame = torch.cat([transform(frames[t:t + 1]) for t in range(6)], dim=1)  # (3, T, S, S)
+    assert not torch.equal(per_frame, per_frame[:, :1].expand_as(per_frame))
 
+
+def test_randaugment_draws_ops_levels_and_signs_as_released(monkeypatch):
+    aug = ClipRandAugment(4, 7.0, 0.5)
+    assert set(aug._AUGMENTATION_SPACE) == RELEASED_INCREASING_OPS
+    # Each op's value at level m = 7 on a 100 x 200 frame, from the release's level -> argument rules.
+    value = {name: fn(7.0, 100, 200) for name, (fn, _) in aug._AUGMENTATION_SPACE.items() if fn is not None}
+    assert value == pytest.approx(dict(Rotate=21.0, Posterize=2, Solarize=77, SolarizeAdd=77, Color=0.63,
+                                       Contrast=0.63, Brightness=0.63, Sharpness=0.63, ShearX=0.21, ShearY=0.21,
+                                       TranslateX=0.315 * 200, TranslateY=0.315 * 100))
+    torch.manual_seed(0)
+    levels = torch.tensor([aug.level() for _ in range(4000)])
+    assert abs(levels.mean() - 7) < 0.03 and abs(levels.std() - 0.5) < 0.03  # N(7, 0.5) per op
+    # Which ops run: 4 drawn per clip with replacement, each applied with probability 1/2, random signs.
+    calls = []
+    monkeypatch.setattr(aug, "apply_op", lambda clip, name, v: calls.append((name, v)) or clip)
+    clip = tv_tensors.Video(_still_clip(T=2, H=20, W=20).permute(0, 3, 1, 2))
+    for _ in range(1500):
+        aug(clip)
+    assert abs(len(calls) / 1500 - 2.0) < 0.1  # Binomial(4, 1/2): mean 2, SE 0.026
+    counts = {name: sum(n == name for n, _ in calls) for name in RELEASED_INCREASING_OPS}
+    assert min(counts.values()) > 0.7 * len(calls) / 15 and max(counts.values()) < 1.3 * len(calls) / 15
+    rotations = [v for n, v in calls if n == "Rotate"]
+    assert min(rotations) < -17 and max(rotations) > 17 and all(abs(v) <= 30 for v in rotations)
+
+
+def test_solarize_ops_on_pixel_values():
+    aug = ClipRandAugment()
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, -1, -1)  # (T, 3, 16, 16)
+    added = aug.apply_op(x, "SolarizeAdd", 77)
+    expect = torch.where(x < 128, (x.int() + 77).clamp(max=255), x.int())
+    assert torch.equal(added.int(), expect)
+    assert torch.equal(aug.apply_op(x, "Solarize", 256), x)  # level 0: nothing inverted
+    assert torch.equal(aug.apply_op(x, "Solarize", 77).int(), torch.where(x >= 77, 255 - x.int(), x.int()))
+
+
+def _released_box(height, width, scale, ratio, tries, accept, rng):
+    """The release's box sampler (its random-resized crop and random erasing), written from its description:
+    area uniform in scale, log-uniform aspect, sides rounded, first box that fits -> (h, w) or None."""
+    for _ in range(tries):
+        area = rng.uniform(*scale) * height * width
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if accept(h, w):
+            return h, w
+    return None
+
+
+def test_crop_area_and_aspect_stay_within_the_released_bounds():
+    from scipy.stats import ks_2samp
+    torch.manual_seed(0)
+    crop = ClipTransform(224).crop  # the v2.RandomResizedCrop the training clips go through
+    clip = tv_tensors.Video(torch.zeros(2, 3, 240, 320, dtype=torch.uint8))
+    boxes = [crop.make_params([clip]) for _ in range(3000)]
+    area = torch.tensor([b["height"] * b["width"] / (240 * 320) for b in boxes])
+    aspect = torch.tensor([b["width"] / b["height"] for b in boxes])
+    assert area.min() >= 0.25 - 0.01 and area.max() <= 1 and area.min() < 0.27 and area.max() > 0.9
+    assert aspect.min() >= 0.75 - 0.01 and aspect.max() <= 1.3333 + 0.01
+    rng = random.Random(0)  # the release's crop sampler: w from area x aspect, fits if w <= W and h <= H
+    ref = [_released_box(240, 320, (0.25, 1.0), (0.75, 1.3333), 10, lambda h, w: 0 < w <= 320 and 0 < h <= 240, rng)
+           for _ in range(3000)]
+    ref_area = [w * h / (240 * 320) for w, h in ref if w is not None]
+    assert ks_2samp(area.numpy(), ref_area).pvalue > 1e-3
+
+
+def test_erasing_probability_box_sizes_and_noise_match_the_release():
+    from scipy.stats import ks_2samp
+    torch.manual_seed(0)
+    videos = torch.zeros(3000, 3, 2, 32, 32)  # (B, 3, T, H, W), normalised zeros
+    erase_clips(videos, ClipErasing(0.25))
+    erased = videos != 0  # (B, 3, T, H, W)
+    hit = erased.flatten(1).any(1)
+    assert abs(hit.float().mean().item() - 0.25) < 0.03  # p = 0.25; SE 0.008
+    masks = erased[hit].any(1)  # (N, T, H, W)
+    assert torch.equal(masks[:, 0], masks[:, 1])  # the same box in every frame ...
+    inside = videos[hit].permute(0, 2, 3, 4, 1)[masks]  # (n, 3) values inside the boxes
+    assert abs(inside.mean().item()) < 0.02 and abs(inside.std().item() - 1) < 0.02  # ... filled with N(0, 1)
+    frame0, frame1 = videos[hit][:, :, 0], videos[hit][:, :, 1]
+    assert not torch.equal(frame0, frame1)  # ... drawn afresh per frame
+    rows, cols = masks[:, 0].any(2).sum(1), masks[:, 0].any(1).sum(1)  # (N,) box heights and widths
+    assert torch.equal(masks[:, 0].flatten(1).sum(1), rows * cols)  # one rectangle
+    area = (rows * cols).float() / 1024
+    assert area.min() >= 0.02 - 0.01 and area.max() <= 1 / 3 + 0.02
+    assert (rows / cols).min() >= 0.3 - 0.1 and (rows / cols).max() <= 1 / 0.3 + 0.4
+    rng = random.Random(0)  # the release's erasing: aspect = h / w, fits if h < H and w < W, 100 tries
+    ref = [_released_box(32, 32, (0.02, 1 / 3), (0.3, 1 / 0.3), 100, lambda h, w: h < 32 and w < 32, rng)
+           for _ in range(3000)]
+    assert ks_2samp(area.numpy(), [h * w / 1024 for h, w in ref]).pvalue > 1e-3
+
+
+def test_training_clips_come_from_the_decoded_frames(tiny_synthetic):
+    """AugmentedClips reads the frames data.VideoClips reads and returns (3, T, S, S) clips, one draw each."""
+    parsed = build_video_dataset("synthetic", tiny_synthetic, "train", num_frames=4, size=32, train=True, repeats=2)
+    clips = AugmentedClips(parsed, ClipTransform(32, randaug=(0, 0, 0), crop_scale=(1, 1), crop_ratio=(1, 1),
+                                                 flip=False))
+    torch.manual_seed(0)
+    views, labels = clips[0]
+    assert views.shape == (2, 3, 4, 32, 32) and labels.tolist() == [parsed.samples[0][1]] * 2
+    # Crop = the whole 64 x 64 frame resized to 32: the frames data.py decodes, at the released normalisation.
+    with open_video(parsed.samples[0][0]) as video:
+        frames = video.read(list(range(video.num_frames)))  # (N, H, W, 3)
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False) / 255  # (N, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    first = (views[0, :, 0] * std + mean)  # (3, 32, 32), back in [0, 1]
+    assert min((first - xi).abs().max().item() for xi in x) <= 1 / 255 + 1e-6  # one of the video's frames
+
+
+# ============ presets: the released scripts, value by value ============
+
+# Copied from the released scripts (scripts_finetune/finetune_kinetics.sh, finetune_ssv2.sh) and the defaults of
+# run_class_finetuning.py they keep. lr, min_lr are per 256 clips; batch_size per GPU (8 GPUs, update_freq 1).
+RELEASED = dict(lr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.75,
+                drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=(4, 7.0, 0.5),
+                crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333), reprob=0.25, batch_size=4, repeats=1,
+                test_crops=3)
+RELEASED_K400 = dict(RELEASED, epochs=100, test_clips=7, flip=True, sampling="stride")  # --sampling_rate 4
+RELEASED_SSV2 = dict(RELEASED, epochs=40, test_clips=2, flip=False, sampling="segments")  # 16 segments
+
+
+@pytest.mark.parametrize("dataset, released", [("k400", RELEASED_K400), ("ssv2", RELEASED_SSV2)])
+def test_presets_equal_the_released_scripts(dataset, released):
+    args = get_args(["--ckpt", "random", "--dataset", dataset])
+    assert {k: getattr(args, k) for k in released} == released
+    assert args.stride is None and DEFAULT_STRIDE["k400"] == 4  # K400: data.py's stride 4 = --sampling_rate 4
+    assert args.lr * args.batch_size * 8 / 256 == pytest.approx(1.25e-4)  # lr_abs on the release's 8 GPUs
+    paper = get_args(["--ckpt", "random", "--dataset", dataset, "--recipe", "paper"])
+    assert paper.randaug == (2, 9.0, 0.5) and paper.epochs == {"k400": 75, "ssv2": 50}[dataset]
+    assert get_args(["--ckpt", "random", "--dataset", dataset, "--recipe", "paper", "--epochs", "30"]).epochs == 30
 # ============ command line, end to end, resume ============
 
 
@@ -150,11 +284,22 @@ def test_randaugment_draws_once_per_clip():
                                          (["--layer_decay", "0"], "--layer_decay"),
                                          (["--warmup_epochs", "200"], "--warmup_epochs"),
                                          (["--randaug", "2", "12", "0.5"], "--randaug"),
-                                         (["--batch_size", "3", "--repeats", "2"], "--batch_size")])
-def test_bad_settings_fail_at_start_naming_the_option(bad, option, capsys):
-    with pytest.raises(SystemExit):
-        get_args(["--ckpt", "random", "--dataset", "synthetic", *bad])
-    assert option in capsys.readouterr().err
+                                         (["--batch_size", "3", "--repeats", "2"], "--batch_size"),
+                                         (["--epochs", "0"], "--epochs"),
+                                         (["--batch_size", "0"], "--batch_size"),
+                                         (["--lr", "-1"], "--lr"),
+                                         (["--repeats", "0"], "--repeats"),
+                                         (["--reprob", "1.5"], "--reprob"),
+                                         (["--crop_scale", "0", "1"], "--crop_scale"),
+                                         (["--randaug", "2.5", "7", "0.5"], "--randaug"),
+                                         (["--fold", "4"], "--fold"),
+                                         (["--num_workers", "-1"], "--num_workers")])
+def test_bad_settings_stop_at_start_naming_the_option(bad, option, capsys, monkeypatch):
+    monkeypatch.setattr("eval_finetune.load_encoder", lambda *a, **k: pytest.fail("read a checkpoint"))
+    with pytest.raises(SystemExit) as stop:  # argparse's exit: no exception escapes, no traceback
+        main(["--ckpt", "random", "--dataset", "synthetic", "--data_root", "/nonexistent", *bad])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and option in err and ("e.g." in err or "must be 1, 2 or 3" in err)
 
 
 def run(ckpt, data, out, *extra):
@@ -213,3 +358,4 @@ def test_bench_counts_flops_and_memory(capsys):
     assert main(["--bench", "--arch", "tiny", "--dataset", "synthetic", "--batch_size", "2"]) == 0
     out = capsys.readouterr().out
     assert "GFLOP per training clip" in out and "estimated memory per GPU at --batch_size 2" in out
+    assert "ms CPU per 8x256x340 clip" in out
