@@ -271,6 +271,30 @@ def test_loader_refuses_pickled_code(tmp_path, capsys):
     assert "payload executed" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["cut in half", "last bytes missing", "empty", "not a checkpoint"])
+def test_unreadable_checkpoint_is_called_truncated_or_corrupt(tmp_path, damage):
+    """A damaged file is named and called truncated or corrupt, not a security risk."""
+    good = tmp_path / "good.pth"
+    torch.save({"model": build_model("tiny", **TINY).state_dict(), "args": argparse.Namespace(lr=1.0)}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "ckpt.pth"
+    bad.write_bytes({"cut in half": data[:len(data) // 2], "last bytes missing": data[:-10], "empty": b"",
+                     "not a checkpoint": b"xyz" * 100}[damage])
+    with pytest.raises(RuntimeError) as info:
+        load_checkpoint(str(bad))
+    message = str(info.value)
+    assert "truncated or corrupt" in message and str(bad) in message
+    assert "pickled code" not in message
+    assert load_checkpoint(str(good))["args"].lr == 1.0  # the intact file still loads
+
+
+def test_pickled_code_is_not_called_corrupt(tmp_path):
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="pickled code") as info:
+        load_checkpoint(str(tmp_path / "bad.pth"))
+    assert "truncated" not in str(info.value) and "bad.pth" in str(info.value)
+
+
 def test_wrong_architecture_is_named():
     sd = build_model("tiny", **TINY).state_dict()
     with pytest.raises(ValueError, match="preset 'tiny'"):
