@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, Video, VideoClips, build_video_dataset, make_loader
-from model import describe_state_dict, load_encoder, load_weights
+from model import PRESETS, describe_state_dict, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
@@ -136,6 +136,7 @@ def get_args(argv=None):
     a("--bench", action="store_true", help="recompute the features (ignore the cache) and report the cost of "
       "a probe: backbone passes per training clip, extraction and head-training wall time")
     args = p.parse_args(argv)
+    check_args(p, args)
     args.epochs = args.epochs or EPOCHS.get(args.dataset, 100)
     args.flip = args.dataset not in NO_FLIP if args.flip is None else args.flip
     args.probes_given = args.probes is not None  # named ones must run; the default drops what the data lacks
@@ -143,13 +144,39 @@ def get_args(argv=None):
     args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")
     views = SEGMENT_TEST_VIEWS if args.sampling == "segments" else (1, 1)
     args.test_clips, args.test_crops = args.test_clips or views[0], args.test_crops or views[1]
-    if args.ckpt != "random" and not os.path.isfile(args.ckpt):
-        p.error(f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
     if args.out is None:
         base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.splitext(args.ckpt)[0])
         args.out = f"{base}.linear_{args.dataset}.json"
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "features")
     return args
+
+def check_args(p, args):
+    """Every option's range and choice, before any weight or clip is read: a bad value stops here with
+    argparse's usage line and one message per problem naming the option and a valid value (exit 2)."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(args.ckpt == "random" or os.path.isfile(args.ckpt), f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
+    need(args.arch is None or args.arch in PRESETS, f"--arch {args.arch}: choose one of {', '.join(PRESETS)}")
+    # Unset (None) options take a per-dataset default later; a value given must be in range.
+    for name, low, example in [("num_frames", 2, 16), ("img_size", 1, 224), ("stride", 1, 4), ("test_clips", 1, 1),
+                               ("test_crops", 1, 3), ("epochs", 1, 100), ("batch_size", 1, 128),
+                               ("extract_batch", 1, 32), ("aug_views", 0, 0), ("warmup_epochs", 0, 5),
+                               ("num_workers", 0, 8)]:
+        value = getattr(args, name)
+        need(value is None or value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    need(args.fold in (1, 2, 3), f"--fold {args.fold}: UCF101 / HMDB51 have splits 1, 2 and 3, e.g. 1")
+    need(args.lr > 0, f"--lr {args.lr}: must be > 0, e.g. 1e-3")
+    need(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be >= 0, e.g. 0.05")
+    epochs = args.epochs or EPOCHS.get(args.dataset, 100)
+    need(args.warmup_epochs < epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than the {epochs} "
+         f"head epochs (the lr would never reach its peak), e.g. --warmup_epochs {min(5, epochs - 1)}")
+    if problems:
+        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
+
 
 # ============ data: videos from data.py, images as clips of one repeated frame ============
 

@@ -57,7 +57,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
-from model import SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
+from model import PRESETS, SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
 # Clip length of each benchmark (SPEC §9): DAVIS clips of 16 frames, YouTube-VOS clips of 4 (its
@@ -111,7 +111,37 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--bench", action="store_true", help="time feature extraction and clustering instead")
     p.add_argument("--bench_archs", nargs="+", default=["tiny", "vit_s", "vit_b"], help="random-init presets for --bench")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every option's range and choice, before any weight or frame is read: a bad value stops here with
+    argparse's usage line and one message per problem naming the option and a valid value (exit 2)."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(args.ckpt == "random" or os.path.isfile(args.ckpt), f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
+    for name, archs in (("arch", [args.arch] if args.arch else []), ("bench_archs", args.bench_archs)):
+        bad = [a for a in archs if a not in PRESETS]
+        need(not bad, f"--{name} {' '.join(bad)}: choose from {', '.join(PRESETS)}")
+    for name, low, example in [("num_frames", 0, 16), ("img_size", 0, 224), ("feat_size", 0, 28), ("pca_dim", 1, 50),
+                               ("k_over", 1, 6), ("restarts", 1, 5), ("iters", 1, 50), ("max_clips", 0, 0),
+                               ("vis", 0, 4), ("workers", 0, 2)]:
+        value = getattr(args, name)
+        need(value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    need(args.tol >= 0, f"--tol {args.tol}: must be >= 0, e.g. 1e-4")
+    need(all(i >= 0 for i in args.protos), f"--protos {' '.join(map(str, args.protos))}: prototype ids are >= 0, e.g. 0 1 2")
+    need(0 < args.proto_frac <= 1, f"--proto_frac {args.proto_frac}: must be in (0, 1], e.g. 0.1")
+    device = args.device.split(":")[0]
+    need(device in ("cpu", "cuda"), f"--device {args.device!r}: choose cpu or cuda (cuda:N for one GPU)")
+    need(device != "cuda" or torch.cuda.is_available(), f"--device {args.device}: no CUDA device here, use --device cpu")
+    if problems:
+        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -469,3 +469,41 @@ def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, ti
     with pytest.raises(ValueError, match="--probes dense: no dense-label sidecar"):
         main(run_args("random", empty, tmp_path / "r.json", "--arch", "tiny", probes="dense"))
     assert not (tmp_path / "features").exists()  # refused before any encoding
+
+
+# ============ bad options stop at start ============
+
+BASE = ["--ckpt", "random", "--dataset", "synthetic", "--num_workers", "0"]
+
+
+@pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--lr", "-1"), ("--epochs", "0"),
+                                           ("--test_clips", "0"), ("--weight_decay", "-0.1"), ("--fold", "4"),
+                                           ("--extract_batch", "0"), ("--aug_views", "-1"), ("--arch", "vit_h"),
+                                           ("--warmup_epochs", "100")])
+def test_bad_option_stops_before_any_data_with_its_name(option, value, tmp_path, capsys, monkeypatch):
+    """Each bad value exits 2 (argparse's code) naming the option, before a clip or weight is read."""
+    monkeypatch.setattr(eval_linear, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(eval_linear, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(SystemExit) as info:
+        main(BASE + ["--data_root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"), option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{option} {value}" in err and ("e.g." in err or "choose one of" in err)
+
+
+def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):
+    """Several bad values at once: one message each, the usage line, exit 2, no traceback."""
+    cmd = [sys.executable, "eval_linear.py", *BASE, "--epochs", "0", "--lr", "-1", "--ckpt", str(tmp_path / "no.pth")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "usage:" in done.stderr
+    for text in ("--epochs 0: must be >= 1", "--lr -1.0: must be > 0", "no.pth' does not exist"):
+        assert text in done.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=r"cut\.pth.*truncated or corrupt"):
+        main(["--ckpt", str(bad), "--dataset", "synthetic", "--data_root", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "r.json")])

@@ -449,3 +449,46 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
     torch.save({"model": build_model("tiny", num_prototypes=8).state_dict()}, path)
     with pytest.raises(ValueError, match="preset 'tiny'"):
         eval_vos.main(["--ckpt", str(path), "--arch", "vit_s", "--dataset", "davis2016", "--data_root", str(DAVIS)])
+
+
+# ============ bad options stop at start ============
+
+@pytest.mark.parametrize("option, value", [("--k_over", "0"), ("--pca_dim", "0"), ("--restarts", "0"),
+                                           ("--iters", "0"), ("--tol", "-1"), ("--proto_frac", "0"),
+                                           ("--feat_size", "-2"), ("--arch", "vit_h"), ("--bench_archs", "vit_h"),
+                                           ("--workers", "-1"), ("--protos", "-3")])
+def test_bad_option_stops_before_any_data_with_its_name(option, value, capsys, monkeypatch):
+    """Each bad value exits 2 (argparse's code) naming the option, before a frame or weight is read."""
+    monkeypatch.setattr(eval_vos, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(eval_vos, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(SystemExit) as info:
+        eval_vos.main(["--dataset", "synthetic", "--device", "cpu", option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{option} {value}" in err and ("e.g." in err or "choose from" in err)
+
+
+def test_cuda_device_without_a_gpu_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        eval_vos.main(["--device", "cuda"])
+    assert info.value.code == 2 and "--device cuda: no CUDA device here, use --device cpu" in capsys.readouterr().err
+
+
+def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):
+    """Several bad values at once: one message each, the usage line, exit 2, no traceback."""
+    cmd = [sys.executable, "eval_vos.py", "--device", "cpu", "--k_over", "0", "--pca_dim", "0", "--restarts", "0",
+           "--ckpt", str(tmp_path / "no.pth")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "usage:" in done.stderr
+    for text in ("--k_over 0: must be >= 1", "--pca_dim 0: must be >= 1", "--restarts 0: must be >= 1",
+                 "no.pth' does not exist"):
+        assert text in done.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=r"cut\.pth.*truncated or corrupt"):
+        eval_vos.main(["--ckpt", str(bad), "--dataset", "synthetic", "--device", "cpu", "--workers", "0"])
