@@ -611,24 +611,23 @@ def print_probe_table(table9, probes):
 # ============ main ============
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
+def setup_distributed():
+    """DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
+    -> (ddp, rank, world, device)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # the 'random' encoder's init
+    if not ddp:
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    # ---- the frozen encoder (a misfit architecture fails here, naming the preset that fits) ----
+
+def frozen_encoder(args, device, world, say):
+    """The encoder to probe, frozen, in eval mode, on `device` (a misfit architecture fails here, naming the
+    preset that fits). -> (encoder, cfg, missing keys, unexpected keys)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
     encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
     missing, unexpected = [], []
@@ -641,37 +640,36 @@ def main(argv=None):
     encoder.requires_grad_(False).eval().to(device)
     say(f"encoder: {describe_state_dict(encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} "
         f"clips, {sum(p.numel() for p in encoder.parameters()):,} parameters, frozen, on {device}"
-        + (f" x {world} ranks" if ddp else ""))
+        + (f" x {world} ranks" if world > 1 else ""))
     if args.ckpt != "random":
         say(f"weights: {args.ckpt}; missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
+    return encoder, cfg, missing, unexpected
 
-    # ---- data: every view set of both splits is built before any encoding, so a missing split
-    # file or root fails now. A view set = one pass over a split; each item yields V views (data.py
-    # decodes a video once for all of them), and with flip each view is encoded mirrored too. ----
+
+def build_view_sets(args, cfg, say):
+    """Every view set of both splits, built before any encoding so that a missing split file or root fails
+    now. A view set = one pass over a split; each item yields V views (data.py decodes a video once for all
+    of them), and with flip each view is encoded mirrored too.
+    -> [(name, cache tag, views per item V, mirrored too?, dataset)], test views 'clips x crops'."""
     clips, crops = args.test_clips, args.test_crops
     if args.dataset in IMAGE_DATASETS and clips * crops > 1:
         say("note: image datasets are tested on one centre crop; --test_clips / --test_crops ignored")
         clips = crops = 1
-    view_sets = [  # (name, cache tag, views per item V, mirrored too?, dataset)
-        ("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
-        ("test", f"{clips}x{crops}", clips * crops, False,
-         build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
+    view_sets = [("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
+                 ("test", f"{clips}x{crops}", clips * crops, False,
+                  build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
     if args.aug_views:  # random crops (mirrored at random if --flip), drawn once and cached like the rest
         view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False,
                              build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)))
-    datasets = {name: ds for name, _, _, _, ds in view_sets}
-    num_classes = datasets["test"].num_classes
-    if datasets["train"].num_classes != num_classes:
-        raise ValueError(f"train split has {datasets['train'].num_classes} classes, test split {num_classes}")
-    # ---- probes beside Table 9 (issue 11): can the data support them? (before any encoding) ----
-    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)
-    say("settings: " + json.dumps(vars(args)))
+    train, test = view_sets[0][-1], view_sets[-1][-1]
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"train split has {train.num_classes} classes, test split {test.num_classes}")
+    return view_sets, f"{clips}x{crops}"
 
-    # ---- extract (or load) features: every rank takes part, rank 0 gathers ----
-    base_key = dict(ckpt=checkpoint_identity(args.ckpt, args.seed), encoder=asdict(cfg), final_norm=args.final_norm,
-                    dataset=args.dataset, root=os.path.abspath(args.data_root) if args.data_root else "default",
-                    fold=args.fold, stride=getattr(datasets["train"], "stride", None),  # data.py's resolved stride
-                    sampling=args.sampling)
+
+def all_features(encoder, view_sets, base_key, args, device, rank, world):
+    """Features of every view set, from the cache or extracted (every rank takes part, rank 0 gathers).
+    -> on rank 0: {name: (feats (N, V, D), labels (N,))}, {name: seconds}, {name: backbone passes}."""
     features, seconds, passes = {}, {}, {}
     for name, tag, views, flip, dataset in view_sets:
         split = args.test_split if name == "test" else args.train_split
@@ -679,17 +677,16 @@ def main(argv=None):
         got = cached_features(encoder, dataset, key, args, device, rank, world, desc=f"{name} features")
         if got is not None:  # rank 0
             features[name], passes[name], seconds[name] = got[:2], got[2], got[3]
-    if ddp:
-        dist.barrier()  # the other ranks are done: the head is trained on rank 0 alone (seconds)
-        if not master:
-            dist.destroy_process_group()
-            return None
+    return features, seconds, passes
 
-    # ---- train the head on cached features, test ----
+
+def fit_and_test_head(features, num_classes, args, device):
+    """Train the Table 9 head on the cached training views, test it on every test view.
+    -> (top-k dict, train top-1 on the unmirrored view, head training seconds, train feats (N, V_train, D))."""
     train_names = [name for name in features if name != "test"]
     train_feats = torch.cat([features[n][0] for n in train_names], dim=1)  # (N, V_train, D)
-    train_labels = features["train"][1]
-    test_feats, test_labels = features["test"]
+    train_labels = features["train"][1]  # (N,)
+    test_feats, test_labels = features["test"]  # (M, V_test, D), (M,)
     t0 = time.perf_counter()
     head = train_head(train_feats, train_labels, num_classes, args.epochs, args.lr, args.weight_decay,
                       args.batch_size, args.head_norm, args.warmup_epochs, args.seed, device, show=True)
@@ -698,41 +695,73 @@ def main(argv=None):
     head_seconds = time.perf_counter() - t0
     acc = topk_accuracy(predict(head, test_feats), test_labels)
     train_acc = topk_accuracy(predict(head, train_feats[:, :1]), train_labels)["top1"]  # unmirrored view
-    n_train = len(train_labels)
-    passes_per_clip = sum(passes[n] for n in train_names) / n_train
+    return acc, train_acc, head_seconds, train_feats
 
+
+def print_results(results, args, seconds, device):
+    """The result line, the protocol it was measured under, and with --bench what the probe cost."""
+    print(f"linear probe {args.dataset} ({args.test_split}, {results['num_train']} train / {results['num_test']} "
+          f"test clips, {results['num_classes']} classes, {results['test_views']} test views): top-1 "
+          f"{results['top1']:.2f}  top-5 {results['top5']:.2f}  (train top-1 {results['train_top1']:.1f})  -> "
+          f"{args.out}\nprotocol: {PROTOCOL['name']}; clips: {args.sampling} sampling.\n  Known differences from "
+          f"the released probe: " + "; ".join(PROTOCOL["differences_from_released_probe"]))
+    if args.bench:
+        passes_per_clip = results["forward_passes_per_train_clip"]
+        per_view = seconds["train"] / (1 + args.flip)  # one pass over the training clips
+        print(f"bench ({device}, {results['num_train']} training clips, {args.epochs} head epochs):\n"
+              f"  backbone forward passes per training clip: {passes_per_clip:.2f} "
+              f"(released recipe: {args.epochs}, one per head epoch)\n"
+              f"  feature extraction: train {seconds['train'] + seconds.get('train_aug', 0):.1f} s, "
+              f"test {seconds['test']:.1f} s (decoding included)\n"
+              f"  head training on cached features: {results['head_train_seconds']:.2f} s for {args.epochs} epochs\n"
+              f"  the released recipe's backbone work on the training clips alone: ~{args.epochs} x "
+              f"{per_view:.1f} s = {args.epochs * per_view:.0f} s")
+
+
+def main(argv=None):
+    args = get_args(argv)  # every option checked before anything is read
+    ddp, rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the 'random' encoder's init
+    encoder, cfg, missing, unexpected = frozen_encoder(args, device, world, say)
+    view_sets, test_views = build_view_sets(args, cfg, say)
+    datasets = {name: ds for name, _, _, _, ds in view_sets}
+    num_classes = datasets["test"].num_classes
+    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)  # before any encoding
+    say("settings: " + json.dumps(vars(args)))
+
+    # ---- features of every view set: extracted once, then cached (the key says what they depend on) ----
+    base_key = dict(ckpt=checkpoint_identity(args.ckpt, args.seed), encoder=asdict(cfg), final_norm=args.final_norm,
+                    dataset=args.dataset, root=os.path.abspath(args.data_root) if args.data_root else "default",
+                    fold=args.fold, stride=getattr(datasets["train"], "stride", None),  # data.py's resolved stride
+                    sampling=args.sampling)
+    features, seconds, passes = all_features(encoder, view_sets, base_key, args, device, rank, world)
+    if ddp:
+        dist.barrier()  # the other ranks are done: the head is trained on rank 0 alone (seconds)
+        if rank != 0:
+            dist.destroy_process_group()
+            return None
+
+    # ---- the Table 9 head on cached features, then the probes beside it ----
+    acc, train_acc, head_seconds, train_feats = fit_and_test_head(features, num_classes, args, device)
+    train_labels, (test_feats, test_labels) = features["train"][1], features["test"]
+    n_train = len(train_labels)
     results = dict(top1=acc["top1"], top5=acc["top5"], train_top1=train_acc, dataset=args.dataset,
-                   test_split=args.test_split, test_views=f"{clips}x{crops}",
+                   test_split=args.test_split, test_views=test_views,
                    num_train=n_train, num_test=len(test_labels), num_classes=num_classes, ckpt=args.ckpt,
                    encoder=asdict(cfg), missing_keys=missing, unexpected_keys=unexpected,
-                   forward_passes_per_train_clip=passes_per_clip, head_train_seconds=head_seconds,
-                   extract_seconds=seconds, protocol=PROTOCOL, args=vars(args))
-    # ---- probes beside Table 9 (issue 11): the converged linear probe, k-NN, dense, attentive ----
+                   forward_passes_per_train_clip=sum(passes[n] for n in features if n != "test") / n_train,
+                   head_train_seconds=head_seconds, extract_seconds=seconds, protocol=PROTOCOL, args=vars(args))
     if probes:
         results["probes"] = pooled_probes(probes, train_feats, train_labels, test_feats, test_labels,
                                           num_classes, device, args.seed)
         if any(p in TOKEN_PROBES for p in probes):
             results["probes"].update(token_probes(probes, encoder, cfg, args, base_key, device))
         print_probe_table(results, results["probes"])
-    # ---- end of the probes beside Table 9 ----
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"linear probe {args.dataset} ({args.test_split}, {n_train} train / {len(test_labels)} test clips, "
-          f"{num_classes} classes, {results['test_views']} test views): top-1 {acc['top1']:.2f}  "
-          f"top-5 {acc['top5']:.2f}  (train top-1 {train_acc:.1f})  -> {args.out}\n"
-          f"protocol: {PROTOCOL['name']}; clips: {args.sampling} sampling.\n  Known differences from the released "
-          f"probe: " + "; ".join(PROTOCOL["differences_from_released_probe"]))
-    if args.bench:
-        per_view = seconds["train"] / (1 + args.flip)  # one pass over the training clips
-        print(f"bench ({device}, {n_train} training clips, {args.epochs} head epochs):\n"
-              f"  backbone forward passes per training clip: {passes_per_clip:.2f} "
-              f"(released recipe: {args.epochs}, one per head epoch)\n"
-              f"  feature extraction: train {seconds['train'] + seconds.get('train_aug', 0):.1f} s, "
-              f"test {seconds['test']:.1f} s (decoding included)\n"
-              f"  head training on cached features: {head_seconds:.2f} s for {args.epochs} epochs\n"
-              f"  the released recipe's backbone work on the training clips alone: ~{args.epochs} x "
-              f"{per_view:.1f} s = {args.epochs * per_view:.0f} s")
+    print_results(results, args, seconds, device)
     if ddp:
         dist.destroy_process_group()
     return results

@@ -444,20 +444,20 @@ def protocol_line(args):
             f"features={args.features}" + (f" (PCA {args.pca_dim})" if args.features == "timet" else ""))
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args.bench:
-        return bench(args)
-    ddp = "RANK" in os.environ  # launched by torchrun: each rank takes every world-th clip
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+def setup_distributed(args):
+    """Launched by torchrun: each rank takes every world-th clip. -> (ddp, rank, world); sets args.device."""
+    if "RANK" not in os.environ:
+        return False, 0, 1
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    return True, dist.get_rank(), dist.get_world_size()
 
-    # ============ frozen encoder ============
+
+def frozen_encoder(args):
+    """The encoder at the benchmark's clip length (16 DAVIS, 4 YouTube-VOS) unless --num_frames says
+    otherwise; its position table follows. -> (encoder, cfg, arch, the config overrides used)."""
     overrides = {}
     if args.num_frames or args.dataset in PROTOCOL_FRAMES:
         overrides["num_frames"] = args.num_frames or PROTOCOL_FRAMES[args.dataset]
@@ -466,10 +466,52 @@ def main(argv=None):
     arch = args.arch or ("tiny" if args.ckpt == "random" else None)
     torch.manual_seed(args.seed)  # the random-init baseline is reproducible
     encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
-    encoder = encoder.to(args.device).eval().requires_grad_(False)
-    feat_size = args.feat_size or 2 * cfg.grid[1]
+    return encoder.to(args.device).eval().requires_grad_(False), cfg, arch, overrides
 
-    # ============ data ============
+
+def evaluate_clips(encoder, cfg, loader, indices, args, feat_size, vis_dir, sigma, show):
+    """Both protocols on every clip of this rank (clip i seeds its k-means with seed + i, so the clusters
+    do not depend on the sharding); draws the pictures of the first --vis clips. -> one dict per clip."""
+    results = []
+    bar = tqdm(zip(indices, loader), total=len(indices), disable=None if show else True, desc="clips")
+    for i, item in bar:
+        generator = torch.Generator(args.device).manual_seed(args.seed + i)
+        result, (videos, maps) = evaluate_clip(encoder, item, args, feat_size, generator)
+        result["index"] = i
+        if i < args.vis:
+            stem = f"{i:04d}_{result['name'].replace('/', '_')}"
+            draw_clusters(vis_dir / f"{stem}_clusters.png", videos, maps["gt"], maps, cfg.tubelet_size)
+            if sigma is not None:
+                result["prototype_view"] = draw_prototypes(vis_dir / f"{stem}_prototypes.png", sigma, videos,
+                                                           args.protos, args.proto_frac)
+        results.append(result)
+        bar.set_postfix({name: f"{sum(r[name] for r in results) / len(results):.3f}" for name in PROTOCOLS})
+    return results
+
+
+def write_report(out, results, args, cfg, feat_size, world):
+    """Mean mIoU of both protocols, every clip's result and the config -> JSON at `out`; returns the report."""
+    mean = {name: sum(r[name] for r in results) / max(1, len(results)) for name in PROTOCOLS}
+    report = dict(mean=mean, num_clips=len(results), clips=results,
+                  config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
+                              feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
+                              feature_prep=FEATURE_PREP[args.features], kmeans="Euclidean k-means++, best of "
+                              f"{args.restarts} restarts", world_size=world),
+                  protocol=protocol_line(args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None):
+    args = get_args(argv)  # every option checked before anything is read
+    if args.bench:
+        return bench(args)
+    ddp, rank, world = setup_distributed(args)
+    encoder, cfg, arch, overrides = frozen_encoder(args)
+    feat_size = args.feat_size or 2 * cfg.grid[1]  # scoring maps: twice the token grid (28 for 224 / 16)
+
+    # ============ data: this rank's clips ============
     dataset = build_dataset(args, cfg.num_frames, cfg.img_size)
     n_clips = min(len(dataset), args.max_clips or len(dataset))
     indices = list(range(rank, n_clips, world))
@@ -484,27 +526,14 @@ def main(argv=None):
               f"protocol: {protocol_line(args)}")
 
     # ============ cluster and score every clip ============
-    sigma, why = (None, "")
+    sigma = None
     if args.vis:
         vis_dir.mkdir(parents=True, exist_ok=True)
         sigma, why = load_sigma(args.ckpt, overrides)
         sigma = sigma.to(args.device) if sigma is not None else None
         if sigma is None and rank == 0:
             print(f"prototype view (Fig. 4) skipped: {why}")
-    results = []
-    bar = tqdm(zip(indices, loader), total=len(indices), disable=None if rank == 0 else True, desc="clips")
-    for i, item in bar:
-        generator = torch.Generator(args.device).manual_seed(args.seed + i)  # same clusters however sharded
-        result, (videos, maps) = evaluate_clip(encoder, item, args, feat_size, generator)
-        result["index"] = i
-        if i < args.vis:
-            stem = f"{i:04d}_{result['name'].replace('/', '_')}"
-            draw_clusters(vis_dir / f"{stem}_clusters.png", videos, maps["gt"], maps, cfg.tubelet_size)
-            if sigma is not None:
-                result["prototype_view"] = draw_prototypes(vis_dir / f"{stem}_prototypes.png", sigma, videos,
-                                                           args.protos, args.proto_frac)
-        results.append(result)
-        bar.set_postfix({name: f"{sum(r[name] for r in results) / len(results):.3f}" for name in PROTOCOLS})
+    results = evaluate_clips(encoder, cfg, loader, indices, args, feat_size, vis_dir, sigma, show=rank == 0)
     if ddp:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
@@ -514,15 +543,8 @@ def main(argv=None):
             return None
 
     # ============ report ============
-    mean = {name: sum(r[name] for r in results) / max(1, len(results)) for name in PROTOCOLS}
-    report = dict(mean=mean, num_clips=len(results), clips=results,
-                  config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
-                              feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
-                              feature_prep=FEATURE_PREP[args.features], kmeans="Euclidean k-means++, best of "
-                              f"{args.restarts} restarts", world_size=world),
-                  protocol=protocol_line(args))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    report = write_report(out, results, args, cfg, feat_size, world)
+    mean = report["mean"]
     print(f"mIoU over {len(results)} clips ({protocol_line(args)}): clustering {100 * mean['clustering']:.1f}, "
           f"overclustering {100 * mean['overclustering']:.1f}  -> {out}" + (f", pictures in {vis_dir}" if args.vis else ""))
     return report
