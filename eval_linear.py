@@ -1,5 +1,5 @@
 """
-Frozen linear probe (SPEC §8, the paper's Table 9): how well does a linear classifier on a frozen
+Frozen linear probe (the paper's Table 9): how well does a linear classifier on a frozen
 encoder's mean-pooled features recognise actions?
 
 The encoder is frozen, so its features never change: this script runs it once per clip and view,
@@ -7,7 +7,7 @@ caches the mean-pooled features on disk, and trains the normalisation + Linear h
 so the 30-100 head epochs take seconds. The released recipe (run_class_finetuning.py
 --linear_probing) decodes and encodes every training clip again in every epoch: 30-100 backbone
 forward passes per training clip (twice that with the 2 clips per video of its SSv2 script). Here
-it is 2, the clip and its mirror image (flip is the only augmentation SPEC §8 asks for), or 1 on
+it is 2, the clip and its mirror image (flip is the only augmentation of the Table 9 protocol), or 1 on
 SSv2, whose labels say left or right, and on the synthetic set (kept at one pass for speed).
 
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
@@ -17,7 +17,7 @@ SSv2, whose labels say left or right, and on the synthetic set (kept at one pass
         --dataset k400 --data_root data/k400 --test_clips 5 --test_crops 3   # multi-view testing
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic --bench       # what a probe costs
 
-Protocol: the paper's Table 9 (SPEC §8), not the released probe's recipe; PROTOCOL below lists the
+Protocol: the paper's Table 9, not the released probe's recipe; PROTOCOL below lists the
 known differences, and every result says so (printed and in the JSON). SSv2 clips follow the released
 SSv2 loader by default (--sampling segments: one frame from each of T equal segments of the whole
 video; tested on 2 temporal views x 3 crops); other datasets take T frames `stride` apart.
@@ -52,7 +52,7 @@ from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_pr
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
 IMAGE_DATASETS = ["imagenet", "cifar100"]
-# SPEC §8 / Table 9: head epochs per dataset (everything else 100), and flip everywhere except
+# The paper's Table 9 protocol: head epochs per dataset (everything else 100), and flip everywhere except
 # SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
 # shows another class. The synthetic set's classes are mirror-symmetric, so --flip is valid there;
 # it is off by default only to keep the laptop-scale study (README) at one backbone pass per clip.
@@ -65,7 +65,7 @@ SAMPLING = {"ssv2": "segments"}
 SEGMENT_TEST_VIEWS = (2, 3)
 # What a number from this script is, stated with every result (printed and stored in the JSON).
 PROTOCOL = dict(
-    name="Table-9 protocol (SPEC §8): frozen encoder, mean-pooled tokens, LayerNorm + Linear head, AdamW lr 1e-3 "
+    name="Table-9 protocol (paper, Table 9): frozen encoder, mean-pooled tokens, LayerNorm + Linear head, AdamW lr 1e-3 "
          "(not scaled by batch size), wd 0.05, batch 128, cosine (warmup: --warmup_epochs, default 0), "
          "augmentation: flip (and --aug_views crops) only",
     differences_from_released_probe=[
@@ -81,7 +81,7 @@ PROTOCOL = dict(
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (SPEC §8).",
+    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (the paper's Table 9).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to evaluate
@@ -114,7 +114,7 @@ def get_args(argv=None):
       "(default 1; with --sampling segments 2, as the released SSv2 probe; VideoMAE K400 fine-tuning: 5 x 3)")
     a("--test_crops", type=int, default=None, help="spatial crops per test clip along the long side (default 1 "
       "= centre; with --sampling segments 3, as the released SSv2 probe)")
-    # the head (SPEC §8). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
+    # the head (the paper's Table 9). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
     # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
     a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
       help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
@@ -182,7 +182,7 @@ def check_args(p, args):
 
 
 class FrameClips(torch.utils.data.Dataset):
-    """An image dataset as clips of one repeated frame (SPEC §8 evaluates IN-1K / CIFAR-100 so).
+    """An image dataset as clips of one repeated frame (the paper's Table 9 evaluates IN-1K / CIFAR-100 so).
 
     Items: (clip (3, T, S, S), label), or with repeats R > 1 (random crops, each drawn anew)
     (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips.
@@ -277,8 +277,8 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     Returns feats (N, V*F, D) float32 (V views per item, F = 2 with the mirrored copy, view-major:
     view v's mirror is column v*F+1), labels (N,), and the number of backbone forward passes.
     """
-    # SPEC §8: eval mode. The released fine-tuning script defaults to drop_path 0.1, which keeps firing in a
-    # frozen backbone left in train mode; our Encoder has none, but a fork may add it.
+    # Eval mode, as the frozen protocol of Table 9 asks. The released fine-tuning script defaults to drop_path
+    # 0.1, which keeps firing in a frozen backbone left in train mode; our Encoder has none, but a fork may add it.
     encoder.eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     feats, labels, passes = [], [], 0
@@ -363,14 +363,14 @@ def train_head(feats, labels, num_classes, epochs=100, lr=1e-3, weight_decay=0.0
 
     feats (N, V, D): V cached views per clip; every step draws one view per clip at random, which is
     how the cached mirror (and --aug_views crops) become augmentation. AdamW betas (0.9, 0.999),
-    per-step cosine to 0 after an optional linear warmup (SPEC §8). The last partial batch of an
+    per-step cosine to 0 after an optional linear warmup (the paper's Table 9 protocol). The last partial batch of an
     epoch is dropped, as in the released loader.
     """
     g = torch.Generator().manual_seed(seed)
     feats, labels = feats.to(device), labels.to(device)
     N, V, D = feats.shape
     head = LinearHead(D, num_classes, norm).to(device)
-    decay = [p for p in head.parameters() if p.ndim > 1]  # only the Linear weight, as in pretraining (SPEC §6)
+    decay = [p for p in head.parameters() if p.ndim > 1]  # the Linear weight; not biases or norms (train.param_groups)
     rest = [p for p in head.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)],
                             lr=lr, betas=(0.9, 0.999))
@@ -417,7 +417,7 @@ def predict(head, feats, chunk=8192):
     return torch.cat(out)
 
 
-# ============ probes beside Table 9: what the features hold, not what the optimiser found (issue 11) ============
+# ============ probes beside Table 9: what the features hold, not what the optimiser found ============
 # The Table 9 head above is AdamW for a fixed number of epochs: on small sets it stops far from the optimum
 # of its convex problem, so part of a "pretrained beats random" gap it measures is the head. These probes
 # read the same frozen encoder with no optimisation budget to argue about (their maths: probes.py):
@@ -566,15 +566,15 @@ def token_probes(probes, encoder, cfg, args, base_key, device):
         out["dense"] = timed(lambda: dense_probe(xtr, dense_labels(train_set, cfg, len(names)), xte,
                                                  dense_labels(test_set, cfg, len(names)), names, args.seed, device))
     if "attentive" in probes:
-        with one_cpu_thread(device):  # small batches: one thread beats OpenMP on a busy CPU
+        with one_cpu_thread(device):  # small batches: see probes.one_cpu_thread
             out["attentive"] = timed(lambda: attentive_probe(xtr, ytr, xte, yte, test_set.num_classes,
                                                              cfg.enc_heads, args.seed, device))
     return out
 
 
 def timed(probe):
-    """probe() -> its results dict plus 'seconds' (wall) and 'cpu_seconds' (this process; on a shared machine
-    the wall time says more about the neighbours)."""
+    """probe() -> its results dict plus 'seconds' (wall) and 'cpu_seconds' (this process: unlike the wall time,
+    it does not grow with the load of other processes)."""
     t0, c0 = time.perf_counter(), time.process_time()
     out = probe()
     return dict(out, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)

@@ -266,7 +266,7 @@ def test_ssv2_defaults_to_the_released_segment_sampling_and_views(tmp_path):
     assert (ucf.sampling, ucf.test_clips, ucf.test_crops) == ("stride", 5, 1)
 
 
-# ============ probes beside Table 9 (issue 11) ============
+# ============ probes beside Table 9 ============
 
 def blobs(seed, n, dim, classes, spread, noise=0.0):
     """n points around `classes` random means (N(0, spread^2) per coordinate) + unit noise; a `noise`

@@ -35,8 +35,8 @@ def read_png(path):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tensors are tiny: with the 2 cores shared by other jobs, OpenMP threads that spin-wait
-    for each other make small ops ~10x slower than one thread does."""
+    """These tensors are tiny: OpenMP threads that spin-wait for each other make small ops slower than
+    one thread does, far slower when the cores are busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -102,7 +102,7 @@ def test_lloyd_matches_literal_loop_for_every_restart():
 
 
 def test_restarts_keep_the_lowest_inertia():
-    # 8 blobs in a ring, 8 clusters: single k-means++ runs often merge two blobs and split another
+    # 8 blobs in a ring, 8 clusters: single k-means++ runs often join two blobs and split another
     angle = torch.arange(8) * (2 * torch.pi / 8)
     x, truth = blobs(30, torch.stack([angle.cos(), angle.sin()], 1), 0.12, seed=5)
     assign, inertia = kmeans(x, 8, restarts=12, generator=gen(6))
@@ -339,10 +339,10 @@ def test_random_tiny_on_real_davis(tmp_path):
     assert (tinted == swan).float().mean() > 0.99  # (a tint equal to the frame's colour is invisible)
 
 
-def test_earlier_protocol_as_options(tmp_path):
-    """--sampling consecutive --features l2: our earlier protocol, non-overlapping runs of consecutive
-    frames, still available and labelled as not the reference."""
-    out = tmp_path / "old.json"
+def test_consecutive_sampling_and_l2_features_as_options(tmp_path):
+    """--sampling consecutive --features l2: non-overlapping runs of consecutive frames, L2-normalised
+    tokens; available, and labelled as not the reference protocol."""
+    out = tmp_path / "consecutive_l2.json"
     report = eval_vos.main(["--arch", "tiny", "--dataset", "davis2016", "--data_root", str(DAVIS), "--num_frames", "8",
                             "--sampling", "consecutive", "--features", "l2", "--out", str(out), "--workers", "0"])
     check_report(report, out, 4)  # 2 sequences x 16 frames -> 4 clips of 8
@@ -471,7 +471,7 @@ def test_cuda_device_without_a_gpu_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as info:
         eval_vos.main(["--device", "cuda"])
-    assert info.value.code == 2 and "--device cuda: no CUDA device here, use --device cpu" in capsys.readouterr().err
+    assert info.value.code == 2 and "--device cuda: no CUDA device, use --device cpu" in capsys.readouterr().err
 
 
 def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):
