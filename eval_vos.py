@@ -38,8 +38,9 @@ tubes lit, the rest dimmed.
 
 Reference (paper Table 4: ViT-B pretrained on K400, DAVIS-2017, clustering / overclustering mIoU):
 VideoMAE 27.2 / 50.9, SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. At laptop scale, `python study.py`
-compares random init, VideoMAE and SIGMA with this script on moving Fashion-MNIST (its VOS read-out is
-pinned in study.py's VOS); docs/evaluation.md lists the measured numbers with their commands.
+compares random init, VideoMAE and SIGMA with this script on moving Fashion-MNIST (with the read-out
+pinned in study.py's VOS). docs/evaluation.md describes the protocol in full, with a run anyone can
+repeat on the two DAVIS sequences in tests/data/vos.
 """
 import argparse
 import itertools
