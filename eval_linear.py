@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -629,7 +630,12 @@ def frozen_encoder(args, device, world, say):
     """The encoder to probe, frozen, in eval mode, on `device` (a misfit architecture fails here, naming the
     preset that fits). -> (encoder, cfg, missing keys, unexpected keys)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
+    try:
+        encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
+    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
+        if args.ckpt not in str(e):
+            raise
+        sys.exit(f"eval_linear.py: error: --ckpt: {e}")
     missing, unexpected = [], []
     if args.ckpt != "random":
         # load_encoder already refused missing encoder weights; read the file once more for the exact key

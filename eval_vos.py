@@ -46,6 +46,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -467,7 +468,12 @@ def frozen_encoder(args):
         overrides["img_size"] = args.img_size
     arch = args.arch or ("tiny" if args.ckpt == "random" else None)
     torch.manual_seed(args.seed)  # the random-init baseline is reproducible
-    encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
+    try:
+        encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
+    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
+        if args.ckpt not in str(e):
+            raise
+        sys.exit(f"eval_vos.py: error: --ckpt: {e}")
     return encoder.to(args.device).eval().requires_grad_(False), cfg, arch, overrides
 
 

@@ -5,6 +5,7 @@ and refusal of a mismatched arch; distributed extraction equals single-process e
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -504,6 +505,23 @@ def test_truncated_checkpoint_is_named(tmp_path):
     torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
     bad = tmp_path / "cut.pth"
     bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match=r"cut\.pth.*truncated or corrupt"):
+    with pytest.raises(SystemExit) as info:  # a message, not a traceback
         main(["--ckpt", str(bad), "--dataset", "synthetic", "--data_root", str(tmp_path / "nowhere"),
               "--out", str(tmp_path / "r.json")])
+    assert re.search(r"--ckpt: cannot read checkpoint .*cut\.pth.*truncated or corrupt", str(info.value.code))
+
+
+class Payload:
+    """Unpickling this calls print(): stands for code hidden in a checkpoint."""
+
+    def __reduce__(self):
+        return print, ("payload executed",)
+
+
+def test_checkpoint_with_pickled_code_is_refused_as_such(tmp_path, capsys):
+    torch.save({"model": build_model("tiny").state_dict(), "extra": Payload()}, tmp_path / "code.pth")
+    with pytest.raises(SystemExit) as info:
+        main(["--ckpt", str(tmp_path / "code.pth"), "--dataset", "synthetic", "--out", str(tmp_path / "r.json")])
+    message = str(info.value.code)
+    assert "refusing to load" in message and "pickled code" in message and "truncated" not in message
+    assert "payload executed" not in capsys.readouterr().out
