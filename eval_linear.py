@@ -151,6 +151,7 @@ def get_args(argv=None):
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "features")
     return args
 
+
 def check_args(p, args):
     """Every option's range and choice, before any weight or clip is read: a bad value stops here with
     argparse's usage line and one message per problem naming the option and a valid value (exit 2)."""
