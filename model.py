@@ -570,6 +570,8 @@ def load_checkpoint(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
+    except (IsADirectoryError, PermissionError) as e:  # the file is fine, or may be: say what is wrong instead
+        raise RuntimeError(f"cannot read checkpoint {path!r}: {e.strerror}") from None
     except Exception as e:
         # torch wraps the weights-only unpickler's UnpicklingError in a longer one; the original says
         # what was refused. Globals, reduce calls and non-allowlisted classes are pickled code; anything
@@ -577,8 +579,8 @@ def load_checkpoint(path):
         # as are the zip reader's RuntimeError and the EOFError / OSError / KeyError of a short file.
         cause = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
         if isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL|allowlisted|reduce for", str(cause)):
-            raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows "
-                               f"(it would execute pickled code). Details: {str(cause).strip().splitlines()[0]}") from None
+            raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows (it "
+                               f"would execute pickled code). Details: {str(cause).strip().splitlines()[0]}") from None
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise RuntimeError(f"cannot read checkpoint {path!r} ({os.path.getsize(path):,} bytes): the file is "
                            f"truncated or corrupt; copy or download it again. Details: {type(cause).__name__}: "
