@@ -21,7 +21,7 @@ FORBIDDEN = {
     "merge": r"\b(pre-?)?merg(e|ed|es|ing)\b",
     "this change": r"\b(before|after|since|with|in) this change\b|\bthis change\b",
     "earlier version": r"\bour earlier\b|\bearlier (README|version|protocol|code|study|run|text)s?\b",
-    "machine load": r"\bload average\b|\bdevelopment machine\b|\bother jobs\b",
+    "machine load": r"\bload average\b|\bdevelopment machine\b|\bother jobs\b|\b(loaded|contended) (machine|CPU)s?\b",
     "file history": r"\bsplit (out of|from) `?[\w/]+\.py\b",
 }
 PATTERN = re.compile("|".join(f"(?P<g{i}>{rx})" for i, rx in enumerate(FORBIDDEN.values())), re.IGNORECASE)
@@ -49,8 +49,8 @@ def test_the_scanner_finds_planted_words_and_spares_ordinary_ones(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("# see SPEC §4\n# (issue 11) fixed\n# after this session's merge\n# an earlier README said 4.85\n"
                    "# chosen by the issue's criterion\n# before this change it was 8\n# load average ~20\n"
-                   "# split out of eval_linear.py when it grew\n")
-    assert len(findings(bad)) == 9  # "session's" and "merge" on one line
+                   "# split out of eval_linear.py when it grew\n# measured on a loaded machine\n")
+    assert len(findings(bad)) == 10  # "session's" and "merge" on one line
     good = tmp_path / "good.py"
     good.write_text('@pytest.fixture(scope="session")\nsubprocess.Popen(cmd, start_new_session=True)\n'
                     "## Common issues\n# the spec of a video format\n# an earlier frame of the clip\n"
