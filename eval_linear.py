@@ -1,5 +1,5 @@
 """
-Frozen linear probe (SPEC §8, the paper's Table 9): how well does a linear classifier on a frozen
+Frozen linear probe (the paper's Table 9): how well does a linear classifier on a frozen
 encoder's mean-pooled features recognise actions?
 
 The encoder is frozen, so its features never change: this script runs it once per clip and view,
@@ -7,7 +7,7 @@ caches the mean-pooled features on disk, and trains the normalisation + Linear h
 so the 30-100 head epochs take seconds. The released recipe (run_class_finetuning.py
 --linear_probing) decodes and encodes every training clip again in every epoch: 30-100 backbone
 forward passes per training clip (twice that with the 2 clips per video of its SSv2 script). Here
-it is 2, the clip and its mirror image (flip is the only augmentation SPEC §8 asks for), or 1 on
+it is 2, the clip and its mirror image (flip is the only augmentation of the Table 9 protocol), or 1 on
 SSv2, whose labels say left or right, and on the synthetic set (kept at one pass for speed).
 
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
@@ -17,7 +17,7 @@ SSv2, whose labels say left or right, and on the synthetic set (kept at one pass
         --dataset k400 --data_root data/k400 --test_clips 5 --test_crops 3   # multi-view testing
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic --bench       # what a probe costs
 
-Protocol: the paper's Table 9 (SPEC §8), not the released probe's recipe; PROTOCOL below lists the
+Protocol: the paper's Table 9, not the released probe's recipe; PROTOCOL below lists the
 known differences, and every result says so (printed and in the JSON). SSv2 clips follow the released
 SSv2 loader by default (--sampling segments: one frame from each of T equal segments of the whole
 video; tested on 2 temporal views x 3 crops); other datasets take T frames `stride` apart.
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,12 +48,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, Video, VideoClips, build_video_dataset, make_loader
-from model import describe_state_dict, load_encoder, load_weights
+from model import PRESETS, describe_state_dict, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
 IMAGE_DATASETS = ["imagenet", "cifar100"]
-# SPEC §8 / Table 9: head epochs per dataset (everything else 100), and flip everywhere except
+# The paper's Table 9 protocol: head epochs per dataset (everything else 100), and flip everywhere except
 # SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
 # shows another class. The synthetic set's classes are mirror-symmetric, so --flip is valid there;
 # it is off by default only to keep the laptop-scale study (README) at one backbone pass per clip.
@@ -65,7 +66,7 @@ SAMPLING = {"ssv2": "segments"}
 SEGMENT_TEST_VIEWS = (2, 3)
 # What a number from this script is, stated with every result (printed and stored in the JSON).
 PROTOCOL = dict(
-    name="Table-9 protocol (SPEC §8): frozen encoder, mean-pooled tokens, LayerNorm + Linear head, AdamW lr 1e-3 "
+    name="Table-9 protocol (paper, Table 9): frozen encoder, mean-pooled tokens, LayerNorm + Linear head, AdamW lr 1e-3 "
          "(not scaled by batch size), wd 0.05, batch 128, cosine (warmup: --warmup_epochs, default 0), "
          "augmentation: flip (and --aug_views crops) only",
     differences_from_released_probe=[
@@ -81,7 +82,7 @@ PROTOCOL = dict(
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (SPEC §8).",
+    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (the paper's Table 9).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to evaluate
@@ -114,7 +115,7 @@ def get_args(argv=None):
       "(default 1; with --sampling segments 2, as the released SSv2 probe; VideoMAE K400 fine-tuning: 5 x 3)")
     a("--test_crops", type=int, default=None, help="spatial crops per test clip along the long side (default 1 "
       "= centre; with --sampling segments 3, as the released SSv2 probe)")
-    # the head (SPEC §8). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
+    # the head (the paper's Table 9). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
     # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
     a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
       help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
@@ -136,6 +137,7 @@ def get_args(argv=None):
     a("--bench", action="store_true", help="recompute the features (ignore the cache) and report the cost of "
       "a probe: backbone passes per training clip, extraction and head-training wall time")
     args = p.parse_args(argv)
+    check_args(p, args)
     args.epochs = args.epochs or EPOCHS.get(args.dataset, 100)
     args.flip = args.dataset not in NO_FLIP if args.flip is None else args.flip
     args.probes_given = args.probes is not None  # named ones must run; the default drops what the data lacks
@@ -143,19 +145,46 @@ def get_args(argv=None):
     args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")
     views = SEGMENT_TEST_VIEWS if args.sampling == "segments" else (1, 1)
     args.test_clips, args.test_crops = args.test_clips or views[0], args.test_crops or views[1]
-    if args.ckpt != "random" and not os.path.isfile(args.ckpt):
-        p.error(f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
     if args.out is None:
         base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.splitext(args.ckpt)[0])
         args.out = f"{base}.linear_{args.dataset}.json"
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "features")
     return args
 
+
+def check_args(p, args):
+    """Every option's range and choice, before any weight or clip is read: a bad value stops here with
+    argparse's usage line and one message per problem naming the option and a valid value (exit 2)."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(args.ckpt == "random" or os.path.isfile(args.ckpt), f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
+    need(args.arch is None or args.arch in PRESETS, f"--arch {args.arch}: choose one of {', '.join(PRESETS)}")
+    # Unset (None) options take a per-dataset default later; a value given must be in range.
+    for name, low, example in [("num_frames", 2, 16), ("img_size", 1, 224), ("stride", 1, 4), ("test_clips", 1, 1),
+                               ("test_crops", 1, 3), ("epochs", 1, 100), ("batch_size", 1, 128),
+                               ("extract_batch", 1, 32), ("aug_views", 0, 0), ("warmup_epochs", 0, 5),
+                               ("num_workers", 0, 8)]:
+        value = getattr(args, name)
+        need(value is None or value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    need(args.fold in (1, 2, 3), f"--fold {args.fold}: UCF101 / HMDB51 have splits 1, 2 and 3, e.g. 1")
+    need(args.lr > 0, f"--lr {args.lr}: must be > 0, e.g. 1e-3")
+    need(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be >= 0, e.g. 0.05")
+    epochs = args.epochs or EPOCHS.get(args.dataset, 100)
+    need(args.warmup_epochs < epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than the {epochs} "
+         f"head epochs (the lr would never reach its peak), e.g. --warmup_epochs {min(5, epochs - 1)}")
+    if problems:
+        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
+
+
 # ============ data: videos from data.py, images as clips of one repeated frame ============
 
 
 class FrameClips(torch.utils.data.Dataset):
-    """An image dataset as clips of one repeated frame (SPEC §8 evaluates IN-1K / CIFAR-100 so).
+    """An image dataset as clips of one repeated frame (the paper's Table 9 evaluates IN-1K / CIFAR-100 so).
 
     Items: (clip (3, T, S, S), label), or with repeats R > 1 (random crops, each drawn anew)
     (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips.
@@ -250,8 +279,8 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     Returns feats (N, V*F, D) float32 (V views per item, F = 2 with the mirrored copy, view-major:
     view v's mirror is column v*F+1), labels (N,), and the number of backbone forward passes.
     """
-    # SPEC §8: eval mode. The released fine-tuning script defaults to drop_path 0.1, which keeps firing in a
-    # frozen backbone left in train mode; our Encoder has none, but a fork may add it.
+    # Eval mode, as the frozen protocol of Table 9 asks. The released fine-tuning script defaults to drop_path
+    # 0.1, which keeps firing in a frozen backbone left in train mode; our Encoder has none, but a fork may add it.
     encoder.eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     feats, labels, passes = [], [], 0
@@ -336,14 +365,14 @@ def train_head(feats, labels, num_classes, epochs=100, lr=1e-3, weight_decay=0.0
 
     feats (N, V, D): V cached views per clip; every step draws one view per clip at random, which is
     how the cached mirror (and --aug_views crops) become augmentation. AdamW betas (0.9, 0.999),
-    per-step cosine to 0 after an optional linear warmup (SPEC §8). The last partial batch of an
+    per-step cosine to 0 after an optional linear warmup (the paper's Table 9 protocol). The last partial batch of an
     epoch is dropped, as in the released loader.
     """
     g = torch.Generator().manual_seed(seed)
     feats, labels = feats.to(device), labels.to(device)
     N, V, D = feats.shape
     head = LinearHead(D, num_classes, norm).to(device)
-    decay = [p for p in head.parameters() if p.ndim > 1]  # only the Linear weight, as in pretraining (SPEC §6)
+    decay = [p for p in head.parameters() if p.ndim > 1]  # the Linear weight; not biases or norms (train.param_groups)
     rest = [p for p in head.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)],
                             lr=lr, betas=(0.9, 0.999))
@@ -390,7 +419,7 @@ def predict(head, feats, chunk=8192):
     return torch.cat(out)
 
 
-# ============ probes beside Table 9: what the features hold, not what the optimiser found (issue 11) ============
+# ============ probes beside Table 9: what the features hold, not what the optimiser found ============
 # The Table 9 head above is AdamW for a fixed number of epochs: on small sets it stops far from the optimum
 # of its convex problem, so part of a "pretrained beats random" gap it measures is the head. These probes
 # read the same frozen encoder with no optimisation budget to argue about (their maths: probes.py):
@@ -539,15 +568,15 @@ def token_probes(probes, encoder, cfg, args, base_key, device):
         out["dense"] = timed(lambda: dense_probe(xtr, dense_labels(train_set, cfg, len(names)), xte,
                                                  dense_labels(test_set, cfg, len(names)), names, args.seed, device))
     if "attentive" in probes:
-        with one_cpu_thread(device):  # small batches: one thread beats OpenMP on a busy CPU
+        with one_cpu_thread(device):  # small batches: see probes.one_cpu_thread
             out["attentive"] = timed(lambda: attentive_probe(xtr, ytr, xte, yte, test_set.num_classes,
                                                              cfg.enc_heads, args.seed, device))
     return out
 
 
 def timed(probe):
-    """probe() -> its results dict plus 'seconds' (wall) and 'cpu_seconds' (this process; on a shared machine
-    the wall time says more about the neighbours)."""
+    """probe() -> its results dict plus 'seconds' (wall) and 'cpu_seconds' (this process: unlike the wall time,
+    it does not grow with the load of other processes)."""
     t0, c0 = time.perf_counter(), time.process_time()
     out = probe()
     return dict(out, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
@@ -584,26 +613,30 @@ def print_probe_table(table9, probes):
 # ============ main ============
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
+def setup_distributed():
+    """DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
+    -> (ddp, rank, world, device)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # the 'random' encoder's init
+    if not ddp:
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    # ---- the frozen encoder (a misfit architecture fails here, naming the preset that fits) ----
+
+def frozen_encoder(args, device, world, say):
+    """The encoder to probe, frozen, in eval mode, on `device` (a misfit architecture fails here, naming the
+    preset that fits). -> (encoder, cfg, missing keys, unexpected keys)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
+    try:
+        encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
+    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
+        if args.ckpt not in str(e):
+            raise
+        sys.exit(f"eval_linear.py: error: --ckpt: {e}")
     missing, unexpected = [], []
     if args.ckpt != "random":
         # load_encoder already refused missing encoder weights; read the file once more for the exact key
@@ -614,37 +647,36 @@ def main(argv=None):
     encoder.requires_grad_(False).eval().to(device)
     say(f"encoder: {describe_state_dict(encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x{cfg.img_size} "
         f"clips, {sum(p.numel() for p in encoder.parameters()):,} parameters, frozen, on {device}"
-        + (f" x {world} ranks" if ddp else ""))
+        + (f" x {world} ranks" if world > 1 else ""))
     if args.ckpt != "random":
         say(f"weights: {args.ckpt}; missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
+    return encoder, cfg, missing, unexpected
 
-    # ---- data: every view set of both splits is built before any encoding, so a missing split
-    # file or root fails now. A view set = one pass over a split; each item yields V views (data.py
-    # decodes a video once for all of them), and with flip each view is encoded mirrored too. ----
+
+def build_view_sets(args, cfg, say):
+    """Every view set of both splits, built before any encoding so that a missing split file or root fails
+    now. A view set = one pass over a split; each item yields V views (data.py decodes a video once for all
+    of them), and with flip each view is encoded mirrored too.
+    -> [(name, cache tag, views per item V, mirrored too?, dataset)], test views 'clips x crops'."""
     clips, crops = args.test_clips, args.test_crops
     if args.dataset in IMAGE_DATASETS and clips * crops > 1:
         say("note: image datasets are tested on one centre crop; --test_clips / --test_crops ignored")
         clips = crops = 1
-    view_sets = [  # (name, cache tag, views per item V, mirrored too?, dataset)
-        ("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
-        ("test", f"{clips}x{crops}", clips * crops, False,
-         build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
+    view_sets = [("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
+                 ("test", f"{clips}x{crops}", clips * crops, False,
+                  build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
     if args.aug_views:  # random crops (mirrored at random if --flip), drawn once and cached like the rest
         view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False,
                              build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)))
-    datasets = {name: ds for name, _, _, _, ds in view_sets}
-    num_classes = datasets["test"].num_classes
-    if datasets["train"].num_classes != num_classes:
-        raise ValueError(f"train split has {datasets['train'].num_classes} classes, test split {num_classes}")
-    # ---- probes beside Table 9 (issue 11): can the data support them? (before any encoding) ----
-    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)
-    say("settings: " + json.dumps(vars(args)))
+    train, test = view_sets[0][-1], view_sets[-1][-1]
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"train split has {train.num_classes} classes, test split {test.num_classes}")
+    return view_sets, f"{clips}x{crops}"
 
-    # ---- extract (or load) features: every rank takes part, rank 0 gathers ----
-    base_key = dict(ckpt=checkpoint_identity(args.ckpt, args.seed), encoder=asdict(cfg), final_norm=args.final_norm,
-                    dataset=args.dataset, root=os.path.abspath(args.data_root) if args.data_root else "default",
-                    fold=args.fold, stride=getattr(datasets["train"], "stride", None),  # data.py's resolved stride
-                    sampling=args.sampling)
+
+def all_features(encoder, view_sets, base_key, args, device, rank, world):
+    """Features of every view set, from the cache or extracted (every rank takes part, rank 0 gathers).
+    -> on rank 0: {name: (feats (N, V, D), labels (N,))}, {name: seconds}, {name: backbone passes}."""
     features, seconds, passes = {}, {}, {}
     for name, tag, views, flip, dataset in view_sets:
         split = args.test_split if name == "test" else args.train_split
@@ -652,17 +684,16 @@ def main(argv=None):
         got = cached_features(encoder, dataset, key, args, device, rank, world, desc=f"{name} features")
         if got is not None:  # rank 0
             features[name], passes[name], seconds[name] = got[:2], got[2], got[3]
-    if ddp:
-        dist.barrier()  # the other ranks are done: the head is trained on rank 0 alone (seconds)
-        if not master:
-            dist.destroy_process_group()
-            return None
+    return features, seconds, passes
 
-    # ---- train the head on cached features, test ----
+
+def fit_and_test_head(features, num_classes, args, device):
+    """Train the Table 9 head on the cached training views, test it on every test view.
+    -> (top-k dict, train top-1 on the unmirrored view, head training seconds, train feats (N, V_train, D))."""
     train_names = [name for name in features if name != "test"]
     train_feats = torch.cat([features[n][0] for n in train_names], dim=1)  # (N, V_train, D)
-    train_labels = features["train"][1]
-    test_feats, test_labels = features["test"]
+    train_labels = features["train"][1]  # (N,)
+    test_feats, test_labels = features["test"]  # (M, V_test, D), (M,)
     t0 = time.perf_counter()
     head = train_head(train_feats, train_labels, num_classes, args.epochs, args.lr, args.weight_decay,
                       args.batch_size, args.head_norm, args.warmup_epochs, args.seed, device, show=True)
@@ -671,41 +702,73 @@ def main(argv=None):
     head_seconds = time.perf_counter() - t0
     acc = topk_accuracy(predict(head, test_feats), test_labels)
     train_acc = topk_accuracy(predict(head, train_feats[:, :1]), train_labels)["top1"]  # unmirrored view
-    n_train = len(train_labels)
-    passes_per_clip = sum(passes[n] for n in train_names) / n_train
+    return acc, train_acc, head_seconds, train_feats
 
+
+def print_results(results, args, seconds, device):
+    """The result line, the protocol it was measured under, and with --bench what the probe cost."""
+    print(f"linear probe {args.dataset} ({args.test_split}, {results['num_train']} train / {results['num_test']} "
+          f"test clips, {results['num_classes']} classes, {results['test_views']} test views): top-1 "
+          f"{results['top1']:.2f}  top-5 {results['top5']:.2f}  (train top-1 {results['train_top1']:.1f})  -> "
+          f"{args.out}\nprotocol: {PROTOCOL['name']}; clips: {args.sampling} sampling.\n  Known differences from "
+          f"the released probe: " + "; ".join(PROTOCOL["differences_from_released_probe"]))
+    if args.bench:
+        passes_per_clip = results["forward_passes_per_train_clip"]
+        per_view = seconds["train"] / (1 + args.flip)  # one pass over the training clips
+        print(f"bench ({device}, {results['num_train']} training clips, {args.epochs} head epochs):\n"
+              f"  backbone forward passes per training clip: {passes_per_clip:.2f} "
+              f"(released recipe: {args.epochs}, one per head epoch)\n"
+              f"  feature extraction: train {seconds['train'] + seconds.get('train_aug', 0):.1f} s, "
+              f"test {seconds['test']:.1f} s (decoding included)\n"
+              f"  head training on cached features: {results['head_train_seconds']:.2f} s for {args.epochs} epochs\n"
+              f"  the released recipe's backbone work on the training clips alone: ~{args.epochs} x "
+              f"{per_view:.1f} s = {args.epochs * per_view:.0f} s")
+
+
+def main(argv=None):
+    args = get_args(argv)  # every option checked before anything is read
+    ddp, rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the 'random' encoder's init
+    encoder, cfg, missing, unexpected = frozen_encoder(args, device, world, say)
+    view_sets, test_views = build_view_sets(args, cfg, say)
+    datasets = {name: ds for name, _, _, _, ds in view_sets}
+    num_classes = datasets["test"].num_classes
+    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)  # before any encoding
+    say("settings: " + json.dumps(vars(args)))
+
+    # ---- features of every view set: extracted once, then cached (the key says what they depend on) ----
+    base_key = dict(ckpt=checkpoint_identity(args.ckpt, args.seed), encoder=asdict(cfg), final_norm=args.final_norm,
+                    dataset=args.dataset, root=os.path.abspath(args.data_root) if args.data_root else "default",
+                    fold=args.fold, stride=getattr(datasets["train"], "stride", None),  # data.py's resolved stride
+                    sampling=args.sampling)
+    features, seconds, passes = all_features(encoder, view_sets, base_key, args, device, rank, world)
+    if ddp:
+        dist.barrier()  # the other ranks are done: the head is trained on rank 0 alone (seconds)
+        if rank != 0:
+            dist.destroy_process_group()
+            return None
+
+    # ---- the Table 9 head on cached features, then the probes beside it ----
+    acc, train_acc, head_seconds, train_feats = fit_and_test_head(features, num_classes, args, device)
+    train_labels, (test_feats, test_labels) = features["train"][1], features["test"]
+    n_train = len(train_labels)
     results = dict(top1=acc["top1"], top5=acc["top5"], train_top1=train_acc, dataset=args.dataset,
-                   test_split=args.test_split, test_views=f"{clips}x{crops}",
+                   test_split=args.test_split, test_views=test_views,
                    num_train=n_train, num_test=len(test_labels), num_classes=num_classes, ckpt=args.ckpt,
                    encoder=asdict(cfg), missing_keys=missing, unexpected_keys=unexpected,
-                   forward_passes_per_train_clip=passes_per_clip, head_train_seconds=head_seconds,
-                   extract_seconds=seconds, protocol=PROTOCOL, args=vars(args))
-    # ---- probes beside Table 9 (issue 11): the converged linear probe, k-NN, dense, attentive ----
+                   forward_passes_per_train_clip=sum(passes[n] for n in features if n != "test") / n_train,
+                   head_train_seconds=head_seconds, extract_seconds=seconds, protocol=PROTOCOL, args=vars(args))
     if probes:
         results["probes"] = pooled_probes(probes, train_feats, train_labels, test_feats, test_labels,
                                           num_classes, device, args.seed)
         if any(p in TOKEN_PROBES for p in probes):
             results["probes"].update(token_probes(probes, encoder, cfg, args, base_key, device))
         print_probe_table(results, results["probes"])
-    # ---- end of the probes beside Table 9 ----
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"linear probe {args.dataset} ({args.test_split}, {n_train} train / {len(test_labels)} test clips, "
-          f"{num_classes} classes, {results['test_views']} test views): top-1 {acc['top1']:.2f}  "
-          f"top-5 {acc['top5']:.2f}  (train top-1 {train_acc:.1f})  -> {args.out}\n"
-          f"protocol: {PROTOCOL['name']}; clips: {args.sampling} sampling.\n  Known differences from the released "
-          f"probe: " + "; ".join(PROTOCOL["differences_from_released_probe"]))
-    if args.bench:
-        per_view = seconds["train"] / (1 + args.flip)  # one pass over the training clips
-        print(f"bench ({device}, {n_train} training clips, {args.epochs} head epochs):\n"
-              f"  backbone forward passes per training clip: {passes_per_clip:.2f} "
-              f"(released recipe: {args.epochs}, one per head epoch)\n"
-              f"  feature extraction: train {seconds['train'] + seconds.get('train_aug', 0):.1f} s, "
-              f"test {seconds['test']:.1f} s (decoding included)\n"
-              f"  head training on cached features: {head_seconds:.2f} s for {args.epochs} epochs\n"
-              f"  the released recipe's backbone work on the training clips alone: ~{args.epochs} x "
-              f"{per_view:.1f} s = {args.epochs * per_view:.0f} s")
+    print_results(results, args, seconds, device)
     if ddp:
         dist.destroy_process_group()
     return results

@@ -1,6 +1,6 @@
 """
-Unsupervised video object segmentation with a frozen encoder (SPEC §9, paper Table 4), the
-protocol of TimeT (Salehi et al., ICCV 2023).
+Unsupervised video object segmentation with a frozen encoder (the paper's Table 4), with the protocol
+of TimeT (Salehi et al., ICCV 2023), the reference that table follows.
 
 Nothing is trained. The frozen encoder embeds a clip, k-means groups all its tubes' features,
 and the groups are compared with the ground-truth objects: features that keep an object's tubes
@@ -19,31 +19,34 @@ dataset score is the mean over clips.
     torchrun --nproc_per_node=8 eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS
     python eval_vos.py --bench       # seconds per clip on this machine, features vs clustering
 
-The protocol follows TimeT (the reference of the paper's Table 4) by default:
+Two options choose how clips are drawn and what is clustered; numbers compare with the paper's only
+under the defaults, which are TimeT's:
   --sampling uniform      one clip per sequence, T frames drawn at random over the whole sequence and
-                          sorted (seeded: the same frames on every run); 'consecutive' = our earlier
-                          non-overlapping runs of consecutive frames (about 4 short clips per DAVIS sequence)
-  --features timet        per clip, standardise every channel over the clip's tokens, then PCA to 50
-                          dimensions, then Euclidean k-means; 'l2' = our earlier L2-normalised tokens
-Numbers are only comparable with the paper's under the defaults. Writes a JSON file (every clip with the
-frames of its sequence it used, the means of both protocols, the config) next to the checkpoint (or --out).
---vis N draws the first N clips into <json stem>_vis/: <clip>_clusters.png has one column per tube
-(its first frame) and five rows: frame, ground truth, clustering (labels in the ground truth's
-colours), overclustering's raw clusters, overclustering after the many-to-one map; for our
-checkpoints <clip>_prototypes.png has one row per prototype, its top 10% tubes lit, the rest dimmed.
+                          sorted (seeded: the same frames on every run)
+             consecutive  non-overlapping runs of T consecutive frames (about 4 short clips per DAVIS
+                          sequence at T = 16)
+  --features timet        per clip, standardise every channel over the clip's tokens, then PCA to
+                          --pca_dim 50 dimensions, then Euclidean k-means
+             l2           L2-normalised tokens, Euclidean k-means (grouping by cosine similarity)
+Every result names the protocol it was measured under (printed and in the JSON). The JSON holds every
+clip with the frames of its sequence it used, the means of both protocols and the config; it is written
+next to the checkpoint (or --out). --vis N draws the first N clips into <json stem>_vis/:
+<clip>_clusters.png has one column per tube (its first frame) and five rows: frame, ground truth,
+clustering (labels in the ground truth's colours), overclustering's raw clusters, overclustering after
+the many-to-one map; for our checkpoints <clip>_prototypes.png has one row per prototype, its top 10%
+tubes lit, the rest dimmed.
 
-Reference (ViT-B, K400, DAVIS-2017, clustering / overclustering mIoU): VideoMAE 27.2 / 50.9,
-SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. Measured here with the earlier protocol (--sampling
-consecutive --features l2; tiny preset, built-in synthetic set, 80 clips, ~0.05 s per clip on 2 CPU
-cores; 3 seeds, `python study.py`): random init 17.6 / 35.5,
-VideoMAE 18.9 / 44.9, SIGMA-MLP 29.9 / 44.9. A random-init encoder groups tokens mostly by position
-(the fixed position table dominates its features), so its clusters follow time slices -- see the
-pictures.
+Reference (paper Table 4: ViT-B pretrained on K400, DAVIS-2017, clustering / overclustering mIoU):
+VideoMAE 27.2 / 50.9, SIGMA-MLP 30.2 / 52.9, SIGMA-DINO 30.6 / 56.5. At laptop scale, `python study.py`
+compares random init, VideoMAE and SIGMA with this script on moving Fashion-MNIST (with the read-out
+pinned in study.py's VOS). docs/evaluation.md describes the protocol in full, with a run anyone can
+repeat on the two DAVIS sequences in tests/data/vos.
 """
 import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -57,10 +60,10 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
-from model import SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
+from model import PRESETS, SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
-# Clip length of each benchmark (SPEC §9): DAVIS clips of 16 frames, YouTube-VOS clips of 4 (its
+# Clip length of each benchmark (the paper's Table 4, after TimeT): DAVIS clips of 16 frames, YouTube-VOS of 4 (its
 # train split is annotated every 5th frame). The synthetic set uses the model's own clip length.
 PROTOCOL_FRAMES = {"davis2017": 16, "davis2016": 16, "ytvos": 4}
 
@@ -82,13 +85,13 @@ def get_args(argv=None):
     p.add_argument("--img_size", type=int, default=0, help="frame side in pixels; 0 = the model's (224, tiny 64)")
     p.add_argument("--sampling", default="uniform", choices=list(VOS_SAMPLING), help="uniform: TimeT's protocol, "
                    "one clip of T frames spread over each whole sequence (seeded by --seed); consecutive: "
-                   "non-overlapping runs of T consecutive frames (our earlier protocol)")
+                   "non-overlapping runs of T consecutive frames")
     p.add_argument("--feat_size", type=int, default=0, help="side of the maps that are clustered and scored; "
-                   "0 = twice the token grid (28 for 224/16, as in SPEC §9). Larger: finer masks, slower k-means")
+                   "0 = twice the token grid (28 for 224/16, as TimeT scores). Larger: finer masks, slower k-means")
     # ============ k-means ============
     p.add_argument("--features", default="timet", choices=list(FEATURE_PREP), help="timet: standardise each "
                    "channel over the clip's tokens, PCA to --pca_dim (TimeT's preparation, the reference); "
-                   "l2: L2-normalise each token (our earlier protocol)")
+                   "l2: L2-normalise each token")
     p.add_argument("--pca_dim", type=int, default=50, help="PCA dimensions for --features timet (TimeT: 50)")
     p.add_argument("--k_over", type=int, default=6, help="clusters for overclustering, ~3x the mean object count "
                    "(background included); more clusters make the task easier")
@@ -111,7 +114,37 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--bench", action="store_true", help="time feature extraction and clustering instead")
     p.add_argument("--bench_archs", nargs="+", default=["tiny", "vit_s", "vit_b"], help="random-init presets for --bench")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every option's range and choice, before any weight or frame is read: a bad value stops here with
+    argparse's usage line and one message per problem naming the option and a valid value (exit 2)."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(args.ckpt == "random" or os.path.isfile(args.ckpt), f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
+    for name, archs in (("arch", [args.arch] if args.arch else []), ("bench_archs", args.bench_archs)):
+        bad = [a for a in archs if a not in PRESETS]
+        need(not bad, f"--{name} {' '.join(bad)}: choose from {', '.join(PRESETS)}")
+    for name, low, example in [("num_frames", 0, 16), ("img_size", 0, 224), ("feat_size", 0, 28), ("pca_dim", 1, 50),
+                               ("k_over", 1, 6), ("restarts", 1, 5), ("iters", 1, 50), ("max_clips", 0, 0),
+                               ("vis", 0, 4), ("workers", 0, 2)]:
+        value = getattr(args, name)
+        need(value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    need(args.tol >= 0, f"--tol {args.tol}: must be >= 0, e.g. 1e-4")
+    need(all(i >= 0 for i in args.protos), f"--protos {' '.join(map(str, args.protos))}: ids are >= 0, e.g. 0 1 2")
+    need(0 < args.proto_frac <= 1, f"--proto_frac {args.proto_frac}: must be in (0, 1], e.g. 0.1")
+    device = args.device.split(":")[0]
+    need(device in ("cpu", "cuda"), f"--device {args.device!r}: choose cpu or cuda (cuda:N for one GPU)")
+    need(device != "cuda" or torch.cuda.is_available(), f"--device {args.device}: no CUDA device, use --device cpu")
+    if problems:
+        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +185,7 @@ def standardise_pca(x, dim):
 # batch before upsampling; here on one clip's tokens (the clip is the unit k-means runs on).
 FEATURE_PREP = {"timet": "per-clip channel standardisation + PCA on the tokens, then bilinear upsampling "
                          "(TimeT's preparation)",
-                "l2": "bilinear upsampling, then L2 normalisation of every point (our earlier protocol)"}
+                "l2": "bilinear upsampling, then L2 normalisation of every point"}
 
 
 def label_maps(masks, size):
@@ -246,7 +279,7 @@ def many_to_one(conf):
 def miou(pred, gt, n_labels):
     """Mean IoU over labels 0..n_labels-1, all present in gt (background included). pred, gt same shape."""
     conf = confusion(pred, gt, n_labels, n_labels).double()  # (L, L)
-    inter = conf.diag()
+    inter = conf.diag()  # (L,)
     return (inter / (conf.sum(0) + conf.sum(1) - inter)).mean().item()
 
 
@@ -257,7 +290,7 @@ def prepare(feats, size, features="timet", pca_dim=50):
     """feats (t, D, h, w) token maps -> points to cluster (t*size*size, D') in (t, y, x) order.
 
     timet: standardise + PCA on the t*h*w tokens (standardise_pca), then upsample the maps bilinearly
-    to size x size (SPEC §9: 14x14 -> 28x28); l2: upsample, then L2-normalise each point.
+    to size x size (TimeT: 14x14 -> 28x28); l2: upsample, then L2-normalise each point.
     """
     t, D, h, w = feats.shape
     if features == "timet":
@@ -274,7 +307,7 @@ def segment(feats, gt, k, match, features="timet", pca_dim=50, restarts=5, iters
 
     feats (t, D, h, w) feature maps, one per tube slice, at the token grid (or already at s x s);
     gt (T, s, s) labels 0..L-1, all present, with T = tubelet * t. Each tube's cluster map covers
-    its `tubelet` frames (SPEC §9). features / pca_dim: see prepare().
+    its `tubelet` frames (a tube spans them). features / pca_dim: see prepare().
     Returns (mIoU, clusters (T, s, s) in [0, k), pred (T, s, s) in [0, L)).
     """
     t, s = feats.shape[0], gt.shape[-1]
@@ -357,7 +390,7 @@ def draw_prototypes(path, sigma, videos, protos, frac):
     t, h, w = cfg.grid
     everything = torch.ones(1, cfg.num_tokens, dtype=torch.bool, device=videos.device)  # phi of every tube
     z = F.normalize(sigma.targets(videos, everything)[0].float(), dim=-1)  # (N, D)
-    scores = z @ F.normalize(sigma.prototypes.float(), dim=-1).t()  # (N, K) cosine, as in SPEC §4
+    scores = z @ F.normalize(sigma.prototypes.float(), dim=-1).t()  # (N, K) cosine, as the loss scores them (sinkhorn.py)
     usage = scores.argmax(1).bincount(minlength=scores.shape[1])  # (K,) tubes choosing each prototype
     protos = protos or [p for p in usage.topk(min(3, len(usage))).indices.tolist() if usage[p] > 0]
     if not all(0 <= p < len(usage) for p in protos):
@@ -366,10 +399,10 @@ def draw_prototypes(path, sigma, videos, protos, frac):
     rgb = to_rgb(videos, cfg.tubelet_size)  # (t, 3, S, S)
     rows, info = [], []
     for p in protos:
-        lit = torch.zeros(len(z), device=z.device)
+        lit = torch.zeros(len(z), device=z.device)  # (N,) 1 = among this prototype's top tubes
         lit[scores[:, p].topk(n_top).indices] = 1.0
         lit = F.interpolate(lit.reshape(t, 1, h, w).cpu(), size=rgb.shape[-2:], mode="nearest")  # (t, 1, S, S)
-        rows.append(rgb * (0.25 + 0.75 * lit))
+        rows.append(rgb * (0.25 + 0.75 * lit))  # (t, 3, S, S), the rest dimmed
         info.append(dict(prototype=p, tubes_choosing_it=int(usage[p]), lit_tubes=n_top,
                          top_score=round(scores[:, p].max().item(), 4)))
     save_strip(path, rows)
@@ -414,20 +447,20 @@ def protocol_line(args):
             f"features={args.features}" + (f" (PCA {args.pca_dim})" if args.features == "timet" else ""))
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args.bench:
-        return bench(args)
-    ddp = "RANK" in os.environ  # launched by torchrun: each rank takes every world-th clip
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+def setup_distributed(args):
+    """Launched by torchrun: each rank takes every world-th clip. -> (ddp, rank, world); sets args.device."""
+    if "RANK" not in os.environ:
+        return False, 0, 1
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    return True, dist.get_rank(), dist.get_world_size()
 
-    # ============ frozen encoder ============
+
+def frozen_encoder(args):
+    """The encoder at the benchmark's clip length (16 DAVIS, 4 YouTube-VOS) unless --num_frames says
+    otherwise; its position table follows. -> (encoder, cfg, arch, the config overrides used)."""
     overrides = {}
     if args.num_frames or args.dataset in PROTOCOL_FRAMES:
         overrides["num_frames"] = args.num_frames or PROTOCOL_FRAMES[args.dataset]
@@ -435,11 +468,58 @@ def main(argv=None):
         overrides["img_size"] = args.img_size
     arch = args.arch or ("tiny" if args.ckpt == "random" else None)
     torch.manual_seed(args.seed)  # the random-init baseline is reproducible
-    encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
-    encoder = encoder.to(args.device).eval().requires_grad_(False)
-    feat_size = args.feat_size or 2 * cfg.grid[1]
+    try:
+        encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
+    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
+        if args.ckpt not in str(e):
+            raise
+        sys.exit(f"eval_vos.py: error: --ckpt: {e}")
+    return encoder.to(args.device).eval().requires_grad_(False), cfg, arch, overrides
 
-    # ============ data ============
+
+def evaluate_clips(encoder, cfg, loader, indices, args, feat_size, vis_dir, sigma, show):
+    """Both protocols on every clip of this rank (clip i seeds its k-means with seed + i, so the clusters
+    do not depend on the sharding); draws the pictures of the first --vis clips. -> one dict per clip."""
+    results = []
+    bar = tqdm(zip(indices, loader), total=len(indices), disable=None if show else True, desc="clips")
+    for i, item in bar:
+        generator = torch.Generator(args.device).manual_seed(args.seed + i)
+        result, (videos, maps) = evaluate_clip(encoder, item, args, feat_size, generator)
+        result["index"] = i
+        if i < args.vis:
+            stem = f"{i:04d}_{result['name'].replace('/', '_')}"
+            draw_clusters(vis_dir / f"{stem}_clusters.png", videos, maps["gt"], maps, cfg.tubelet_size)
+            if sigma is not None:
+                result["prototype_view"] = draw_prototypes(vis_dir / f"{stem}_prototypes.png", sigma, videos,
+                                                           args.protos, args.proto_frac)
+        results.append(result)
+        bar.set_postfix({name: f"{sum(r[name] for r in results) / len(results):.3f}" for name in PROTOCOLS})
+    return results
+
+
+def write_report(out, results, args, cfg, feat_size, world):
+    """Mean mIoU of both protocols, every clip's result and the config -> JSON at `out`; returns the report."""
+    mean = {name: sum(r[name] for r in results) / max(1, len(results)) for name in PROTOCOLS}
+    report = dict(mean=mean, num_clips=len(results), clips=results,
+                  config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
+                              feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
+                              feature_prep=FEATURE_PREP[args.features], kmeans="Euclidean k-means++, best of "
+                              f"{args.restarts} restarts", world_size=world),
+                  protocol=protocol_line(args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None):
+    args = get_args(argv)  # every option checked before anything is read
+    if args.bench:
+        return bench(args)
+    ddp, rank, world = setup_distributed(args)
+    encoder, cfg, arch, overrides = frozen_encoder(args)
+    feat_size = args.feat_size or 2 * cfg.grid[1]  # scoring maps: twice the token grid (28 for 224 / 16)
+
+    # ============ data: this rank's clips ============
     dataset = build_dataset(args, cfg.num_frames, cfg.img_size)
     n_clips = min(len(dataset), args.max_clips or len(dataset))
     indices = list(range(rank, n_clips, world))
@@ -454,27 +534,14 @@ def main(argv=None):
               f"protocol: {protocol_line(args)}")
 
     # ============ cluster and score every clip ============
-    sigma, why = (None, "")
+    sigma = None
     if args.vis:
         vis_dir.mkdir(parents=True, exist_ok=True)
         sigma, why = load_sigma(args.ckpt, overrides)
         sigma = sigma.to(args.device) if sigma is not None else None
         if sigma is None and rank == 0:
             print(f"prototype view (Fig. 4) skipped: {why}")
-    results = []
-    bar = tqdm(zip(indices, loader), total=len(indices), disable=None if rank == 0 else True, desc="clips")
-    for i, item in bar:
-        generator = torch.Generator(args.device).manual_seed(args.seed + i)  # same clusters however sharded
-        result, (videos, maps) = evaluate_clip(encoder, item, args, feat_size, generator)
-        result["index"] = i
-        if i < args.vis:
-            stem = f"{i:04d}_{result['name'].replace('/', '_')}"
-            draw_clusters(vis_dir / f"{stem}_clusters.png", videos, maps["gt"], maps, cfg.tubelet_size)
-            if sigma is not None:
-                result["prototype_view"] = draw_prototypes(vis_dir / f"{stem}_prototypes.png", sigma, videos,
-                                                           args.protos, args.proto_frac)
-        results.append(result)
-        bar.set_postfix({name: f"{sum(r[name] for r in results) / len(results):.3f}" for name in PROTOCOLS})
+    results = evaluate_clips(encoder, cfg, loader, indices, args, feat_size, vis_dir, sigma, show=rank == 0)
     if ddp:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
@@ -484,15 +551,8 @@ def main(argv=None):
             return None
 
     # ============ report ============
-    mean = {name: sum(r[name] for r in results) / max(1, len(results)) for name in PROTOCOLS}
-    report = dict(mean=mean, num_clips=len(results), clips=results,
-                  config=dict(vars(args), num_frames=cfg.num_frames, img_size=cfg.img_size, grid=list(cfg.grid),
-                              feat_size=feat_size, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
-                              feature_prep=FEATURE_PREP[args.features], kmeans="Euclidean k-means++, best of "
-                              f"{args.restarts} restarts", world_size=world),
-                  protocol=protocol_line(args))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    report = write_report(out, results, args, cfg, feat_size, world)
+    mean = report["mean"]
     print(f"mIoU over {len(results)} clips ({protocol_line(args)}): clustering {100 * mean['clustering']:.1f}, "
           f"overclustering {100 * mean['overclustering']:.1f}  -> {out}" + (f", pictures in {vis_dir}" if args.vis else ""))
     return report
@@ -512,8 +572,8 @@ def bench(args):
         encoder, cfg = load_encoder("random", arch)  # each preset's own clip: tiny 8x64x64, ViTs 16x224x224
         encoder = encoder.to(args.device).eval()
         T, S, s = cfg.num_frames, cfg.img_size, 2 * cfg.grid[1]
-        videos = torch.randn(1, 3, T, S, S, device=args.device)
-        gt = torch.zeros(T, s, s, dtype=torch.long, device=args.device)
+        videos = torch.randn(1, 3, T, S, S, device=args.device)  # (1, 3, T, S, S)
+        gt = torch.zeros(T, s, s, dtype=torch.long, device=args.device)  # (T, s, s) labels
         gt[:, : s // 2, : s // 3], gt[:, s // 2:, s // 2:] = 1, 2  # two "objects"
         feats = dense_features(encoder, videos)[0]  # (t, D, h, w)
         jobs = {"features": lambda: dense_features(encoder, videos)}

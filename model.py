@@ -25,6 +25,8 @@ decoder), as in the released code; every clip of a batch masks the same number o
 import argparse
 import math
 import os
+import pickle
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -555,15 +557,34 @@ def build_model(arch, target="mlp", loss="sigma", num_prototypes=3000, **overrid
 
 def load_checkpoint(path):
     """torch.load that never executes pickled code: tensors, containers and argparse.Namespace
-    (the released checkpoints' `args`) only. Anything else is refused with a clear error."""
+    (the released checkpoints' `args`) only.
+
+    Two ways a file can fail, told apart because they need different fixes:
+      - it asks for more than weights_only=True allows (a class or function to run while unpickling):
+        refused, as loading it would execute pickled code;
+      - it cannot be read at all (cut short by an interrupted copy or download, or not a checkpoint):
+        named as truncated or corrupt, with its size, so the fix (copy it again) is obvious.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:  # pickle.UnpicklingError with torch's explanation of the blocked global
-        raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows "
-                           f"(it would execute pickled code). Details: {str(e).splitlines()[0]}") from None
+    except (IsADirectoryError, PermissionError) as e:  # the file is fine, or may be: say what is wrong instead
+        raise RuntimeError(f"cannot read checkpoint {path!r}: {e.strerror}") from None
+    except Exception as e:
+        # torch wraps the weights-only unpickler's UnpicklingError in a longer one; the original says
+        # what was refused. Globals, reduce calls and non-allowlisted classes are pickled code; anything
+        # else from the unpickler (an unknown opcode, a string running past the end) is damaged bytes,
+        # as are the zip reader's RuntimeError and the EOFError / OSError / KeyError of a short file.
+        cause = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
+        if isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL|allowlisted|reduce for", str(cause)):
+            raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows (it "
+                               f"would execute pickled code). Details: {str(cause).strip().splitlines()[0]}") from None
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise RuntimeError(f"cannot read checkpoint {path!r} ({os.path.getsize(path):,} bytes): the file is "
+                           f"truncated or corrupt; copy or download it again. Details: {type(cause).__name__}: "
+                           f"{detail}") from None
 
 
 def clean_state_dict(sd):

@@ -8,8 +8,7 @@ hold, measured without an optimisation budget to argue about.
   dense             a converged linear classifier per output token against per-token labels
   attentive         V-JEPA's attentive probe: one learned query cross-attends over the frozen tokens
 
-Pure tensor code: no datasets, files or encoders (those stay in eval_linear.py). Split out of eval_linear.py
-when it passed 900 lines; tests in tests/test_eval_linear.py.
+Pure tensor code: no datasets, files or encoders (those are eval_linear.py's). Tests: tests/test_eval_linear.py.
 """
 import contextlib
 import math
@@ -31,8 +30,8 @@ KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's eval_knn.py defaults (its k = 20 row
 
 @contextlib.contextmanager
 def one_cpu_thread(device):
-    """The head's matrices are small: on CPU one thread beats OpenMP's synchronisation (measured on
-    a busy 2-core machine: 0.3 s instead of 4.6 s for 100 epochs on 600 clips). GPU: no change."""
+    """The head's matrices are small: on CPU one thread avoids OpenMP's synchronisation, which costs
+    more than it saves on matrices this size (and far more when the cores are busy). GPU: no change."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -102,7 +101,7 @@ def converged_logistic(x, y, num_classes, groups=None, lambdas=LAMBDAS, holdout=
     scores, fits, init = {}, {}, None
     mean, std = x[~held].mean(0), x[~held].std(0).clamp_min(1e-6)  # the held-out part is not looked at
     xs = (x - mean) / std  # (N, D)
-    with one_cpu_thread(x.device):  # small matrices: one thread beats OpenMP on a busy CPU (one_cpu_thread)
+    with one_cpu_thread(x.device):  # small matrices: see one_cpu_thread
         for lam in sorted(lambdas, reverse=True):  # strong to weak: each fit warm-starts the next
             init = fits[lam] = fit_logistic(xs[~held], y[~held], num_classes, lam, init)
             logits = xs[held] @ init[0] + init[1]  # (N_held, C)

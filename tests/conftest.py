@@ -1,4 +1,4 @@
-"""Shared fixtures: a small built-in synthetic video set, generated once per test session."""
+"""Shared fixtures: a small built-in synthetic video set, generated once per pytest run."""
 import pytest
 
 from synthetic import synthetic_dataset

@@ -73,7 +73,7 @@ def test_tube_mask_counts_and_tubes(grid, ratio):
 
 def test_tube_mask_default_is_spec_count_and_random():
     mask = data.tube_mask(64, (8, 14, 14))
-    assert (mask.sum(1) == 1408).all()  # SPEC §1: 176 of 196 positions x 8 slices
+    assert (mask.sum(1) == 1408).all()  # int(0.9 * 196) = 176 of 196 positions x 8 slices
     assert len({tuple(m.tolist()) for m in mask[:, :196]}) == 64  # clips get different masks
 
 

@@ -5,6 +5,7 @@ and refusal of a mismatched arch; distributed extraction equals single-process e
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -266,7 +267,7 @@ def test_ssv2_defaults_to_the_released_segment_sampling_and_views(tmp_path):
     assert (ucf.sampling, ucf.test_clips, ucf.test_crops) == ("stride", 5, 1)
 
 
-# ============ probes beside Table 9 (issue 11) ============
+# ============ probes beside Table 9 ============
 
 def blobs(seed, n, dim, classes, spread, noise=0.0):
     """n points around `classes` random means (N(0, spread^2) per coordinate) + unit noise; a `noise`
@@ -469,3 +470,58 @@ def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, ti
     with pytest.raises(ValueError, match="--probes dense: no dense-label sidecar"):
         main(run_args("random", empty, tmp_path / "r.json", "--arch", "tiny", probes="dense"))
     assert not (tmp_path / "features").exists()  # refused before any encoding
+
+
+# ============ bad options stop at start ============
+
+BASE = ["--ckpt", "random", "--dataset", "synthetic", "--num_workers", "0"]
+
+
+@pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--lr", "-1"), ("--epochs", "0"),
+                                           ("--test_clips", "0"), ("--weight_decay", "-0.1"), ("--fold", "4"),
+                                           ("--extract_batch", "0"), ("--aug_views", "-1"), ("--arch", "vit_h"),
+                                           ("--warmup_epochs", "100")])
+def test_bad_option_stops_before_any_data_with_its_name(option, value, tmp_path, capsys, monkeypatch):
+    """Each bad value exits 2 (argparse's code) naming the option, before a clip or weight is read."""
+    monkeypatch.setattr(eval_linear, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(eval_linear, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(SystemExit) as info:
+        main(BASE + ["--data_root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"), option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{option} {value}" in err and ("e.g." in err or "choose one of" in err)
+
+
+def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):
+    """Several bad values at once: one message each, the usage line, exit 2, no traceback."""
+    cmd = [sys.executable, "eval_linear.py", *BASE, "--epochs", "0", "--lr", "-1", "--ckpt", str(tmp_path / "no.pth")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "usage:" in done.stderr
+    for text in ("--epochs 0: must be >= 1", "--lr -1.0: must be > 0", "no.pth' does not exist"):
+        assert text in done.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
+    with pytest.raises(SystemExit) as info:  # a message, not a traceback
+        main(["--ckpt", str(bad), "--dataset", "synthetic", "--data_root", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "r.json")])
+    assert re.search(r"--ckpt: cannot read checkpoint .*cut\.pth.*truncated or corrupt", str(info.value.code))
+
+
+class Payload:
+    """Unpickling this calls print(): stands for code hidden in a checkpoint."""
+
+    def __reduce__(self):
+        return print, ("payload executed",)
+
+
+def test_checkpoint_with_pickled_code_is_refused_as_such(tmp_path, capsys):
+    torch.save({"model": build_model("tiny").state_dict(), "extra": Payload()}, tmp_path / "code.pth")
+    with pytest.raises(SystemExit) as info:
+        main(["--ckpt", str(tmp_path / "code.pth"), "--dataset", "synthetic", "--out", str(tmp_path / "r.json")])
+    message = str(info.value.code)
+    assert "refusing to load" in message and "pickled code" in message and "truncated" not in message
+    assert "payload executed" not in capsys.readouterr().out

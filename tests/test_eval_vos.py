@@ -35,8 +35,8 @@ def read_png(path):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tensors are tiny: with the 2 cores shared by other jobs, OpenMP threads that spin-wait
-    for each other make small ops ~10x slower than one thread does."""
+    """These tensors are tiny: OpenMP threads that spin-wait for each other make small ops slower than
+    one thread does, far slower when the cores are busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -102,7 +102,7 @@ def test_lloyd_matches_literal_loop_for_every_restart():
 
 
 def test_restarts_keep_the_lowest_inertia():
-    # 8 blobs in a ring, 8 clusters: single k-means++ runs often merge two blobs and split another
+    # 8 blobs in a ring, 8 clusters: single k-means++ runs often join two blobs and split another
     angle = torch.arange(8) * (2 * torch.pi / 8)
     x, truth = blobs(30, torch.stack([angle.cos(), angle.sin()], 1), 0.12, seed=5)
     assign, inertia = kmeans(x, 8, restarts=12, generator=gen(6))
@@ -339,10 +339,10 @@ def test_random_tiny_on_real_davis(tmp_path):
     assert (tinted == swan).float().mean() > 0.99  # (a tint equal to the frame's colour is invisible)
 
 
-def test_earlier_protocol_as_options(tmp_path):
-    """--sampling consecutive --features l2: our earlier protocol, non-overlapping runs of consecutive
-    frames, still available and labelled as not the reference."""
-    out = tmp_path / "old.json"
+def test_consecutive_sampling_and_l2_features_as_options(tmp_path):
+    """--sampling consecutive --features l2: non-overlapping runs of consecutive frames, L2-normalised
+    tokens; available, and labelled as not the reference protocol."""
+    out = tmp_path / "consecutive_l2.json"
     report = eval_vos.main(["--arch", "tiny", "--dataset", "davis2016", "--data_root", str(DAVIS), "--num_frames", "8",
                             "--sampling", "consecutive", "--features", "l2", "--out", str(out), "--workers", "0"])
     check_report(report, out, 4)  # 2 sequences x 16 frames -> 4 clips of 8
@@ -449,3 +449,49 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
     torch.save({"model": build_model("tiny", num_prototypes=8).state_dict()}, path)
     with pytest.raises(ValueError, match="preset 'tiny'"):
         eval_vos.main(["--ckpt", str(path), "--arch", "vit_s", "--dataset", "davis2016", "--data_root", str(DAVIS)])
+
+
+# ============ bad options stop at start ============
+
+@pytest.mark.parametrize("option, value", [("--k_over", "0"), ("--pca_dim", "0"), ("--restarts", "0"),
+                                           ("--iters", "0"), ("--tol", "-1"), ("--proto_frac", "0"),
+                                           ("--feat_size", "-2"), ("--arch", "vit_h"), ("--bench_archs", "vit_h"),
+                                           ("--workers", "-1"), ("--protos", "-3")])
+def test_bad_option_stops_before_any_data_with_its_name(option, value, capsys, monkeypatch):
+    """Each bad value exits 2 (argparse's code) naming the option, before a frame or weight is read."""
+    monkeypatch.setattr(eval_vos, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(eval_vos, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(SystemExit) as info:
+        eval_vos.main(["--dataset", "synthetic", "--device", "cpu", option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{option} {value}" in err and ("e.g." in err or "choose from" in err)
+
+
+def test_cuda_device_without_a_gpu_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        eval_vos.main(["--device", "cuda"])
+    assert info.value.code == 2 and "--device cuda: no CUDA device, use --device cpu" in capsys.readouterr().err
+
+
+def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):
+    """Several bad values at once: one message each, the usage line, exit 2, no traceback."""
+    cmd = [sys.executable, "eval_vos.py", "--device", "cpu", "--k_over", "0", "--pca_dim", "0", "--restarts", "0",
+           "--ckpt", str(tmp_path / "no.pth")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "usage:" in done.stderr
+    for text in ("--k_over 0: must be >= 1", "--pca_dim 0: must be >= 1", "--restarts 0: must be >= 1",
+                 "no.pth' does not exist"):
+        assert text in done.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
+    done = subprocess.run([sys.executable, "eval_vos.py", "--ckpt", str(bad), "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "--ckpt: cannot read checkpoint" in done.stderr and "cut.pth" in done.stderr
+    assert "truncated or corrupt" in done.stderr and "pickled code" not in done.stderr

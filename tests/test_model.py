@@ -56,7 +56,8 @@ def reference_vit(sd, frames, heads):
 
 
 def released_keys(cfg, target="mlp", K=3000):
-    """SPEC §7, written out independently of model.py: key -> shape of a released checkpoint."""
+    """The released checkpoints' layout (parameter names of the released modeling_pretrain.py), written out
+    independently of model.py: key -> shape."""
     keys = {"encoder.patch_embed.proj.weight": (cfg.enc_dim, 3, cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
             "encoder.patch_embed.proj.bias": (cfg.enc_dim,),
             "encoder.norm.weight": (cfg.enc_dim,), "encoder.norm.bias": (cfg.enc_dim,),
@@ -103,7 +104,7 @@ def test_encoder_shapes(arch):
         if arch != "vit_b":  # all 1568 tokens through ViT-B is slow on CPU; the path is the same
             assert enc(x).shape == (1, cfg.num_tokens, cfg.enc_dim)
     if arch != "tiny":
-        assert (cfg.num_tokens, n_vis) == (1568, 160)  # SPEC §1
+        assert (cfg.num_tokens, n_vis) == (1568, 160)  # 8x14x14 tubes; 8 x (196 - 176) visible
 
 
 @pytest.mark.parametrize("target,loss", [("mlp", "sigma"), ("pixel", "sigma"), ("mlp", "l2"),
@@ -271,6 +272,30 @@ def test_loader_refuses_pickled_code(tmp_path, capsys):
     assert "payload executed" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["cut in half", "last bytes missing", "empty", "not a checkpoint"])
+def test_unreadable_checkpoint_is_called_truncated_or_corrupt(tmp_path, damage):
+    """A damaged file is named and called truncated or corrupt, not a security risk."""
+    good = tmp_path / "good.pth"
+    torch.save({"model": build_model("tiny", **TINY).state_dict(), "args": argparse.Namespace(lr=1.0)}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "ckpt.pth"
+    bad.write_bytes({"cut in half": data[:len(data) // 2], "last bytes missing": data[:-10], "empty": b"",
+                     "not a checkpoint": b"xyz" * 100}[damage])
+    with pytest.raises(RuntimeError) as info:
+        load_checkpoint(str(bad))
+    message = str(info.value)
+    assert "truncated or corrupt" in message and str(bad) in message
+    assert "pickled code" not in message
+    assert load_checkpoint(str(good))["args"].lr == 1.0  # the intact file still loads
+
+
+def test_pickled_code_is_not_called_corrupt(tmp_path):
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="pickled code") as info:
+        load_checkpoint(str(tmp_path / "bad.pth"))
+    assert "truncated" not in str(info.value) and "bad.pth" in str(info.value)
+
+
 def test_wrong_architecture_is_named():
     sd = build_model("tiny", **TINY).state_dict()
     with pytest.raises(ValueError, match="preset 'tiny'"):
@@ -352,8 +377,8 @@ def test_l2_collapses_and_sigma_does_not():
 # --------------------------------------------------------------------------------- precision
 
 def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
-    # SPEC §4: scores, Sinkhorn and the cross-entropy are fp32 also inside autocast. Feed SIGMA.forward
-    # the same fp32 features (K=3000, D=256, random unit features: the issue's measurement) with and
+    # Scores, Sinkhorn and the cross-entropy are fp32 also inside autocast (sinkhorn.py). Feed SIGMA.forward
+    # the same fp32 features (K=3000, D=256, random unit features) with and
     # without bf16 autocast and record the Sinkhorn codes. Tolerance: codes identical, loss to 1e-6
     # relative. With autocast off in the loss both runs execute the same fp32 kernels, so anything
     # looser would hide a bf16 op: bf16 scores (8 mantissa bits, ~4e-3 relative) flip ~1% of the

@@ -1,5 +1,5 @@
-"""Sinkhorn-Knopp: marginals, parity with the literal algorithm of SPEC §4, distributed
-equivalence over 2 gloo processes, fp32 under autocast, and the swapped-prediction loss."""
+"""Sinkhorn-Knopp: marginals, parity with the literal algorithm (as SwAV and the released code run it),
+distributed equivalence over 2 gloo processes, fp32 under autocast, and the swapped-prediction loss."""
 import math
 
 import pytest
@@ -19,7 +19,8 @@ def random_scores(n, k, seed=0, d=16):
 
 
 def reference_sinkhorn(scores, eps, n_iters):
-    """SPEC §4 word for word, on the full matrix, in float64."""
+    """The algorithm step by step, on the full matrix, in float64: exp(s / eps) transposed to (K, N), divided
+    by its total, then n_iters times rows to mass 1/K and columns to mass 1/N; columns finally sum to 1."""
     Q = torch.exp(scores.double() / eps).t()  # (K, N)
     K, N = Q.shape
     Q /= Q.sum()

@@ -2,7 +2,7 @@
 the real clips, the jpeg PSNR bound, same sampling and crops through VideoClips, every layout, bad inputs
 (corrupt source, interrupted prepare, other-version store), and train.py bitwise equal on a lossless copy.
 
-    python -m pytest -q tests/test_store.py      # CPU: ~65 s of CPU time (measured on a loaded machine)
+    python -m pytest -q tests/test_store.py      # ~65 s of CPU time (user + sys)
 """
 import json
 import os
@@ -31,7 +31,8 @@ REAL_CLIPS = sorted(VIDEOS.iterdir())  # K400 (H.264 MP4), 2 x HMDB51 (DivX AVI)
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread, as in DataLoader workers (two threads on a contended 2-core machine crawl)."""
+    """One torch thread, as in DataLoader workers (two threads on two busy cores spend their time waiting
+    for each other)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -181,7 +182,7 @@ def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
            "--data_root", str(tiny_synthetic), "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600  # generous: starting python + torch takes a minute on a loaded machine
+    deadline = time.time() + 600  # generous: starting python + torch can take a minute when the cores are busy
     while time.time() < deadline and len(list(out.rglob("*.mp4"))) < 3:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run, workers included, mid-write

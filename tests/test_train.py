@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted(tiny_synthetic, tmp_path):
 
 def test_resume_refuses_changed_settings(tiny_synthetic, tmp_path, capsys):
     assert train.main(tiny_args(tiny_synthetic, tmp_path, "--max_epochs_this_run", "1")) == 0
-    # An allow-list: anything not listed as harmless is refused -- also the settings the old deny-list missed
+    # An allow-list: anything not listed as harmless is refused, among them the settings a deny-list forgets
     # (lr, eps, tau, soft codes, mask ratio, stride, and micro_batch, which sets Sinkhorn's batch).
     for changed in (["--num_prototypes", "16"], ["--lr", "1e-3"], ["--sk_eps", "0.03"], ["--temperature", "0.2"],
                     ["--soft_codes"], ["--mask_ratio", "0.75"], ["--stride", "1"], ["--micro_batch", "4"]):
