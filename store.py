@@ -6,7 +6,8 @@ drivers: preparing a whole dataset, and the clip-loading benchmark.
 
     python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_store   # all cores, resumable
     python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_km --codec kmeans
-    python store.py --bench [VIDEO ...]       # clips/s per CPU core: original, each store, naive; disk, PSNR
+    python store.py --bench [VIDEO ...]       # clips/s per CPU core: original, each store, naive; disk, PSNR;
+                                              # and the cost of 2 synthetic moving objects (docs/motion.md)
 
 Then train from the store with the same flags: `python train.py --dataset k400 --data_root /local/k400_store`.
 What goes in is exactly what data.Video decodes (data.py); the tests check it frame by frame.
@@ -55,6 +56,7 @@ from tqdm import tqdm
 # data.py imports this file for its reader (StoredVideo); the drivers at the end need data.py's decoder and
 # layouts. Both imports are at the top and every use is inside a function, so either file may be imported first.
 import data
+import synthetic
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency here); the pinned
 # version has them, and Pillow's libjpeg-turbo gives the same pixels ~1.4x slower (measured) if they go.
@@ -77,6 +79,7 @@ KMEANS_VIDEOS = 64  # videos sampled (seeded) from the train split to learn the 
 KMEANS_FRAMES = 8  # evenly spaced frames read from each sampled video
 KMEANS_SAMPLE = 262_144  # patches kept (at random) from those frames
 KMEANS_STEPS, KMEANS_BATCH = 100, 8192  # mini-batch k-means: steps x patches per step
+MOTION_OBJECTS = 2  # --bench: objects per clip in the overlay row (SMILE's setting)
 BENCH_VIDEO = Path(__file__).resolve().parent / "tests" / "data" / "videos" / "R6llTwEh07w.mp4"  # K400, H.264
 
 
@@ -653,8 +656,10 @@ def bench(path, iters, tmp, codebook):
     def transform_only():
         return data.crop_resize_normalize(decoded, data.multiscale_crop_box(*decoded.shape[1:3], size), size)
 
-    rows, extra = [("naive: decode all to RGB, index", 1, naive), ("transform only (decoded frames)", 1,
-                                                                   transform_only)], {}
+    motion = synthetic.MotionObjects(MOTION_OBJECTS)  # SMILE's overlay (docs/motion.md), on the decoded frames
+    rows, extra = [("naive: decode all to RGB, index", 1, naive),
+                   ("transform only (decoded frames)", 1, transform_only),
+                   (f"{MOTION_OBJECTS} motion objects only", 1, lambda: motion(decoded[None], 0, 0))], {}
     for codec in CODECS:
         t0 = time.perf_counter()
         entry = prepare_video(path, Path(tmp) / codec, codec, codebook=codebook if codec == "kmeans" else None)
@@ -689,6 +694,9 @@ def bench(path, iters, tmp, codebook):
         print(f"{name:36s} {best:7.2f} / {median:5.1f} {rate:13.1f} {vs:>12s}")
     for entry, text in extra.items():
         print(f"store {entry.parent.name:9s}: {text}")
+    share = min(times[f"{MOTION_OBJECTS} motion objects only"]) / min(times["original, repeats=1"])
+    print(f"motion objects: {MOTION_OBJECTS} per clip cost {100 * share:.1f}% of the original file's clip (before the "
+          f"crop to {size}: at {decoded.shape[2]}x{decoded.shape[1]})")
 
 
 def _frames(path, ds):
