@@ -131,7 +131,8 @@ def _write_set(root, seed, classes, render, num_train, num_val, num_vos):
     dense labels <name>.mask.npy (uint8 (T, H, W), 0 = background, k = dense class k), and the first num_vos
     val videos again in the DAVIS-2017 layout (<root>/davis) for eval_vos.py.
 
-    render(rng, split, i) -> (label, frames uint8 (T, S, S, 3), instance masks uint8 (T, S, S), dense labels).
+    render(rng, split, i) -> (label, frames uint8 (T, S, S, 3), instance masks uint8 (T, S, S), dense labels or
+    None for no sidecar).
     Each video has its own random stream (seed, split, i), so no video depends on the order of the others.
     """
     davis = root / "davis"
@@ -143,7 +144,8 @@ def _write_set(root, seed, classes, render, num_train, num_val, num_vos):
             label, frames, masks, dense = render(rng, split, i)
             path = root / split / classes[label] / f"{split}_{i:05d}.mp4"
             _write_video(path, frames)
-            np.save(path.with_suffix(".mask.npy"), dense)
+            if dense is not None:
+                np.save(path.with_suffix(".mask.npy"), dense)
             if split == "val" and i < num_vos:  # DAVIS-2017 layout for eval_vos (frames as rendered)
                 seq = f"val_{i:05d}"
                 for sub in ("JPEGImages", "Annotations"):
@@ -451,8 +453,7 @@ def noise_dataset(root=None, seed=0, **kwargs):
 
     def render(rng, split, i):
         frames = np.repeat(_noise_image(rng, cfg["size"])[None], cfg["num_frames"], 0)  # (T, S, S, 3)
-        masks = np.zeros(frames.shape[:3], np.uint8)  # no object in the stored video
-        return 0, frames, masks, masks
+        return 0, frames, np.zeros(frames.shape[:3], np.uint8), None  # no objects stored: no dense labels
 
     generate = lambda tmp: _write_set(tmp, seed, ["noise"], render, cfg["num_train"], cfg["num_val"], 0)
     return _cached(root, f"noise-v{NOISE_VERSION}-seed{seed}", params, generate)
