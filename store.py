@@ -172,7 +172,7 @@ def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_S
                    batch=KMEANS_BATCH, seed=0, device="cpu"):
     """Mini-batch k-means (Sculley, WWW 2010) over the patches of `frames` (uint8 (H, W, 3) each) -> Codebook.
 
-    At most `sample` patches are kept (seeded choice). Centroids start as distinct sample patches; each step
+    At most `sample` patches are kept (seeded choice). Centroids start as randomly chosen patches; each step
     assigns `batch` random patches and moves every centroid towards the mean of its patches with rate
     1 / (patches it has received so far), the per-centre learning rate of mini-batch k-means. Deterministic
     for a given seed and device. The defaults take ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
@@ -244,8 +244,7 @@ def _read_codebook(path):
         raise CodebookError(f"{path}: truncated or corrupt k-means codebook ({type(err).__name__}: "
                             f"{str(err)[:120]})") from None
     c = obj.get("centroids") if isinstance(obj, dict) else None
-    if obj is None or not isinstance(obj, dict) or obj.get("kind") != "sigma kmeans codebook" or \
-            not isinstance(c, torch.Tensor):
+    if c is None or obj.get("kind") != "sigma kmeans codebook" or not isinstance(c, torch.Tensor):
         raise CodebookError(f"{path}: not a k-means codebook (no 'centroids' tensor from save_codebook)")
     if c.dtype != torch.uint8 or c.ndim != 4 or c.shape[1] != c.shape[2] or c.shape[3] != 3 or \
             c.shape[1] != obj.get("patch") or c.shape[0] != obj.get("size") or c.shape[0] < 1:
@@ -577,8 +576,8 @@ def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None,
     run deleted. Videos that cannot be prepared are skipped and listed in out/unreadable.txt. Limitation: a list
     file's absolute paths are not mirrored (they keep pointing at the original videos).
     """
-    if name == "synthetic" and src is None:
-        src = data.synthetic_dataset(None)
+    if src is None and name in ("synthetic", "noise"):  # the built-in sets: generated (once) into the cache
+        src = (data.synthetic_dataset if name == "synthetic" else data.noise_dataset)(None)
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not src.is_dir():
         raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
@@ -759,6 +758,10 @@ def main(argv=None):
     if args.prepare:
         if args.out is None:
             parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
+        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
+            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
+        if args.dataset not in data.LAYOUTS:
+            parser.error(f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(data.LAYOUTS))}")
         prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side,
                         args.patch, args.codebook_size)
     elif args.bench is not None:

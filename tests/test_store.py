@@ -179,6 +179,9 @@ def test_corrupt_or_foreign_codebook_is_refused_naming_the_file(entries, codeboo
         "wrong shape": ({**torch.load(codebook, weights_only=True), "centroids": torch.zeros(1024, 4, 4, 4,
                                                                                              dtype=torch.uint8)},
                         "do not match"),
+        "a checkpoint": ({"model": {"w": torch.zeros(3)}}, "not a k-means codebook"),
+        "flipped bits": ({**torch.load(codebook, weights_only=True), "centroids": other.centroids},
+                         "do not match the digest"),
         "other patch size": (store.Codebook(torch.zeros(1024, 8, 8, 3, dtype=torch.uint8)), "8x8 patches"),
         "other centroids": (other, "is not the one"),
     }
@@ -219,7 +222,9 @@ def test_prepare_dataset_kmeans_learns_its_codebook_once(tiny_synthetic, tmp_pat
 @pytest.mark.parametrize("argv, message", [(["--codec", "zip"], "--codec 'zip': choose one of"),
                                            (["--patch", "0"], "--patch 0: must be >= 1"),
                                            (["--codebook_size", "1"], "--codebook_size 1: must be >= 2"),
-                                           (["--prepare"], "--prepare needs --out")])
+                                           (["--prepare"], "--prepare needs --out"),
+                                           (["--prepare", "--out", "x", "--dataset", "k400"], "needs --data_root"),
+                                           (["--prepare", "--out", "x", "--dataset", "k4"], "--dataset 'k4'")])
 def test_bad_options_stop_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         store.main(argv)
