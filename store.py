@@ -758,10 +758,10 @@ def main(argv=None):
     if args.prepare:
         if args.out is None:
             parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
-        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
-            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
         if args.dataset not in data.LAYOUTS:
             parser.error(f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(data.LAYOUTS))}")
+        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
+            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
         prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side,
                         args.patch, args.codebook_size)
     elif args.bench is not None:
