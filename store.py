@@ -33,6 +33,7 @@ names its codebook (path relative to the entry's folder) and the codebook's dige
 """
 import argparse
 import fractions
+import functools
 import hashlib
 import json
 import os
@@ -161,11 +162,14 @@ class Codebook:
         out = self.table.index_select(0, rows.flatten())  # (N*h*P*w, P*3 bytes): already in (H, W, 3) order
         return out.view(torch.uint8).view(*ids.shape[:-2], ids.shape[-2] * P, ids.shape[-1] * P, 3)
 
+    @functools.cached_property
+    def _flat(self):
+        return self.centroids.reshape(self.size, -1).float()  # (K, D): made on the first encode, not for decoding
+
     def encode(self, rgb):
         """uint8 (H, W, 3) frame -> long (h, w) ids of its patches' nearest centroids."""
         x = to_patches(rgb, self.patch)  # (h, w, D) uint8
-        flat = self.centroids.reshape(self.size, -1).float()  # (K, D)
-        return nearest(x.reshape(-1, x.shape[-1]).float(), flat).view(x.shape[:2])
+        return nearest(x.reshape(-1, x.shape[-1]).float(), self._flat).view(x.shape[:2])
 
 
 def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_SAMPLE, steps=KMEANS_STEPS,
@@ -175,7 +179,7 @@ def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_S
     At most `sample` patches are kept (seeded choice). Centroids start as randomly chosen patches; each step
     assigns `batch` random patches and moves every centroid towards the mean of its patches with rate
     1 / (patches it has received so far), the per-centre learning rate of mini-batch k-means. Deterministic
-    for a given seed and device. The defaults take ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
+    on CPU for a given seed (on a GPU, index_add_'s float atomics may round differently). The defaults take ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.cat([to_patches(f, patch).reshape(-1, patch * patch * 3) for f in frames])  # (N, D) uint8
@@ -335,8 +339,8 @@ def write_entry(path, frames, num_frames, codec="jpeg", source="", codebook=None
             for rgb in frames:
                 if encoder is None:
                     shape = rgb.shape
-                    encoder = _JpegEncoder() if codec == "jpeg" else _MagicYUVEncoder(*shape[:2]) \
-                        if codec == "magicyuv" else _KMeansEncoder(codebook, path.parent)
+                    encoder = {"jpeg": _JpegEncoder, "magicyuv": lambda: _MagicYUVEncoder(*shape[:2]),
+                               "kmeans": lambda: _KMeansEncoder(codebook, path.parent)}[codec]()
                 if rgb.shape != shape:
                     raise ValueError(f"{source}: frame size changes mid-video ({shape} -> {rgb.shape})")
                 offsets.append(offsets[-1] + f.write(encoder(np.ascontiguousarray(rgb))))
