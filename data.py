@@ -49,7 +49,8 @@ BAD_CHECK_AFTER = 100
 
 
 def tube_mask(batch_size, grid, ratio=0.9, generator=None, device=None):
-    """VideoMAE tube masking (released `masking_generator.py`, TubeMaskingGenerator). grid = (t, h, w) token grid; returns bool (B, t*h*w), True = masked.
+    """VideoMAE tube masking (TubeMaskingGenerator of the released `masking_generator.py`).
+    grid = (t, h, w) token grid; returns bool (B, t*h*w), True = masked.
 
     Each clip masks exactly int(ratio * h * w) of its h*w spatial positions, the same ones in all t temporal
     slices, so every clip has the same number of visible tokens. Random ranks via argsort of uniform noise: a
@@ -85,9 +86,9 @@ class Video:
 
     num_frames counts the video packets, never the container header (often 0 or wrong). It can exceed the number
     of decodable frames by a placeholder packet (the HMDB AVIs have one): positions past the last decodable frame
-    return the last frame, which is also how short videos are padded (as the released loaders do). Only wanted frames are converted
-    to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg decoding threads (0 =
-    one per core); 1 is right inside DataLoader workers, which already occupy the cores.
+    return the last frame, which is also how short videos are padded (as the released loaders do). Only wanted
+    frames are converted to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg
+    decoding threads (0 = one per core); 1 is right inside DataLoader workers, which already occupy the cores.
     """
 
     def __init__(self, path, threads=1):
@@ -214,7 +215,7 @@ _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) / torch.tensor(IMAGE
 
 
 def multiscale_crop_box(height, width, size, scales=MULTISCALE_SCALES, generator=None):
-    """The released multi-scale crop (GroupMultiScaleCrop of the released `transforms.py`) -> box (top, left, crop_h, crop_w) in pixels.
+    """The released multi-scale crop (GroupMultiScaleCrop, released `transforms.py`) -> box (top, left, h, w).
 
     Crop sides are scale * short side; height and width scales are drawn as one of the pairs whose indices in
     `scales` differ by at most one (10 pairs for 4 scales, each equally likely); the box sits at one of the 13
@@ -290,13 +291,14 @@ def segment_positions(num_frames, num_segments, train, num_clips=1, generator=No
 class VideoClips(torch.utils.data.Dataset):
     """Clips from a list of (video path, label) -> (clip float32 (3, T, S, S), label int).
 
-    Sampling (the released pretraining loader), sampling='stride': T = num_frames frames `stride` apart; train: the start is uniform over
-    every start that fits, eval: the clip is centred. A video shorter than (T-1)*stride+1 frames repeats its
-    last frame. sampling='segments' (the released SSv2 loader): one frame from each of T equal segments of the
-    whole video, random within its segment for train, fixed offsets for eval (segment_positions).
+    Sampling (the released pretraining loader), sampling='stride': T = num_frames frames `stride` apart;
+    train: the start is uniform over every start that fits, eval: the clip is centred. A video shorter than
+    (T-1)*stride+1 frames repeats its last frame. sampling='segments' (the released SSv2 loader): one frame
+    from each of T equal segments of the whole video, random within its segment for train, fixed offsets for
+    eval (segment_positions).
     train=True: multi-scale crop (MULTISCALE_SCALES x FIXED_CROP_GRID) resized to size x size, no colour jitter,
-    horizontal flip only if flip=True (linear-probe training, the paper's Table 9 protocol). train=False: the central short-side
-    square, resized (= resize short side to S, then centre crop S).
+    horizontal flip only if flip=True (linear-probe training, the paper's Table 9 protocol). train=False: the
+    central short-side square, resized (= resize short side to S, then centre crop S).
 
     Several clips per video (one decode serves them all):
     - repeats=R (train, "repeated sampling"): R clips with independent starts and crops.

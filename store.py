@@ -179,7 +179,8 @@ def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_S
     At most `sample` patches are kept (seeded choice). Centroids start as randomly chosen patches; each step
     assigns `batch` random patches and moves every centroid towards the mean of its patches with rate
     1 / (patches it has received so far), the per-centre learning rate of mini-batch k-means. Deterministic
-    on CPU for a given seed (on a GPU, index_add_'s float atomics may round differently). The defaults take ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
+    on CPU for a given seed (on a GPU, index_add_'s float atomics may round differently). The defaults take
+    ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.cat([to_patches(f, patch).reshape(-1, patch * patch * 3) for f in frames])  # (N, D) uint8

@@ -1,6 +1,7 @@
-"""Tests for the prepared clip store (store.py: prepare_video / prepare_dataset / --prepare, the kmeans codebook): exactness on
-the real clips, the jpeg PSNR bound, same sampling and crops through VideoClips, every layout, bad inputs
-(corrupt source, interrupted prepare, other-version store), and train.py bitwise equal on a lossless copy.
+"""Tests for the prepared clip store (store.py: prepare_video / prepare_dataset / --prepare, the kmeans codebook):
+exactness on the real clips, the jpeg and kmeans PSNR bounds, nearest-centroid parity, a corrupt or foreign
+codebook, same sampling and crops through VideoClips, every layout, bad inputs (corrupt source, interrupted
+prepare, other-version store, bad options), and train.py bitwise equal on a lossless copy.
 
     python -m pytest -q tests/test_store.py      # CPU: ~65 s of CPU time (measured on a loaded machine)
 """
