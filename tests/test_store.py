@@ -151,6 +151,29 @@ def test_kmeans_round_trip_shapes_and_lookup():
     assert torch.equal(book.decode(book.encode(exact)), exact)
 
 
+def test_kmeans_entry_whose_frames_are_not_whole_patches(tmp_path):
+    """340x256 frames with 3x3 patches: 86 x 114 patches, decoded and cropped back to the frame size."""
+    path = VIDEOS / "R6llTwEh07w.mp4"
+    book = store.learn_codebook(store.sample_frames([path], frames=2), patch=3, size=64, steps=5, batch=512)
+    store.save_codebook(tmp_path / store.CODEBOOK, book)
+    ref, num_frames = original(path)
+    entry = store.prepare_video(path, tmp_path / "km", "kmeans", codebook=tmp_path / store.CODEBOOK)
+    with data.open_video(entry) as video:
+        got = video.read([0, num_frames - 1, 5])
+    assert got.shape == (3, 256, 340, 3) and store.psnr(got[0].numpy(), ref[0]) > 15
+    np.testing.assert_array_equal(got[0].numpy(), book.decode(book.encode(ref[0]))[:256, :340].numpy())
+    clip, _ = data.VideoClips([(entry, 0)], num_frames=4, size=32, train=True)[0]
+    assert clip.shape == (3, 4, 32, 32)
+
+
+def test_codebook_lookup_follows_its_device():
+    """decode() makes nothing on the CPU by itself: on the 'meta' device (shapes only) it stays there, as it
+    stays on a GPU after Codebook.to('cuda')."""
+    book = store.Codebook(torch.zeros(16, 4, 4, 3, dtype=torch.uint8)).to("meta")
+    out = book.decode(torch.zeros(2, 5, 7, dtype=torch.long, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 20, 28, 3) and out.dtype == torch.uint8
+
+
 def test_learn_codebook_is_deterministic():
     frames = list(store.sample_frames(REAL_CLIPS[:1], frames=2))
     a, b = (store.learn_codebook(frames, patch=4, size=32, steps=5, batch=512) for _ in range(2))
