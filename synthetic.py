@@ -362,19 +362,21 @@ def load_cutouts(folder=None):
     return [np.asarray(Image.open(p).convert("RGBA"), np.float32).transpose(2, 0, 1) / 255 for p in paths]
 
 
-def composite(frames, rgb, alpha):
-    """Alpha compositing ("over"): uint8 frames (..., 3), float rgb (..., 3) in [0, 255], alpha (..., 1) in
-    [0, 1] -> uint8 alpha * rgb + (1 - alpha) * frames, rounded."""
+def composite(frames, premultiplied, alpha):
+    """Alpha compositing ("over"): uint8 frames (..., 3), float premultiplied colour alpha * rgb (..., 3) with
+    rgb in [0, 255], alpha (..., 1) in [0, 1] -> uint8 alpha * rgb + (1 - alpha) * frames, rounded."""
     f = frames.float()
-    return f.add_(alpha * (rgb - f)).round_().to(torch.uint8)  # = alpha * rgb + (1 - alpha) * f, within [0, 255]
+    return f.sub_(alpha * f).add_(premultiplied).round_().to(torch.uint8)  # within [0, 255]
 
 
 def paste(frames, cutout, centre, side, angle, colour):
     """Draw one cut-out into every frame, in place. frames: uint8 (T, H, W, 3); cutout: float (4, h, w) RGBA in
     [0, 1]; centre (T, 2) as (x, y) in pixels, side (T,) = the cut-out's longer side in pixels, angle (T,) in
-    radians; colour (3,) multiplies its RGB (0-255). Only each frame's bounding box of the object is touched."""
+    radians; colour (3,) multiplies its RGB (0-255). Only each frame's bounding box of the object is touched.
+    Resampled with premultiplied alpha, so the object's edge blends towards the frame, not towards black."""
     T, H, W, _ = frames.shape
     h, w = cutout.shape[1:]
+    source = torch.cat([cutout[:3] * colour.view(3, 1, 1) * cutout[3:], cutout[3:]])[None]  # (1, 4, h, w)
     scale = side / max(h, w)  # (T,) frame pixels per cut-out pixel
     cos, sin = torch.cos(angle), torch.sin(angle)  # (T,)
     half = torch.stack([cos.abs() * w + sin.abs() * h, sin.abs() * w + cos.abs() * h], 1) * scale[:, None] / 2
@@ -389,11 +391,12 @@ def paste(frames, cutout, centre, side, angle, colour):
             continue  # outside the frame
         dy = torch.arange(y0 + 0.5 - cy, y1 - cy, dtype=torch.float32)[:, None]  # (bh, 1) offsets from the centre
         dx = torch.arange(x0 + 0.5 - cx, x1 - cx, dtype=torch.float32)[None, :]  # (1, bw)
-        grid = torch.stack(torch.broadcast_tensors(cu * dx + su * dy, cv * dy - sv * dx), -1)  # (bh, bw, 2)
-        rgba = F.grid_sample(cutout[None], grid[None], mode="bilinear", padding_mode="zeros",
+        grid = torch.empty(1, y1 - y0, x1 - x0, 2)  # (1, bh, bw, 2)
+        grid[..., 0], grid[..., 1] = cu * dx + su * dy, cv * dy - sv * dx
+        rgba = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
                              align_corners=False)[0].permute(1, 2, 0)  # (bh, bw, 4), alpha 0 outside the cut-out
         box = frames[t, y0:y1, x0:x1]  # (bh, bw, 3) view
-        box.copy_(composite(box, rgba[..., :3] * colour, rgba[..., 3:]))
+        box.copy_(composite(box, rgba[..., :3], rgba[..., 3:]))
 
 
 class MotionObjects:

@@ -31,7 +31,7 @@ def test_composite_is_the_over_formula():
     alpha = torch.rand(5, 7, 1, generator=g)
     alpha[0], alpha[1] = 0, 1  # fully transparent / opaque rows
     want = (alpha.double() * rgb.double() + (1 - alpha.double()) * frames.double()).round()
-    got = synthetic.composite(frames, rgb, alpha)
+    got = synthetic.composite(frames, alpha * rgb, alpha)  # premultiplied colour
     assert got.dtype == torch.uint8 and (got.double() - want).abs().max() <= 1  # float32 vs float64 at .5
     assert torch.equal(got[0], frames[0]) and torch.equal(got[1], rgb[1].round().to(torch.uint8))
 
@@ -58,6 +58,15 @@ def test_paste_puts_the_cut_out_exactly_where_and_as_opaque_as_asked():
     synthetic.paste(half, square(alpha=0.5), centre[:1], torch.tensor([10.0]), torch.zeros(1),
                     torch.tensor([200.0] * 3))
     assert (half[0, 10:20, 20:25] == 150).all() and (half[0, 10:20, 15:20, 0] == 50).all()  # 0.5 over 100
+
+
+def test_edges_blend_towards_the_frame_not_black():
+    """A white object on a white frame, off the pixel grid and turned: its blended edge pixels stay white
+    (resampling with premultiplied alpha; straight alpha would darken them towards the zero padding)."""
+    frames = torch.full((1, 30, 30, 3), 255, dtype=torch.uint8)
+    synthetic.paste(frames, torch.ones(4, 10, 10), torch.tensor([[15.3, 14.6]]), torch.tensor([13.0]),
+                    torch.tensor([0.4]), torch.tensor([255.0] * 3))
+    assert (frames == 255).all()
 
 
 def test_paste_rotates_and_scales():
