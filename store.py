@@ -177,13 +177,15 @@ def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_S
                    batch=KMEANS_BATCH, seed=0, device="cpu"):
     """Mini-batch k-means (Sculley, WWW 2010) over the patches of `frames` (uint8 (H, W, 3) each) -> Codebook.
 
-    At most `sample` patches are kept (seeded choice). Centroids start as randomly chosen patches; each step
+    At most `sample` patches are kept (seeded choice); batch and sample grow to at least 2 x size. Centroids start as randomly chosen patches; each step
     assigns `batch` random patches and moves every centroid towards the mean of its patches with rate
     1 / (patches it has received so far), the per-centre learning rate of mini-batch k-means. Deterministic
     on CPU for a given seed (on a GPU, index_add_'s float atomics may round differently). The defaults take
     ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
     """
     g = torch.Generator().manual_seed(seed)
+    batch = max(batch, 2 * size)  # a step must reach every centroid (65,536 of them at full scale)
+    sample = max(sample, batch)
     x = torch.cat([to_patches(f, patch).reshape(-1, patch * patch * 3) for f in frames])  # (N, D) uint8
     if len(x) < size:
         raise ValueError(f"{len(x)} sample patches cannot give {size} centroids: sample more frames or use a "
