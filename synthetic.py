@@ -219,7 +219,7 @@ def synthetic_dataset(root=None, seed=0, **size_kwargs):
 # The ten Fashion-MNIST categories in the order of their IDX label ids.
 FASHION_MNIST_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                        "ankle-boot"]
-# Coarse labels (the default), as the prototype suggested: the five upper-body garments differ in details
+# Coarse labels (the default): the five upper-body garments differ in details
 # (sleeves, collars) that a tiny model pretrained for minutes is unlikely to resolve. "fine" keeps all ten.
 FASHION_COARSE = {"bag": ["bag"], "footwear": ["sandal", "sneaker", "ankle-boot"], "trouser": ["trouser"],
                   "upper-body": ["t-shirt", "pullover", "dress", "coat", "shirt"]}
