@@ -3,32 +3,20 @@ Video data for SIGMA: tube masks, exact frame decoding, clip sampling and augmen
 (Kinetics-400, Something-Something v2, UCF101, HMDB51, DAVIS / YouTube-VOS), the distributed-aware
 DataLoader. The built-in datasets that need no download (synthetic.py) are read through the same layouts.
 
-    python data.py --bench [VIDEO ...]                  # clips/s per CPU core: original, store, naive (1 thread)
-    python data.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_store   # the clip store
+The clip store (store.py) rewrites a dataset once so that every frame is an independent picture; its two
+commands live there: `python store.py --prepare ...` writes a store, `python store.py --bench` measures clip
+loading (clips/s per CPU core) from the original files and from each store codec. docs/store.md has the figures.
 
-Measured on a 2-core CPU VM, otherwise idle: the K400 test clip (340x256 H.264) gives 11.4 clips/s per core
-for 16 frames at stride 4 with the full pretraining transform to 224 (3.1x "decode everything, then index"),
-17.0 with repeats=2 and 21.5 with repeats=4.
-
-With a prepared clip store (store.py; `--prepare` writes it once, then train with --data_root DST) every frame
-is an independent JPEG, so a clip decodes 16 pictures instead of a GOP's worth of H.264: see --bench and the
-README ("Prepared clip store") for what it gains and costs on disk.
-
-Conventions (SPEC §1): a clip is float32 (3, T, S, S), ImageNet-normalised; frames on disk are decoded to
-uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major token order, True = masked.
+Conventions (VideoMAE's and SIGMA's released data pipeline): a clip is float32 (3, T, S, S), ImageNet-normalised;
+frames on disk are decoded to uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major
+token order, True = masked.
 
 Where this reads from the released VideoMAE / SIGMA data pipeline it says so. Decoding is PyAV (FFmpeg).
 """
-import argparse
 import csv
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
-import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
@@ -37,10 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import store
-from synthetic import SYNTHETIC_CLASSES, fashion_dataset, synthetic_dataset  # noqa: F401 (built-in sets, re-exported)
+from synthetic import SYNTHETIC_CLASSES, fashion_dataset, noise_dataset, synthetic_dataset  # noqa: F401 (built-in sets)
 
 # ============ defaults ============
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,19 +38,19 @@ MULTISCALE_SCALES = (1, 0.875, 0.75, 0.66)  # crop side / short side, released G
 FIXED_CROP_GRID = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
                    (0, 2), (4, 2), (2, 4), (2, 0),
                    (1, 1), (3, 1), (1, 3), (3, 3))
-# Temporal stride between sampled frames (SPEC §1: 4 for K400, 2 for SSv2). Only a default: pass stride=.
-DEFAULT_STRIDE = {"k400": 4, "ssv2": 2, "ucf101": 4, "hmdb51": 4, "list": 4, "synthetic": 2, "fashion": 2}
+# Temporal stride between sampled frames (released pretraining scripts: 4 for K400, 2 for SSv2). Only a default.
+DEFAULT_STRIDE = {"k400": 4, "ssv2": 2, "ucf101": 4, "hmdb51": 4, "list": 4, "synthetic": 2, "fashion": 2, "noise": 2}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
 # Judge the unreadable fraction only after this many distinct videos: a healthy set (~1% broken) then shows
 # >10% bad with probability ~1e-8, while a wrong --data_root (everything broken) fails within 100 reads.
 BAD_CHECK_AFTER = 100
-BENCH_VIDEO = Path(__file__).resolve().parent / "tests" / "data" / "videos" / "R6llTwEh07w.mp4"
 
 # ============ tube masking ============
 
 
 def tube_mask(batch_size, grid, ratio=0.9, generator=None, device=None):
-    """VideoMAE tube masking (SPEC §1). grid = (t, h, w) token grid; returns bool (B, t*h*w), True = masked.
+    """VideoMAE tube masking (TubeMaskingGenerator of the released `masking_generator.py`).
+    grid = (t, h, w) token grid; returns bool (B, t*h*w), True = masked.
 
     Each clip masks exactly int(ratio * h * w) of its h*w spatial positions, the same ones in all t temporal
     slices, so every clip has the same number of visible tokens. Random ranks via argsort of uniform noise: a
@@ -99,9 +86,9 @@ class Video:
 
     num_frames counts the video packets, never the container header (often 0 or wrong). It can exceed the number
     of decodable frames by a placeholder packet (the HMDB AVIs have one): positions past the last decodable frame
-    return the last frame, which is also how short videos are padded (SPEC §1). Only wanted frames are converted
-    to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg decoding threads (0 =
-    one per core); 1 is right inside DataLoader workers, which already occupy the cores.
+    return the last frame, which is also how short videos are padded (as the released loaders do). Only wanted
+    frames are converted to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg
+    decoding threads (0 = one per core); 1 is right inside DataLoader workers, which already occupy the cores.
     """
 
     def __init__(self, path, threads=1):
@@ -197,7 +184,7 @@ class Video:
         return out
 
     def frames(self):
-        """Every decodable frame in display order, uint8 (H, W, 3) each, streamed (what prepare_video stores).
+        """Every decodable frame in display order, uint8 (H, W, 3) each, streamed (what store.prepare_video stores).
 
         Frame k is what read([k]) returns: positions are decode order, as in the in-order path, and equal to
         timestamp order whenever each packet holds one frame (the tests compare both on the real clips).
@@ -221,36 +208,6 @@ def decode_frames(path, indices, threads=1):
         return video.read(indices)
 
 
-def prepare_video(src, dst_dir, codec="jpeg", short_side=None):
-    """Store the video file `src` as the entry dst_dir/<same file name> (store.py); returns the entry's path.
-
-    The entry keeps the source's file name so that every layout parser finds it unchanged in a store that
-    mirrors the dataset's folders; VideoClips tells entries from videos by their first bytes. Atomic: an
-    interrupted call leaves no entry (only a temporary file that no layout lists). short_side=None keeps the
-    source resolution, so that a clip from the store is the clip from the file (exactly, with "magicyuv");
-    short_side=S shrinks larger frames to a short side of S first (antialiased bilinear, as the transform):
-    a raw 720p copy of K400 then costs ~8x less disk and decode at S=256, but pixels differ from the file's.
-    """
-    src, dst_dir = Path(src), Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    with Video(src, threads=1) as video:
-        frames = video.frames() if short_side is None else (_shrink(f, short_side) for f in video.frames())
-        store.write_entry(dst_dir / src.name, frames, video.num_frames, codec, source=src,
-                          short_side=short_side)
-    return dst_dir / src.name
-
-
-def _shrink(rgb, short_side):
-    """uint8 (H, W, 3) -> the same with a short side of at most short_side, aspect kept."""
-    h, w = rgb.shape[:2]
-    if min(h, w) <= short_side:
-        return rgb
-    size = (short_side, round(w * short_side / h)) if h <= w else (round(h * short_side / w), short_side)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W), a channels-last view
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (1, 3, h, w)
-    return x[0].permute(1, 2, 0).numpy()  # (h, w, 3)
-
-
 # ============ augmentation ============
 
 _NORM_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1, 1))  # uint8 -> normalised in one mul+add
@@ -258,7 +215,7 @@ _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) / torch.tensor(IMAGE
 
 
 def multiscale_crop_box(height, width, size, scales=MULTISCALE_SCALES, generator=None):
-    """The released multi-scale crop (SPEC §1) -> box (top, left, crop_h, crop_w) in pixels.
+    """The released multi-scale crop (GroupMultiScaleCrop, released `transforms.py`) -> box (top, left, h, w).
 
     Crop sides are scale * short side; height and width scales are drawn as one of the pairs whose indices in
     `scales` differ by at most one (10 pairs for 4 scales, each equally likely); the box sits at one of the 13
@@ -297,7 +254,7 @@ def _evenly_spaced(count, room):
     return torch.arange(count) * room // (count - 1)
 
 
-# How a clip's frames are chosen (VideoClips sampling=): 'stride' = T frames `stride` apart (SPEC §1, pretraining
+# How a clip's frames are chosen (VideoClips sampling=): 'stride' = T frames `stride` apart (VideoMAE pretraining
 # and the default); 'segments' = one frame from each of T equal segments of the whole video, the released SSv2
 # fine-tuning / linear-probe loader (segment_positions).
 SAMPLINGS = ("stride", "segments")
@@ -334,13 +291,14 @@ def segment_positions(num_frames, num_segments, train, num_clips=1, generator=No
 class VideoClips(torch.utils.data.Dataset):
     """Clips from a list of (video path, label) -> (clip float32 (3, T, S, S), label int).
 
-    Sampling (SPEC §1), sampling='stride': T = num_frames frames `stride` apart; train: the start is uniform over
-    every start that fits, eval: the clip is centred. A video shorter than (T-1)*stride+1 frames repeats its
-    last frame. sampling='segments' (the released SSv2 loader): one frame from each of T equal segments of the
-    whole video, random within its segment for train, fixed offsets for eval (segment_positions).
+    Sampling (the released pretraining loader), sampling='stride': T = num_frames frames `stride` apart;
+    train: the start is uniform over every start that fits, eval: the clip is centred. A video shorter than
+    (T-1)*stride+1 frames repeats its last frame. sampling='segments' (the released SSv2 loader): one frame
+    from each of T equal segments of the whole video, random within its segment for train, fixed offsets for
+    eval (segment_positions).
     train=True: multi-scale crop (MULTISCALE_SCALES x FIXED_CROP_GRID) resized to size x size, no colour jitter,
-    horizontal flip only if flip=True (linear-probe training; SPEC §8). train=False: the central short-side
-    square, resized (= resize short side to S, then centre crop S).
+    horizontal flip only if flip=True (linear-probe training, the paper's Table 9 protocol). train=False: the
+    central short-side square, resized (= resize short side to S, then centre crop S).
 
     Several clips per video (one decode serves them all):
     - repeats=R (train, "repeated sampling"): R clips with independent starts and crops.
@@ -378,6 +336,9 @@ class VideoClips(torch.utils.data.Dataset):
         self.span = (num_frames - 1) * stride + 1  # frames covered by one clip
         self.max_bad_fraction, self.bad, self.seen = max_bad_fraction, set(), set()
         self.bad_list = None  # optional path: each skipped video's path is appended (train.py's run summary)
+        # Optional: callable(frames uint8 (V, T, H, W, 3), index, epoch) -> frames, applied before the crop, e.g.
+        # synthetic.MotionObjects; `epoch` is set by set_epoch(), so its randomness is (seed, epoch, index).
+        self.overlay, self.epoch = None, 0
 
     @property
     def num_classes(self):
@@ -391,7 +352,7 @@ class VideoClips(torch.utils.data.Dataset):
             if index not in self.bad:
                 self.seen.add(index)
                 try:
-                    clips = self._load(self.samples[index][0])  # (V, 3, T, S, S)
+                    clips = self._load(self.samples[index][0], index)  # (V, 3, T, S, S)
                     break
                 except (av.FFmpegError, OSError, ValueError) as err:  # corrupt, truncated, empty, not a video
                     self._skip(index, err)
@@ -432,11 +393,13 @@ class VideoClips(torch.utils.data.Dataset):
             starts = _evenly_spaced(self.num_clips, room).repeat_interleave(self.num_crops)  # (V,)
         return starts[:, None] + self.stride * torch.arange(self.num_frames)  # (V, T)
 
-    def _load(self, path):
+    def _load(self, path, index=0):
         with open_video(path, self.decode_threads) as video:
             positions = self._positions(video.num_frames)  # (V, T); clamped in read()
             frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views
         frames = frames.view(self.views, self.num_frames, *frames.shape[1:])  # (V, T, H, W, 3)
+        if self.overlay is not None:
+            frames = self.overlay(frames, index, self.epoch)  # (V, T, H, W, 3), before crop and masking
         height, width = frames.shape[2:4]
         if self.train:
             boxes = [multiscale_crop_box(height, width, self.size) for _ in range(self.views)]
@@ -468,6 +431,8 @@ LAYOUTS = {
     "synthetic": "<root>/{train,val}/<class>/*.mp4, generated by synthetic_dataset() on first use",
     "fashion": "<root>/{train,val}/<class>/*.mp4 (+ <root>/davis/ for eval_vos.py), generated by fashion_dataset() "
                "on first use",
+    "noise": "<root>/{train,val}/noise/*.mp4 (static random images, SMILE's no-natural-video set), generated by "
+             "noise_dataset() on first use; pretrain on it with moving objects (--motion_objects)",
 }
 
 
@@ -581,16 +546,16 @@ def build_video_dataset(name, root, split="train", fold=1, **clip_kwargs):
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(LAYOUTS)}")
     if clip_kwargs.get("stride") is None:
         clip_kwargs["stride"] = DEFAULT_STRIDE[name]
-    if name in ("synthetic", "fashion") and (root is None or not Path(root).expanduser().exists()):
+    if name in ("synthetic", "fashion", "noise") and (root is None or not Path(root).expanduser().exists()):
         # generated on first use (default sizes); an existing root is used as is
-        root = synthetic_dataset(root) if name == "synthetic" else fashion_dataset(root)
+        root = {"synthetic": synthetic_dataset, "fashion": fashion_dataset, "noise": noise_dataset}[name](root)
     root = Path(root).expanduser()
     if name == "list" and root.is_file():  # root may be the list file itself; its paths are relative to its folder
         return VideoClips(*_list_file(name, root, root.parent), **clip_kwargs)
     if not root.is_dir():
         raise _layout_error(name, root, "data root does not exist")
-    store.check_root(root)  # a prepared store (python data.py --prepare) of another format version is refused
-    if name in ("k400", "synthetic", "fashion"):
+    store.check_root(root)  # a prepared store (python store.py --prepare) of another format version is refused
+    if name in ("k400", "synthetic", "fashion", "noise"):
         samples, classes = _kinetics(root, split)  # the built-in sets are folder-per-class, a K400 layout
     elif name == "ssv2":
         samples, classes = _ssv2(root, split)
@@ -644,6 +609,7 @@ def set_epoch(loader, epoch):
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         loader.sampler.set_epoch(epoch)
     loader.generator.manual_seed((loader.seed * 1_000_003 + epoch) * 1009 + loader.rank)
+    loader.dataset.epoch = epoch  # read by VideoClips.overlay (workers start afresh each epoch and copy it)
 
 
 # ============ video object segmentation ============
@@ -671,7 +637,7 @@ def ytvos_categories(meta_path):
 
 
 class VOSDataset(torch.utils.data.Dataset):
-    """Unsupervised VOS evaluation clips (SPEC §9, TimeT protocol) -> dict(frames, masks, name, frame_ids,
+    """Unsupervised VOS evaluation clips (the paper's Table 4, TimeT's protocol) -> dict(frames, masks, name, frame_ids,
     sequence_frames).
 
     layout 'davis2017': <root>/JPEGImages/480p/<seq>/%05d.jpg, <root>/Annotations/480p/<seq>/%05d.png (palette
@@ -760,169 +726,3 @@ class VOSDataset(torch.utils.data.Dataset):
             raise ValueError(f"ytvos: video {name!r} has mask values {sorted(set(masks[out < 0].tolist()))} that "
                              f"meta.json does not list as objects")
         return out
-
-
-# ============ preparing a clip store ============
-
-
-def _prepare_job(job):
-    src, dst_dir, codec, short_side = job
-    try:
-        return src, prepare_video(src, dst_dir, codec, short_side), None
-    except Exception as err:  # any failure skips the video and lists it; the run goes on
-        return src, None, f"{type(err).__name__}: {err}"
-
-
-def _is_complete_entry(path):
-    try:
-        with open(path, "rb") as f:
-            return store.is_entry(path) and bool(store.read_header(f, str(path)))
-    except (OSError, ValueError):
-        return False
-
-
-def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None):
-    """Write a clip store of the dataset `name` at `src` into `out`; returns the list of unreadable videos.
-
-    `out` mirrors `src`: every video file (VIDEO_EXTENSIONS) becomes a store entry at the same relative path
-    and name, every other file (CSV / JSON / split lists, VOS frames) is copied, so build_video_dataset(name,
-    out) reads the store through the same layout parser. In parallel over `workers` processes (default: all
-    cores); codec and short_side as in prepare_video. Resumable: complete entries are kept, temporary files
-    of an interrupted run deleted. Videos that cannot be prepared are skipped and listed in
-    out/unreadable.txt. Limitation: a list file's absolute paths are not mirrored (they keep pointing at the
-    original videos).
-    """
-    if name == "synthetic" and src is None:
-        src = synthetic_dataset(None)
-    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not src.is_dir():
-        raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
-    if src == out or src in out.parents:
-        raise ValueError(f"--out {out} must lie outside --data_root {src}")
-    splits = []  # the splits the source layout parses: checked again on the store at the end
-    for split in ("train", "val"):
-        try:
-            build_video_dataset(name, src, split)
-            splits.append(split)
-        except FileNotFoundError as err:
-            problem = err
-    if not splits:
-        raise problem
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_marker(out, src, name, codec=codec, short_side=short_side)
-    for stale in out.rglob("*.tmp-*"):  # left by an interrupted run; never listed by a layout
-        stale.unlink()
-    jobs, kept = [], 0
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = out / path.relative_to(src)
-        if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-        elif _is_complete_entry(target):
-            kept += 1
-        else:
-            jobs.append((path, target.parent, codec, short_side))
-    bad = []
-    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for path, entry, err in tqdm(pool.imap_unordered(_prepare_job, jobs), total=len(jobs),
-                                     desc=f"preparing {name}", unit="video", disable=not sys.stderr.isatty()):
-            if err is not None:
-                bad.append(f"{path.relative_to(src)}\t{err}")
-    (out / "unreadable.txt").write_text("".join(f"{line}\n" for line in sorted(bad)))
-    for split in splits:
-        build_video_dataset(name, out, split)  # the store parses as the source did
-    print(f"data.py: {len(jobs) - len(bad)} videos prepared, {kept} already done, {len(bad)} unreadable "
-          f"(listed in {out / 'unreadable.txt'}); {name} store at {out}")
-    return bad
-
-
-# ============ command line ============
-
-
-def _bench(path, iters, tmp):
-    """Clips/s on one core, same transform: the original file, its store entries, and 'decode every frame to
-    RGB, then index'; plus each store's bytes per video-hour, worst-frame PSNR and preparation cost."""
-    torch.set_num_threads(1)  # one torch thread + threads=1 in FFmpeg (decode_threads / thread_count)
-    T, stride, size = 16, 4, 224
-
-    def naive():
-        with av.open(str(path), metadata_errors="ignore") as c:
-            c.streams.video[0].codec_context.thread_count = 1
-            frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
-        start = torch.randint(0, max(len(frames) - (T - 1) * stride, 1), ())
-        clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
-        return crop_resize_normalize(clip, multiscale_crop_box(*clip.shape[1:3], size), size)[None]
-
-    with av.open(str(path), metadata_errors="ignore") as c:
-        fps = float(c.streams.video[0].average_rate or 25)
-    with Video(path) as video:
-        hours = video.num_frames / fps / 3600
-    rows, extra = [("naive: decode all to RGB, index", 1, naive)], {}
-    for codec in store.CODECS:
-        t0 = time.perf_counter()
-        entry = prepare_video(path, Path(tmp) / codec, codec)
-        with store.StoredVideo(entry) as sv:
-            worst = sv.header["min_psnr"]
-            extra[entry] = (f"{entry.stat().st_size / hours / 1e9:6.1f} GB/video-h (source file "
-                            f"{path.stat().st_size / hours / 1e9:.2f}), worst frame "
-                            f"{'exact' if worst is None else f'{worst:.1f} dB PSNR'}, "
-                            f"prepared in {time.perf_counter() - t0:.1f} s")
-    for repeats in (1, 4):
-        for name, p in [("original", path)] + [(f"store {codec}", Path(tmp) / codec / path.name)
-                                               for codec in store.CODECS]:
-            ds = VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
-            rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
-    # Cost = CPU time of this (single-threaded) process, which other processes' load barely changes, unlike
-    # wall time; rounds interleave the rows so that what load remains hits all alike. Best and median round.
-    rounds, calls = max(iters // 4, 1), min(iters, 4)
-    times = {name: [] for name, _, _ in rows}
-    for _, _, fn in rows:
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, _, fn in rows:
-            t0 = time.process_time()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.process_time() - t0) / calls * 1e3)
-    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, CPU time, "
-          f"best / median of {rounds} interleaved rounds of {calls} calls")
-    print(f"{'method':36s} {'CPU ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
-    base = {}
-    for name, repeats, _ in rows:
-        best, median = min(times[name]), sorted(times[name])[rounds // 2]
-        rate = repeats * 1e3 / best
-        if name.startswith("original"):
-            base[repeats] = rate
-        vs = f"{rate / base[repeats]:11.1f}x" if repeats in base else ""
-        print(f"{name:36s} {best:7.1f} / {median:5.0f} {rate:13.1f} {vs:>12s}")
-    for entry, text in extra.items():
-        print(f"store {entry.parent.name:9s}: {text}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", nargs="*", metavar="VIDEO",
-                        help="benchmark clip loading on VIDEO(s) (default: the K400 test clip, 340x256 H.264)")
-    parser.add_argument("--iters", type=int, default=40, help="timed calls per benchmark row (in rounds of 4)")
-    parser.add_argument("--prepare", action="store_true", help="write a clip store of --dataset at --out")
-    parser.add_argument("--dataset", default="synthetic", help=f"layout to prepare: {' | '.join(LAYOUTS)}")
-    parser.add_argument("--data_root", default=None, help="the dataset folder (LAYOUTS); synthetic: the cache")
-    parser.add_argument("--out", default=None, help="store folder, outside --data_root; then train with "
-                                                    "--data_root OUT (same --dataset)")
-    parser.add_argument("--codec", default="jpeg", choices=store.CODECS,
-                        help="jpeg: >= 40 dB PSNR, smallest, fastest (default); magicyuv: bit-exact, ~2.5x disk")
-    parser.add_argument("--short_side", type=int, default=None,
-                        help="shrink larger frames to this short side (default: keep the source's; the release "
-                             "trains K400 from copies at 256-320)")
-    parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
-    args = parser.parse_args()
-    if args.prepare:
-        if args.out is None:
-            parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
-        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side)
-    elif args.bench is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            for video in args.bench or [str(BENCH_VIDEO)]:
-                _bench(Path(video), args.iters, tmp)
-    else:
-        parser.print_help()

@@ -1,33 +1,64 @@
 """
 The prepared clip store: one file per video holding every frame as an independently decodable picture, so a
 16-frame clip costs 16 picture decodes instead of a GOP's worth of H.264 (~105 frames for the K400 test clip).
-data.py decides what goes in (the exact frames its decoder returns) and prepares whole datasets
-(`python data.py --prepare`); this file is only the on-disk format: write an entry, read frames back.
+This file holds the on-disk format (write an entry, read frames back), the k-means codebook, and the two
+drivers: preparing a whole dataset, and the clip-loading benchmark.
 
-Codecs (measured with `python data.py --bench`, see the README's Benchmarks):
+    python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_store   # all cores, resumable
+    python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_km --codec kmeans
+    python store.py --bench [VIDEO ...]       # clips/s per CPU core: original, each store, naive; disk, PSNR;
+                                              # and the cost of 2 synthetic moving objects (docs/motion.md)
+
+Then train from the store with the same flags: `python train.py --dataset k400 --data_root /local/k400_store`.
+What goes in is exactly what data.Video decodes (data.py); the tests check it frame by frame.
+
+Codecs (measured with `python store.py --bench`, see docs/store.md):
 - "jpeg" (default): baseline JPEG via torchvision (libjpeg-turbo), decoded with torchvision.io.decode_jpeg
   straight to RGB. Lossy but visually lossless: each frame is stored at the first quality of JPEG_QUALITIES
   whose PSNR against the original decode reaches MIN_PSNR (40 dB), and the entry records its worst frame.
 - "magicyuv": lossless (FFmpeg's MagicYUV intra codec on planar RGB): read() returns exactly the original
   decode, bit for bit. ~2.5x the disk of "jpeg" and slower to decode; for runs that must not change at all.
+- "kmeans": ViDROP's vector quantisation: each frame cut into patch x patch pixel patches, each stored as the
+  index of its nearest centroid in a codebook learned once on a sample of the dataset (<root>/CODEBOOK).
+  Decoding is one table lookup (Codebook.decode, on CPU or GPU): 22-30x the original decode's frames/s
+  on the K400 test clip, 9x its clips/s once the shared crop and resize are counted. Lossy: with the small
+  default codebook (1024 centroids of 4x4) learned on the four test clips, worst frames 25.5-31.9 dB PSNR;
+  a clip the codebook has not seen, 22.7 dB. A quarter to half of jpeg's disk.
 
 Entry layout (little-endian), written to a temporary name, fsynced, then renamed, so a reader never sees a
 half-written entry under its final name; the trailing magic makes a truncated copy unreadable too:
     MAGIC | picture 0 | ... | picture n-1 | offsets int64 (n+1) | header JSON | header length uint64 | END_MAGIC
 The header holds the format version, codec, frame size, num_frames (the source's packet count, as data.Video
-counts it: positions past the stored frames return the last one) and the quality record.
+counts it: positions past the stored frames return the last one) and the quality record; a kmeans entry also
+names its codebook (path relative to the entry's folder) and the codebook's digest.
 """
+import argparse
 import fractions
+import functools
+import hashlib
 import json
 import os
+import random
+import shutil
 import struct
+import sys
+import tempfile
+import time
 import warnings
+from multiprocessing import Pool
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
+from tqdm import tqdm
+
+# data.py imports this file for its reader (StoredVideo); the drivers at the end need data.py's decoder and
+# layouts. Both imports are at the top and every use is inside a function, so either file may be imported first.
+import data
+import synthetic
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency here); the pinned
 # version has them, and Pillow's libjpeg-turbo gives the same pixels ~1.4x slower (measured) if they go.
@@ -38,28 +69,203 @@ warnings.filterwarnings("ignore", "The image decoding and encoding capabilities 
 STORE_VERSION = 1  # bump when the entry layout or what an entry means changes: older stores are refused
 MAGIC, END_MAGIC = b"SIGMACS1", b"SIGMAEND"  # first / last 8 bytes of every entry
 MARKER = "sigma_store.json"  # at the store root: version, codec, source; the layout parsers check it
-CODECS = ("jpeg", "magicyuv")
+CODECS = ("jpeg", "magicyuv", "kmeans")
 JPEG_QUALITIES = (95, 98, 100)  # tried in turn per frame until MIN_PSNR is reached (95 suffices on real clips)
 MIN_PSNR = 40.0  # dB against the original decode: the "visually lossless" bound of the jpeg codec
+# k-means codec. ViDROP's full-scale setting is 10x10 patches and 65,536 centroids (its Table 3: PSNR 25.75,
+# compression 150); the defaults here learn in seconds on one CPU core (see learn_codebook).
+CODEBOOK = "sigma_codebook.pt"  # at the store root, loaded with weights_only=True
+KMEANS_PATCH = 4  # pixels per patch side
+KMEANS_SIZE = 1024  # centroids; indices are stored as uint16 up to 65,536, uint32 above
+KMEANS_VIDEOS = 64  # videos sampled (seeded) from the train split to learn the codebook
+KMEANS_FRAMES = 8  # evenly spaced frames read from each sampled video
+KMEANS_SAMPLE = 262_144  # patches kept (at random) from those frames
+KMEANS_STEPS, KMEANS_BATCH = 100, 8192  # mini-batch k-means: steps x patches per step
+MOTION_OBJECTS = 2  # --bench: objects per clip in the overlay row (SMILE's setting)
+BENCH_VIDEO = Path(__file__).resolve().parent / "tests" / "data" / "videos" / "R6llTwEh07w.mp4"  # K400, H.264
 
 
 class StoreVersionError(RuntimeError):
     """A store written by another version of this code: refused (a RuntimeError, so it is never 'skipped')."""
 
 
+class CodebookError(RuntimeError):
+    """A missing, corrupt or foreign k-means codebook: every entry needs it, so it stops the run (never
+    'skipped' as one bad video); the message names the file."""
+
+
 def _version_check(found, where):
     if found != STORE_VERSION:
         raise StoreVersionError(f"{where} was written by store format version {found}; this code reads version "
-                                f"{STORE_VERSION}. Prepare the dataset again: python data.py --prepare ...")
-
-
-# ============ writing ============
+                                f"{STORE_VERSION}. Prepare the dataset again: python store.py --prepare ...")
 
 
 def psnr(a, b):
     """Peak signal-to-noise ratio in dB of two uint8 arrays (inf when equal)."""
     mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+# ============ the k-means codebook ============
+# ViDROP (its Sec. 3) replaces every patch x patch RGB patch of a frame by the nearest of K centroids learned
+# by k-means over patches of the dataset; a frame is then an (h, w) grid of centroid ids and decoding it is
+# a lookup. Here the lookup gathers pixel *rows* of centroids (Codebook.table), so that the gathered rows lie
+# in the frame's own (H, W, 3) memory order and no reshuffle follows.
+
+
+def to_patches(rgb, patch):
+    """uint8 (H, W, 3) -> uint8 (h, w, patch*patch*3), h = ceil(H / patch): the frame's patches, raster order
+    inside each; the last row / column of pixels is repeated to fill partial patches."""
+    rgb = torch.as_tensor(rgb)
+    H, W = rgb.shape[:2]
+    h, w = -(-H // patch), -(-W // patch)
+    rows = torch.arange(h * patch).clamp(max=H - 1)
+    cols = torch.arange(w * patch).clamp(max=W - 1)
+    x = rgb[rows][:, cols]  # (h*P, w*P, 3)
+    return x.view(h, patch, w, patch, 3).permute(0, 2, 1, 3, 4).reshape(h, w, patch * patch * 3)
+
+
+def nearest(patches, centroids):
+    """float32 (N, D) patches, float32 (K, D) centroids -> long (N,) index of each patch's nearest centroid:
+    argmin over k of ||c_k||^2 - 2 x.c_k (squared L2 less the constant ||x||^2), in blocks of ~2^20 distances."""
+    sq = (centroids ** 2).sum(1)  # (K,)
+    step = max(1, 2 ** 20 // len(centroids))  # a (step, K) block stays in cache (4 MB)
+    return torch.cat([torch.addmm(sq, chunk, centroids.T, alpha=-2).argmin(1) for chunk in patches.split(step)])
+
+
+class Codebook:
+    """K centroids of patch x patch RGB pixels, uint8 (K, P, P, 3): encode a frame to ids, decode ids to pixels.
+
+    digest: the first 16 hex digits of the centroids' SHA-256, recorded by every entry encoded with it.
+    """
+
+    def __init__(self, centroids, path="(in memory)"):
+        self.centroids, self.path = centroids, str(path)  # (K, P, P, 3) uint8
+        self.size, self.patch = centroids.shape[0], centroids.shape[1]
+        self.digest = hashlib.sha256(centroids.cpu().numpy().tobytes()).hexdigest()[:16]
+        # Row k*P + r of the table = pixel row r of centroid k (P*3 bytes), read as the widest integer words
+        # that divide it: the gather then moves a few words per row instead of single bytes (~3x faster).
+        word = next(d for d in (torch.int64, torch.int32, torch.int16, torch.uint8) if self.patch * 3 % d.itemsize == 0)
+        self.table = centroids.reshape(self.size * self.patch, self.patch * 3).view(word)  # (K*P, P*3 / bytes)
+        self.dtype = "<u2" if self.size <= 2 ** 16 else "<u4"  # on disk
+
+    def to(self, device):
+        """The same codebook with its lookup table on `device` (decode() then runs there, e.g. on a GPU)."""
+        book = Codebook.__new__(Codebook)
+        book.__dict__.update(self.__dict__, table=self.table.to(device))
+        return book
+
+    def decode(self, ids):
+        """Centroid ids, integer (..., h, w), on the table's device -> uint8 (..., h*P, w*P, 3) pixels."""
+        P = self.patch
+        r = torch.arange(P, device=ids.device).view(P, 1)
+        rows = ids.long().unsqueeze(-2) * P + r  # (..., h, P, w): table row of output pixel row (i*P + r, j)
+        out = self.table.index_select(0, rows.flatten())  # (N*h*P*w, P*3 bytes): already in (H, W, 3) order
+        return out.view(torch.uint8).view(*ids.shape[:-2], ids.shape[-2] * P, ids.shape[-1] * P, 3)
+
+    @functools.cached_property
+    def _flat(self):
+        return self.centroids.reshape(self.size, -1).float()  # (K, D): made on the first encode, not for decoding
+
+    def encode(self, rgb):
+        """uint8 (H, W, 3) frame -> long (h, w) ids of its patches' nearest centroids."""
+        x = to_patches(rgb, self.patch)  # (h, w, D) uint8
+        return nearest(x.reshape(-1, x.shape[-1]).float(), self._flat).view(x.shape[:2])
+
+
+def learn_codebook(frames, patch=KMEANS_PATCH, size=KMEANS_SIZE, sample=KMEANS_SAMPLE, steps=KMEANS_STEPS,
+                   batch=KMEANS_BATCH, seed=0, device="cpu"):
+    """Mini-batch k-means (Sculley, WWW 2010) over the patches of `frames` (uint8 (H, W, 3) each) -> Codebook.
+
+    At most `sample` patches are kept (seeded choice); batch and sample grow to at least 2 x size. Centroids start as randomly chosen patches; each step
+    assigns `batch` random patches and moves every centroid towards the mean of its patches with rate
+    1 / (patches it has received so far), the per-centre learning rate of mini-batch k-means. Deterministic
+    on CPU for a given seed (on a GPU, index_add_'s float atomics may round differently). The defaults take
+    ~3 s on one CPU core; ViDROP's 65,536 x 10x10 needs a GPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch = max(batch, 2 * size)  # a step must reach every centroid (65,536 of them at full scale)
+    sample = max(sample, batch)
+    x = torch.cat([to_patches(f, patch).reshape(-1, patch * patch * 3) for f in frames])  # (N, D) uint8
+    if len(x) < size:
+        raise ValueError(f"{len(x)} sample patches cannot give {size} centroids: sample more frames or use a "
+                         f"smaller codebook (e.g. --codebook_size {2 ** int(np.log2(max(len(x), 2)) - 1)})")
+    x = x[torch.randperm(len(x), generator=g)[:sample]].to(device, torch.float32)  # (N', D)
+    centroids = x[torch.randperm(len(x), generator=g)[:size].to(device)].clone()  # (K, D)
+    counts = torch.zeros(size, device=device)  # (K,) patches each centroid has received
+    for _ in range(steps):
+        b = x[torch.randint(len(x), (batch,), generator=g).to(device)]  # (B, D)
+        ids = nearest(b, centroids)  # (B,)
+        n = torch.bincount(ids, minlength=size).float()  # (K,) patches per centroid in this batch
+        sums = torch.zeros_like(centroids).index_add_(0, ids, b)  # (K, D)
+        counts += n
+        hit = n > 0
+        centroids[hit] += (sums[hit] - n[hit, None] * centroids[hit]) / counts[hit, None]
+    return Codebook(centroids.round().clamp(0, 255).to(torch.uint8).view(size, patch, patch, 3).cpu())
+
+
+def save_codebook(path, book, **meta):
+    """Write `book` to `path` atomically (temporary name, fsync, rename); meta: JSON-able facts (how learned)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(dict(kind="sigma kmeans codebook", version=STORE_VERSION, patch=book.patch, size=book.size,
+                        digest=book.digest, centroids=book.centroids, meta=json.dumps(meta)), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_LOADED = {}  # (path, mtime, size) -> Codebook: an entry open costs a stat, not a load
+
+
+def load_codebook(path, patch=None, digest=None, entry=None):
+    """The Codebook at `path` (torch.load with weights_only=True), checked: a truncated or corrupt file, one
+    holding pickled code, one that is not a codebook, or (patch / digest given, from an entry's header) one that
+    is not the codebook the entry was encoded with, raises CodebookError naming the file."""
+    path = Path(path)
+    needed = f" (needed by {entry})" if entry else ""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise CodebookError(f"{path}: cannot read the k-means codebook{needed}: {err}") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _LOADED:
+        _LOADED[key] = _read_codebook(path)
+    book = _LOADED[key]
+    if patch is not None and book.patch != patch:
+        raise CodebookError(f"{path}: codebook of {book.patch}x{book.patch} patches, but {entry} was encoded with "
+                            f"{patch}x{patch}: a foreign codebook; prepare the store again or restore its own")
+    if digest is not None and book.digest != digest:
+        raise CodebookError(f"{path}: codebook {book.digest} is not the one {entry} was encoded with ({digest}): "
+                            f"a foreign codebook; prepare the store again or restore its own")
+    return book
+
+
+def _read_codebook(path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "Unsupported global" in str(err):  # weights_only met a class or function reference: pickled code
+            raise CodebookError(f"{path}: holds pickled objects other than tensors, refused (loaded with "
+                                f"weights_only=True); a codebook written by save_codebook never does") from None
+        raise CodebookError(f"{path}: truncated or corrupt k-means codebook ({type(err).__name__}: "
+                            f"{str(err)[:120]})") from None
+    c = obj.get("centroids") if isinstance(obj, dict) else None
+    if c is None or obj.get("kind") != "sigma kmeans codebook" or not isinstance(c, torch.Tensor):
+        raise CodebookError(f"{path}: not a k-means codebook (no 'centroids' tensor from save_codebook)")
+    if c.dtype != torch.uint8 or c.ndim != 4 or c.shape[1] != c.shape[2] or c.shape[3] != 3 or \
+            c.shape[1] != obj.get("patch") or c.shape[0] != obj.get("size") or c.shape[0] < 1:
+        raise CodebookError(f"{path}: centroids {c.dtype} {tuple(c.shape)} do not match the stated patch "
+                            f"{obj.get('patch')} / size {obj.get('size')}: expected uint8 (size, patch, patch, 3)")
+    _version_check(obj.get("version"), str(path))
+    book = Codebook(c.contiguous(), path)
+    if book.digest != obj.get("digest"):
+        raise CodebookError(f"{path}: centroids do not match the digest stored with them (corrupt file)")
+    return book
+
+
+# ============ writing ============
 
 
 class _JpegEncoder:
@@ -97,14 +303,37 @@ class _MagicYUVEncoder:
         return dict(min_psnr=None)  # exact
 
 
-def write_entry(path, frames, num_frames, codec="jpeg", source="", **meta):
+class _KMeansEncoder:
+    """A frame -> its (h, w) centroid ids as uint16 / uint32 bytes; records the worst and mean frame PSNR."""
+
+    def __init__(self, codebook, entry_dir):
+        self.book = load_codebook(codebook)
+        self.ref = os.path.relpath(Path(codebook).resolve(), Path(entry_dir).resolve())  # the store moves whole
+        self.scores = []
+
+    def __call__(self, rgb):
+        ids = self.book.encode(rgb)  # (h, w)
+        back = self.book.decode(ids)[:rgb.shape[0], :rgb.shape[1]]  # (H, W, 3), what read() will return
+        self.scores.append(psnr(back.numpy(), rgb))
+        return ids.numpy().astype(self.book.dtype).tobytes()
+
+    def record(self):
+        return dict(min_psnr=round(min(self.scores), 2), mean_psnr=round(float(np.mean(self.scores)), 2),
+                    codebook=self.ref, codebook_digest=self.book.digest, patch=self.book.patch,
+                    codebook_size=self.book.size)
+
+
+def write_entry(path, frames, num_frames, codec="jpeg", source="", codebook=None, **meta):
     """Store uint8 (H, W, 3) RGB `frames` (an iterable, streamed) as the entry `path`; returns its header.
 
     num_frames: the positions the video has (data.Video.num_frames); it may exceed the frames given by
-    placeholder packets. meta: more JSON-able header fields (how the frames were made). Atomic: written to `path`.tmp-<pid>, fsynced, renamed, and the folder fsynced.
+    placeholder packets. codebook: the codebook file, for codec "kmeans". meta: more JSON-able header fields
+    (how the frames were made). Atomic: written to `path`.tmp-<pid>, fsynced, renamed, and the folder fsynced.
     """
     if codec not in CODECS:
         raise ValueError(f"unknown store codec {codec!r}; choose one of {CODECS}")
+    if (codec == "kmeans") != (codebook is not None):
+        raise ValueError("codec 'kmeans' needs codebook= (a file from save_codebook); the others take none")
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     offsets, encoder, shape = [len(MAGIC)], None, None
@@ -114,7 +343,8 @@ def write_entry(path, frames, num_frames, codec="jpeg", source="", **meta):
             for rgb in frames:
                 if encoder is None:
                     shape = rgb.shape
-                    encoder = _JpegEncoder() if codec == "jpeg" else _MagicYUVEncoder(*shape[:2])
+                    encoder = {"jpeg": _JpegEncoder, "magicyuv": lambda: _MagicYUVEncoder(*shape[:2]),
+                               "kmeans": lambda: _KMeansEncoder(codebook, path.parent)}[codec]()
                 if rgb.shape != shape:
                     raise ValueError(f"{source}: frame size changes mid-video ({shape} -> {rgb.shape})")
                 offsets.append(offsets[-1] + f.write(encoder(np.ascontiguousarray(rgb))))
@@ -137,6 +367,50 @@ def write_entry(path, frames, num_frames, codec="jpeg", source="", **meta):
     finally:
         os.close(dir_fd)
     return header
+
+
+def prepare_video(src, dst_dir, codec="jpeg", short_side=None, codebook=None):
+    """Store the video file `src` as the entry dst_dir/<same file name>; returns the entry's path.
+
+    The entry keeps the source's file name so that every layout parser finds it unchanged in a store that
+    mirrors the dataset's folders; data.open_video tells entries from videos by their first bytes. Atomic: an
+    interrupted call leaves no entry (only a temporary file that no layout lists). short_side=None keeps the
+    source resolution, so that a clip from the store is the clip from the file (exactly, with "magicyuv");
+    short_side=S shrinks larger frames to a short side of S first (antialiased bilinear, as the transform):
+    a raw 720p copy of K400 then costs ~8x less disk and decode at S=256, but pixels differ from the file's.
+    codebook: the codebook file for codec "kmeans" (learn_codebook, save_codebook).
+    """
+    src, dst_dir = Path(src), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    with data.Video(src, threads=1) as video:
+        frames = video.frames() if short_side is None else (_shrink(f, short_side) for f in video.frames())
+        write_entry(dst_dir / src.name, frames, video.num_frames, codec, source=src, codebook=codebook,
+                    short_side=short_side)
+    return dst_dir / src.name
+
+
+def _shrink(rgb, short_side):
+    """uint8 (H, W, 3) -> the same with a short side of at most short_side, aspect kept."""
+    h, w = rgb.shape[:2]
+    if min(h, w) <= short_side:
+        return rgb
+    size = (short_side, round(w * short_side / h)) if h <= w else (round(h * short_side / w), short_side)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W), a channels-last view
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (1, 3, h, w)
+    return x[0].permute(1, 2, 0).numpy()  # (h, w, 3)
+
+
+def sample_frames(paths, videos=KMEANS_VIDEOS, frames=KMEANS_FRAMES, short_side=None, seed=0):
+    """uint8 (H, W, 3) frames to learn a codebook from: `frames` evenly spaced frames of each of `videos` videos
+    drawn (seeded) from `paths`; unreadable videos are passed over."""
+    for path in sorted(random.Random(seed).sample(sorted(map(str, paths)), min(videos, len(paths)))):
+        try:
+            with data.Video(path) as video:
+                n = video.num_frames
+                got = video.read([(2 * k + 1) * n // (2 * frames) for k in range(frames)]).numpy()
+        except (av.FFmpegError, OSError, ValueError):
+            continue
+        yield from (f if short_side is None else _shrink(f, short_side) for f in got)
 
 
 # ============ reading ============
@@ -176,11 +450,21 @@ def read_header(f, where):
     return header
 
 
+def is_complete_entry(path):
+    """True when `path` is a whole entry of this format version (magic, end marker and header all there)."""
+    try:
+        with open(path, "rb") as f:
+            return is_entry(path) and bool(read_header(f, str(path)))
+    except (OSError, ValueError):
+        return False
+
+
 class StoredVideo:
     """A store entry with the interface of data.Video: num_frames, read(indices) -> uint8 (N, H, W, 3).
 
     read() seeks to each wanted picture and decodes only those (any order, repeats allowed; positions past
-    the stored frames return the last one, like Video). Opening costs three small reads.
+    the stored frames return the last one, like Video). Opening costs three small reads (and, for a kmeans
+    entry, a stat of its codebook, which is loaded once per process).
     """
 
     def __init__(self, path):
@@ -191,15 +475,19 @@ class StoredVideo:
             self.num_frames, stored = self.header["num_frames"], self.header["stored"]
             self.file.seek(self.header["index_at"])
             self.offsets = np.frombuffer(self.file.read(8 * (stored + 1)), "<i8")  # (stored+1,)
+            codec = self.header["codec"]
+            if codec not in CODECS:
+                raise ValueError(f"{self.path}: unknown store codec {codec!r}")
+            if codec == "magicyuv":
+                self.ctx = av.CodecContext.create("magicyuv", "r")
+                self.ctx.thread_count = 1
+            elif codec == "kmeans":
+                where = os.path.normpath(Path(self.path).parent / self.header["codebook"])
+                self.book = load_codebook(where, self.header["patch"],
+                                          self.header["codebook_digest"], self.path)
         except BaseException:
             self.close()
             raise
-        if self.header["codec"] not in CODECS:
-            self.close()
-            raise ValueError(f"{self.path}: unknown store codec {self.header['codec']!r}")
-        if self.header["codec"] == "magicyuv":
-            self.ctx = av.CodecContext.create("magicyuv", "r")
-            self.ctx.thread_count = 1
 
     def close(self):
         self.file.close()
@@ -218,7 +506,10 @@ class StoredVideo:
             self.file.seek(self.offsets[p])
             pictures.append(self.file.read(int(self.offsets[p + 1] - self.offsets[p])))
         self.decoded += len(wanted)
-        if self.header["codec"] == "jpeg":
+        codec = self.header["codec"]
+        if codec == "kmeans":
+            return self._kmeans(pictures, [wanted.index(i) for i in idx])
+        if codec == "jpeg":
             # One call for the list: a loop over libjpeg-turbo on CPU (batched nvjpeg if given a CUDA device).
             decoded = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in pictures])
             frames = {p: d.permute(1, 2, 0) for p, d in zip(wanted, decoded)}  # (H, W, 3) views
@@ -230,13 +521,20 @@ class StoredVideo:
         (frame,) = self.ctx.decode(av.Packet(picture))
         return frame.to_ndarray(format="rgb24")  # gbrp -> packed RGB, a lossless reorder
 
+    def _kmeans(self, pictures, order):
+        """Id grids of the wanted frames -> uint8 (N, H, W, 3) in the order asked for, by one lookup."""
+        P, (H, W) = self.book.patch, (self.header["height"], self.header["width"])
+        ids = np.stack([np.frombuffer(b, self.book.dtype) for b in pictures])  # (n, h*w)
+        ids = torch.from_numpy(ids.astype(np.int64))[order].view(-1, -(-H // P), -(-W // P))  # (N, h, w)
+        return self.book.decode(ids)[:, :H, :W]  # (N, H, W, 3); a view when H, W are not multiples of P
+
 
 # ============ the store root ============
 
 
 def write_marker(root, source, dataset, **settings):
     """Write (atomically) or check the store root's marker: a store of another version, or one prepared with
-    other settings (codec, short_side), is refused rather than resumed into a mix."""
+    other settings (codec, short_side, codebook), is refused rather than resumed into a mix."""
     path = Path(root) / MARKER
     if path.is_file():
         old = json.loads(path.read_text())
@@ -258,3 +556,237 @@ def check_root(root):
     path = Path(root) / MARKER
     if path.is_file():
         _version_check(json.loads(path.read_text()).get("version"), str(root))
+
+
+# ============ preparing a dataset ============
+
+
+def _prepare_job(job):
+    src, dst_dir, codec, short_side, codebook = job
+    try:
+        return src, prepare_video(src, dst_dir, codec, short_side, codebook), None
+    except CodebookError:
+        raise  # the store's codebook is unusable: no video can be prepared
+    except Exception as err:  # any other failure skips the video and lists it; the run goes on
+        return src, None, f"{type(err).__name__}: {err}"
+
+
+def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None, patch=KMEANS_PATCH,
+                    codebook_size=KMEANS_SIZE):
+    """Write a clip store of the dataset `name` at `src` into `out`; returns the list of unreadable videos.
+
+    `out` mirrors `src`: every video file (data.VIDEO_EXTENSIONS) becomes a store entry at the same relative
+    path and name, every other file (CSV / JSON / split lists, VOS frames) is copied, so
+    data.build_video_dataset(name, out) reads the store through the same layout parser. In parallel over
+    `workers` processes (default: all cores); codec and short_side as in prepare_video. Codec "kmeans" first
+    learns a codebook (patch, codebook_size) on frames sampled from the train split (sample_frames) and keeps it
+    at out/CODEBOOK. Resumable: complete entries (and the codebook) are kept, temporary files of an interrupted
+    run deleted. Videos that cannot be prepared are skipped and listed in out/unreadable.txt. Limitation: a list
+    file's absolute paths are not mirrored (they keep pointing at the original videos).
+    """
+    if src is None and name in ("synthetic", "noise"):  # the built-in sets: generated (once) into the cache
+        src = (data.synthetic_dataset if name == "synthetic" else data.noise_dataset)(None)
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.is_dir():
+        raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
+    if src == out or src in out.parents:
+        raise ValueError(f"--out {out} must lie outside --data_root {src}")
+    splits = {}  # the splits the source layout parses: checked again on the store at the end
+    for split in ("train", "val"):
+        try:
+            splits[split] = data.build_video_dataset(name, src, split)
+        except FileNotFoundError as err:
+            problem = err
+    if not splits:
+        raise problem
+    out.mkdir(parents=True, exist_ok=True)
+    kmeans = dict(patch=patch, codebook_size=codebook_size) if codec == "kmeans" else {}
+    write_marker(out, src, name, codec=codec, short_side=short_side, **kmeans)
+    for stale in out.rglob("*.tmp-*"):  # left by an interrupted run; never listed by a layout
+        stale.unlink()
+    codebook = out / CODEBOOK if kmeans else None
+    if kmeans and not codebook.is_file():
+        t0 = time.perf_counter()
+        sample = next(iter(splits.values())).samples  # the train split when it parses
+        book = learn_codebook(sample_frames([p for p, _ in sample], short_side=short_side), patch, codebook_size)
+        save_codebook(codebook, book, dataset=name, source=str(src), videos=min(KMEANS_VIDEOS, len(sample)))
+        print(f"store.py: codebook of {codebook_size} {patch}x{patch} centroids learned in "
+              f"{time.perf_counter() - t0:.1f} s -> {codebook}")
+    jobs, kept = [], 0
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = out / path.relative_to(src)
+        if path.suffix.lower() not in data.VIDEO_EXTENSIONS:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        elif is_complete_entry(target):
+            kept += 1
+        else:
+            jobs.append((path, target.parent, codec, short_side, codebook))
+    bad = []
+    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for path, entry, err in tqdm(pool.imap_unordered(_prepare_job, jobs), total=len(jobs),
+                                     desc=f"preparing {name}", unit="video", disable=not sys.stderr.isatty()):
+            if err is not None:
+                bad.append(f"{path.relative_to(src)}\t{err}")
+    (out / "unreadable.txt").write_text("".join(f"{line}\n" for line in sorted(bad)))
+    for split in splits:
+        data.build_video_dataset(name, out, split)  # the store parses as the source did
+    print(f"store.py: {len(jobs) - len(bad)} videos prepared, {kept} already done, {len(bad)} unreadable "
+          f"(listed in {out / 'unreadable.txt'}); {name} store at {out}")
+    return bad
+
+
+# ============ the clip-loading benchmark ============
+
+
+def bench(path, iters, tmp, codebook):
+    """Clips/s on one core, same transform: the original file, its store entries (the kmeans one with the
+    codebook file `codebook`), 'decode every frame to RGB, then index', and the transform alone (the floor of
+    any store); plus each store's bytes per video-hour, PSNR and preparation cost."""
+    torch.set_num_threads(1)  # one torch thread + threads=1 in FFmpeg (decode_threads / thread_count)
+    T, stride, size = 16, 4, 224
+
+    def naive():
+        with av.open(str(path), metadata_errors="ignore") as c:
+            c.streams.video[0].codec_context.thread_count = 1
+            frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+        start = torch.randint(0, max(len(frames) - (T - 1) * stride, 1), ())
+        clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
+        return data.crop_resize_normalize(clip, data.multiscale_crop_box(*clip.shape[1:3], size), size)[None]
+
+    with av.open(str(path), metadata_errors="ignore") as c:
+        fps = float(c.streams.video[0].average_rate or 25)
+    with data.Video(path) as video:
+        hours = video.num_frames / fps / 3600
+        decoded = video.read(range(T))  # (T, H, W, 3): the input of the transform-only row
+
+    def transform_only():
+        return data.crop_resize_normalize(decoded, data.multiscale_crop_box(*decoded.shape[1:3], size), size)
+
+    motion = synthetic.MotionObjects(MOTION_OBJECTS)  # SMILE's overlay (docs/motion.md), on the decoded frames
+    rows, extra = [("naive: decode all to RGB, index", 1, naive),
+                   ("transform only (decoded frames)", 1, transform_only),
+                   (f"{MOTION_OBJECTS} motion objects only", 1, lambda: motion(decoded[None], 0, 0))], {}
+    for codec in CODECS:
+        t0 = time.perf_counter()
+        entry = prepare_video(path, Path(tmp) / codec, codec, codebook=codebook if codec == "kmeans" else None)
+        with StoredVideo(entry) as sv:
+            worst, mean = sv.header["min_psnr"], sv.header.get("mean_psnr")
+            extra[entry] = (f"{entry.stat().st_size / hours / 1e9:6.2f} GB/video-h (source file "
+                            f"{path.stat().st_size / hours / 1e9:.2f}), worst frame "
+                            f"{'exact' if worst is None else f'{worst:.1f} dB PSNR'}"
+                            f"{'' if mean is None else f', mean {mean:.1f} dB'}, "
+                            f"prepared in {time.perf_counter() - t0:.1f} s")
+    sources = [("original", path)] + [(f"store {codec}", Path(tmp) / codec / path.name) for codec in CODECS]
+    for name, p in sources:  # decoding alone: the clip's frames, no transform
+        ds = data.VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True)
+        rows.append((f"{name}, frames only", 1, lambda ds=ds, p=p: _frames(p, ds)))
+    for repeats in (1, 4):
+        for name, p in sources:
+            ds = data.VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
+            rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
+    times = _time_rows(rows, iters)
+    rounds = len(next(iter(times.values())))
+    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, CPU time, "
+          f"best / median of {rounds} interleaved rounds")
+    print(f"{'method':36s} {'CPU ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
+    base = {}
+    for name, repeats, _ in rows:
+        best, median = min(times[name]), sorted(times[name])[rounds // 2]
+        rate = repeats * 1e3 / best
+        kind = "frames" if name.endswith("frames only") else repeats
+        if name.startswith("original"):
+            base[kind] = rate
+        vs = f"{rate / base[kind]:11.1f}x" if kind in base else ""
+        print(f"{name:36s} {best:7.2f} / {median:5.1f} {rate:13.1f} {vs:>12s}")
+    for entry, text in extra.items():
+        print(f"store {entry.parent.name:9s}: {text}")
+    share = min(times[f"{MOTION_OBJECTS} motion objects only"]) / min(times["original, repeats=1"])
+    print(f"motion objects: {MOTION_OBJECTS} per clip cost {100 * share:.1f}% of the original file's clip (before the "
+          f"crop to {size}: at {decoded.shape[2]}x{decoded.shape[1]})")
+
+
+def _frames(path, ds):
+    """One clip's frames, uint8 (T, H, W, 3), as VideoClips reads them (same positions), without the transform."""
+    with data.open_video(path) as video:
+        return video.read(ds._positions(video.num_frames).flatten())
+
+
+def _time_rows(rows, iters):
+    """{row name: [CPU ms per call, one per round]}. CPU time of this (single-threaded) process, which other
+    processes' load barely changes, unlike wall time; rounds interleave the rows so that what load remains
+    hits all alike."""
+    rounds, calls = max(iters // 4, 1), min(iters, 4)
+    times = {name: [] for name, _, _ in rows}
+    for _, _, fn in rows:
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, _, fn in rows:
+            t0 = time.process_time()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - t0) / calls * 1e3)
+    return times
+
+
+# ============ command line ============
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", nargs="*", metavar="VIDEO",
+                        help="benchmark clip loading on VIDEO(s) (default: the K400 test clip, 340x256 H.264)")
+    parser.add_argument("--iters", type=int, default=40, help="timed calls per benchmark row (in rounds of 4)")
+    parser.add_argument("--codebook_from", nargs="+", metavar="VIDEO", default=None,
+                        help="--bench: videos the kmeans codebook is learned on (default: the benchmarked ones; "
+                             "give others to measure PSNR on videos the codebook has not seen)")
+    parser.add_argument("--prepare", action="store_true", help="write a clip store of --dataset at --out")
+    parser.add_argument("--dataset", default="synthetic", help=f"layout to prepare: {' | '.join(data.LAYOUTS)}")
+    parser.add_argument("--data_root", default=None, help="the dataset folder (data.LAYOUTS); synthetic: the cache")
+    parser.add_argument("--out", default=None, help="store folder, outside --data_root; then train with "
+                                                    "--data_root OUT (same --dataset)")
+    parser.add_argument("--codec", default="jpeg",
+                        help="jpeg: >= 40 dB PSNR, fast (default); magicyuv: bit-exact, ~2.5x disk; kmeans: "
+                             "a table lookup, fastest, 23-32 dB with the default codebook, 1/4-1/2 of jpeg's disk")
+    parser.add_argument("--patch", type=int, default=KMEANS_PATCH,
+                        help="kmeans: patch side in pixels (ViDROP's full scale: 10)")
+    parser.add_argument("--codebook_size", type=int, default=KMEANS_SIZE,
+                        help="kmeans: centroids (ViDROP's full scale: 65536; needs a GPU to learn and encode)")
+    parser.add_argument("--short_side", type=int, default=None,
+                        help="shrink larger frames to this short side (default: keep the source's; the release "
+                             "trains K400 from copies at 256-320)")
+    parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.codec not in CODECS:
+        parser.error(f"--codec {args.codec!r}: choose one of {', '.join(CODECS)}, e.g. --codec jpeg")
+    for name, low in (("iters", 1), ("patch", 1), ("codebook_size", 2), ("short_side", 1), ("workers", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name} {value}: must be >= {low}, e.g. --{name} {max(low, KMEANS_PATCH)}")
+    if args.prepare:
+        if args.out is None:
+            parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
+        if args.dataset not in data.LAYOUTS:
+            parser.error(f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(data.LAYOUTS))}")
+        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
+            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
+        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side,
+                        args.patch, args.codebook_size)
+    elif args.bench is not None:
+        videos = args.bench or [str(BENCH_VIDEO)]
+        sources = args.codebook_from or videos
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.process_time()  # 64 frames in all, evenly spaced in each source
+            frames = sample_frames(sources, videos=len(sources), frames=max(KMEANS_FRAMES, 64 // len(sources)))
+            save_codebook(Path(tmp) / CODEBOOK, learn_codebook(frames, args.patch, args.codebook_size))
+            print(f"kmeans codebook: {args.codebook_size} centroids of {args.patch}x{args.patch} learned in "
+                  f"{time.process_time() - t0:.1f} s CPU on {', '.join(Path(v).name for v in sources)}")
+            for video in videos:
+                bench(Path(video), args.iters, tmp, Path(tmp) / CODEBOOK)
+    else:
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

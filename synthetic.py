@@ -5,6 +5,10 @@ script reads them through the same decoding and layouts as Kinetics (data.py).
     python synthetic.py [--root DIR] [--seed 0]   # generate the procedural motion set (cached), print where / how long
     python synthetic.py --set fashion              # moving Fashion-MNIST from the shipped subset (~30 s)
     python synthetic.py --set fashion --fashion_source full   # ... from the full IDX files (dataset-fashion-mnist)
+    python synthetic.py --set noise                # SMILE's "no natural video" set: static random images
+
+Also here: MotionObjects, SMILE's synthetic object motion, which data.VideoClips overlays on training clips
+(train.py --motion_objects N; docs/motion.md).
 
 The procedural motion set (synthetic_dataset): 4 motion classes, 64x64, 800 videos, generated in ~14 s on a
 2-core CPU. Moving Fashion-MNIST (fashion_dataset): one real Fashion-MNIST item per clip, 4 coarse categories,
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # ============ defaults ============
@@ -125,7 +131,8 @@ def _write_set(root, seed, classes, render, num_train, num_val, num_vos):
     dense labels <name>.mask.npy (uint8 (T, H, W), 0 = background, k = dense class k), and the first num_vos
     val videos again in the DAVIS-2017 layout (<root>/davis) for eval_vos.py.
 
-    render(rng, split, i) -> (label, frames uint8 (T, S, S, 3), instance masks uint8 (T, S, S), dense labels).
+    render(rng, split, i) -> (label, frames uint8 (T, S, S, 3), instance masks uint8 (T, S, S), dense labels or
+    None for no sidecar).
     Each video has its own random stream (seed, split, i), so no video depends on the order of the others.
     """
     davis = root / "davis"
@@ -137,7 +144,8 @@ def _write_set(root, seed, classes, render, num_train, num_val, num_vos):
             label, frames, masks, dense = render(rng, split, i)
             path = root / split / classes[label] / f"{split}_{i:05d}.mp4"
             _write_video(path, frames)
-            np.save(path.with_suffix(".mask.npy"), dense)
+            if dense is not None:
+                np.save(path.with_suffix(".mask.npy"), dense)
             if split == "val" and i < num_vos:  # DAVIS-2017 layout for eval_vos (frames as rendered)
                 seq = f"val_{i:05d}"
                 for sub in ("JPEGImages", "Annotations"):
@@ -334,9 +342,137 @@ def vos_chance(root):
     return 100 * float(np.mean(shares)) / 2
 
 
+# ============ synthetic object motion (SMILE) ============
+# SMILE (Thoker et al., CVPR 2025, Sec. 3) overlays segmented objects (RGBA cut-outs) that move along random
+# smooth trajectories onto the pretraining clips, so that a clip always holds motion the model must predict.
+# MotionObjects does that to the decoded frames, before crop and masking: each object follows a quadratic
+# Bezier path between random points (centre positions anywhere in the frame, partly outside allowed), with
+# its size changing geometrically and its angle linearly over the clip. The cut-outs come from a folder of
+# RGBA PNGs, or by default from the Fashion-MNIST items shipped in assets/ (grey items: alpha = intensity,
+# tinted with a random colour per object).
+
+MOTION_SIDE = (0.2, 0.45)  # an object's longer side at the clip's start, as a fraction of the frame's short side
+MOTION_GROWTH = (0.7, 1.4)  # its size at the end / at the start
+MOTION_TURN = np.pi / 3  # its rotation over the clip: uniform in [-turn, turn] radians
+
+
+def load_cutouts(folder=None):
+    """RGBA cut-outs -> list of float32 (4, h, w) in [0, 1]: every *.png of `folder` (converted to RGBA), or
+    with folder=None the Fashion-MNIST training items of the shipped subset (RGB = the grey shading, alpha =
+    twice the intensity, clipped: the item opaque, its dark background transparent)."""
+    if folder is None:
+        with np.load(FASHION_SUBSET) as f:
+            grey = f["train_images"].astype(np.float32) / 255  # (N, 28, 28)
+        return [np.stack([g, g, g, np.minimum(2 * g, 1)]) for g in grey]
+    paths = sorted(Path(folder).expanduser().glob("*.png"))
+    if not paths:
+        raise ValueError(f"--motion_objects_dir {folder}: no *.png files there; give a folder of RGBA PNG "
+                         f"cut-outs, or leave it unset to use the Fashion-MNIST items shipped in assets/")
+    return [np.asarray(Image.open(p).convert("RGBA"), np.float32).transpose(2, 0, 1) / 255 for p in paths]
+
+
+def composite(frames, premultiplied, alpha):
+    """Alpha compositing ("over"): uint8 frames (..., 3), float premultiplied colour alpha * rgb (..., 3) with
+    rgb in [0, 255], alpha (..., 1) in [0, 1] -> uint8 alpha * rgb + (1 - alpha) * frames, rounded."""
+    f = frames.float()
+    return f.sub_(alpha * f).add_(premultiplied).round_().to(torch.uint8)  # within [0, 255]
+
+
+def paste(frames, cutout, centre, side, angle, colour):
+    """Draw one cut-out into every frame, in place. frames: uint8 (T, H, W, 3); cutout: float (4, h, w) RGBA in
+    [0, 1]; centre (T, 2) as (x, y) in pixels, side (T,) = the cut-out's longer side in pixels, angle (T,) in
+    radians; colour (3,) multiplies its RGB (0-255). Only each frame's bounding box of the object is touched.
+    Resampled with premultiplied alpha, so the object's edge blends towards the frame, not towards black."""
+    T, H, W, _ = frames.shape
+    h, w = cutout.shape[1:]
+    source = torch.cat([cutout[:3] * colour.view(3, 1, 1) * cutout[3:], cutout[3:]])[None]  # (1, 4, h, w)
+    scale = side / max(h, w)  # (T,) frame pixels per cut-out pixel
+    cos, sin = torch.cos(angle), torch.sin(angle)  # (T,)
+    half = torch.stack([cos.abs() * w + sin.abs() * h, sin.abs() * w + cos.abs() * h], 1) * scale[:, None] / 2
+    low = (centre - half).floor().clamp(min=0).long()  # (T, 2) the object's box in each frame, (x, y), clipped
+    high = torch.minimum((centre + half).ceil(), torch.tensor([W, H])).long()  # (T, 2)
+    # Per frame (the box moves and changes size): cut-out coordinates of the box's pixel centres, rotated back
+    # by -angle and scaled to grid_sample's [-1, 1]; then one bilinear sampling and one blend.
+    k = (cos / scale * 2 / w, sin / scale * 2 / w, cos / scale * 2 / h, sin / scale * 2 / h)  # 4 x (T,)
+    for t, (x0, y0, x1, y1, cx, cy, cu, su, cv, sv) in enumerate(zip(*low.T.tolist(), *high.T.tolist(),
+                                                                    *centre.T.tolist(), *(q.tolist() for q in k))):
+        if x1 <= x0 or y1 <= y0:
+            continue  # outside the frame
+        dy = torch.arange(y0 + 0.5 - cy, y1 - cy, dtype=torch.float32)[:, None]  # (bh, 1) offsets from the centre
+        dx = torch.arange(x0 + 0.5 - cx, x1 - cx, dtype=torch.float32)[None, :]  # (1, bw)
+        grid = torch.empty(1, y1 - y0, x1 - x0, 2)  # (1, bh, bw, 2)
+        grid[..., 0], grid[..., 1] = cu * dx + su * dy, cv * dy - sv * dx
+        rgba = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[0].permute(1, 2, 0)  # (bh, bw, 4), alpha 0 outside the cut-out
+        box = frames[t, y0:y1, x0:x1]  # (bh, bw, 3) view
+        box.copy_(composite(box, rgba[..., :3], rgba[..., 3:]))
+
+
+class MotionObjects:
+    """Overlay `num_objects` moving cut-outs on clips: frames uint8 (V, T, H, W, 3), drawn into in place (the
+    freshly decoded clip) and returned.
+
+    Randomness comes only from (seed, epoch, index, view), so an epoch replays identically after a restart
+    and does not depend on which worker loads which clip. folder: RGBA PNGs (None = shipped Fashion-MNIST).
+    """
+
+    def __init__(self, num_objects, folder=None, seed=0):
+        self.num_objects, self.seed, self.cutouts = num_objects, seed, load_cutouts(folder)
+        self.tinted = folder is None  # grey items get a random colour; real cut-outs keep theirs
+
+    def __call__(self, frames, index, epoch):
+        V, T, H, W, _ = frames.shape
+        t = torch.linspace(0, 1, T)[:, None]  # (T, 1)
+        for view in range(V):
+            rng = np.random.default_rng([self.seed, epoch, index, view])
+            for _ in range(self.num_objects):
+                p0, p1, p2 = torch.tensor(rng.uniform(0, 1, (3, 2)) * [W, H], dtype=torch.float32)  # (2,) each
+                centre = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2  # (T, 2) quadratic Bezier
+                side = rng.uniform(*MOTION_SIDE) * min(H, W) * rng.uniform(*MOTION_GROWTH) ** t[:, 0]  # (T,)
+                angle = rng.uniform(-np.pi, np.pi) + rng.uniform(-MOTION_TURN, MOTION_TURN) * t[:, 0]  # (T,)
+                colour = torch.tensor(rng.uniform(40, 255, 3) if self.tinted else [255.0] * 3, dtype=torch.float32)
+                cutout = torch.from_numpy(self.cutouts[rng.integers(len(self.cutouts))])
+                paste(frames[view], cutout, centre, side.float(), angle.float(), colour)
+        return frames
+
+
+# ============ no natural video (SMILE) ============
+# SMILE (its Table 5) pretrains without any natural video: every clip is one static random image, repeated over
+# the clip, with moving objects overlaid (MotionObjects; train.py turns them on for --dataset noise). The image
+# here is coloured multi-scale noise: uniform random grids of 2x2 to 32x32 cells, upsampled bilinearly and
+# summed with weights falling with the frequency, so it has structure at every scale but no objects.
+
+NOISE_VERSION = 1  # bump when the generator changes
+NOISE_DEFAULTS = dict(num_train=2000, num_val=100, num_frames=16, size=64)
+
+
+def _noise_image(rng, size):
+    """One static random image -> uint8 (S, S, 3)."""
+    image = torch.zeros(1, 3, size, size)
+    for octave, cells in enumerate((2, 4, 8, 16, 32)):
+        grid = torch.from_numpy(rng.uniform(-1, 1, (1, 3, cells, cells)).astype(np.float32))
+        image += 0.6 ** octave * F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+    image = (image - image.mean()) / image.std()  # (1, 3, S, S), zero mean, unit spread
+    return (128 + 50 * image[0]).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def noise_dataset(root=None, seed=0, **kwargs):
+    """Generate (once) the no-natural-video set -> its root: one class ("noise"), every video a static random
+    image repeated num_frames times (folder-per-class, read as --dataset noise). kwargs override NOISE_DEFAULTS;
+    root defaults to $SIGMA_CACHE/noise-v<version>-seed<seed>. Same seed and sizes -> byte-identical files."""
+    cfg = {**NOISE_DEFAULTS, **kwargs}
+    params = dict(version=NOISE_VERSION, seed=seed, **cfg, dense_classes=["background"])
+
+    def render(rng, split, i):
+        frames = np.repeat(_noise_image(rng, cfg["size"])[None], cfg["num_frames"], 0)  # (T, S, S, 3)
+        return 0, frames, np.zeros(frames.shape[:3], np.uint8), None  # no objects stored: no dense labels
+
+    generate = lambda tmp: _write_set(tmp, seed, ["noise"], render, cfg["num_train"], cfg["num_val"], 0)
+    return _cached(root, f"noise-v{NOISE_VERSION}-seed{seed}", params, generate)
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="procedural", choices=["procedural", "fashion"], help="which set")
+    parser.add_argument("--set", default="procedural", choices=["procedural", "fashion", "noise"], help="which set")
     parser.add_argument("--root", default=None, help="where to write (default: $SIGMA_CACHE/<set>-v*-seed*)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--fashion_source", default=None, help="fashion: 'full' (Debian's dataset-fashion-mnist, "
@@ -346,6 +482,8 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     if args.set == "procedural":
         where = synthetic_dataset(args.root, args.seed)
+    elif args.set == "noise":
+        where = noise_dataset(args.root, args.seed)
     else:
         where = fashion_dataset(args.root, args.seed, args.fashion_source, labels=args.labels)
     print(f"{args.set} dataset at {where} ({time.perf_counter() - t0:.1f} s; cached runs take ~0 s)")

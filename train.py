@@ -44,7 +44,7 @@ from tqdm import tqdm
 from torchvision.utils import draw_segmentation_masks
 
 from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
-from synthetic import fashion_dataset, vos_chance
+from synthetic import MotionObjects, fashion_dataset, vos_chance
 from model import PRESETS, build_config, build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
@@ -70,6 +70,7 @@ RECIPES = {
     "ssv2_vit_s": dict(arch="vit_s", batch_size=128, micro_batch=16, epochs=2400, warmup_epochs=40, lr=1.5e-4,
                        min_lr=1e-5, stride=2, sk_eps=0.05, num_prototypes=3000, save_every=5, workers=10),
 }
+RECIPES["noise"] = {**RECIPES["synthetic"], "motion_objects": 2}  # SMILE's no-natural-video set, laptop scale
 
 
 # Collapse alarm (--loss sigma): a step counts as collapsed when phi sends every token of the global batch
@@ -118,6 +119,10 @@ def get_args(argv=None):
     a("--stride", type=int, default=None, help="temporal stride between frames (K400 4, SSv2 2)")
     a("--mask_ratio", type=float, default=0.9, help="share of spatial positions masked in every tube slice")
     a("--repeats", type=int, default=1, help="clips sampled per decoded video (repeated sampling amortises decoding)")
+    a("--motion_objects", type=int, default=None, help="moving cut-outs overlaid on every clip before crop and mask "
+      "(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; --dataset noise: 2")
+    a("--motion_objects_dir", default=None, help="folder of RGBA PNG cut-outs for --motion_objects (default: the "
+      "Fashion-MNIST items shipped in assets/)")
     a("--workers", type=int, default=None, help="DataLoader workers per GPU")
     a("--loader_timeout", type=float, default=300, help="seconds to wait for one batch from the workers before "
       "stopping with a message (a worker stuck in FFmpeg); below the NCCL timeout (10 min); 0 = wait forever")
@@ -156,6 +161,8 @@ def get_args(argv=None):
             setattr(args, k, v)
     if args.target is None:
         args.target = "pixel" if args.loss == "pixel" else "mlp"
+    if args.motion_objects is None:
+        args.motion_objects = 0
     if args.out is None:
         args.out = os.path.join("out", f"{args.dataset}_{args.arch}_{args.target}_{args.loss}")
     return args
@@ -180,7 +187,8 @@ def check_args(args, world):
     need(args.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision {args.precision!r}: choose auto, fp32, bf16 or fp16")
     for name, low in [("num_prototypes", 2), ("sk_iters", 1), ("stride", 1), ("repeats", 1), ("batch_size", 1),
                       ("micro_batch", 1), ("epochs", 1), ("save_every", 1), ("log_every", 1), ("bench_steps", 1),
-                      ("workers", 0), ("warmup_epochs", 0), ("max_epochs_this_run", 0), ("collapse_patience", 0)]:
+                      ("workers", 0), ("warmup_epochs", 0), ("max_epochs_this_run", 0), ("collapse_patience", 0),
+                      ("motion_objects", 0)]:
         need(getattr(args, name) >= low, f"--{name} {getattr(args, name)}: must be >= {low}, e.g. {max(low, 1)}")
     for name in ("sk_eps", "temperature", "lr"):
         need(getattr(args, name) > 0, f"--{name} {getattr(args, name)}: must be > 0, e.g. {RECIPES['k400'].get(name, 0.1)}")
@@ -190,6 +198,8 @@ def check_args(args, world):
     need(all(0 <= b < 1 for b in args.betas), f"--betas {args.betas}: each in [0, 1), e.g. 0.9 0.95")
     need(args.loader_timeout >= 0, f"--loader_timeout {args.loader_timeout}: seconds >= 0, e.g. 300 (0 = off)")
     need(args.bench_batch is None or args.bench_batch >= 1, f"--bench_batch {args.bench_batch}: must be >= 1")
+    need(not args.motion_objects_dir or os.path.isdir(args.motion_objects_dir), f"--motion_objects_dir "
+         f"{args.motion_objects_dir}: not a folder; give a folder of RGBA PNGs or drop it (Fashion-MNIST items)")
     need(not args.proj_hidden or min(args.proj_hidden) >= 1, f"--proj_hidden {args.proj_hidden}: widths >= 1, e.g. 1024 1024 512")
     # Combinations.
     need(args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than --epochs "
@@ -411,6 +421,8 @@ def train(args, rank, world, device):
     # Worker processes cannot report back to the main process: each appends the paths it skips to this file
     # (shared by every worker and rank; the end-of-run summary counts it).
     dataset.bad_list = paths["bad_videos.txt"]
+    if args.motion_objects:  # SMILE's synthetic motion, drawn from (seed, epoch, index): resumes exactly
+        dataset.overlay = MotionObjects(args.motion_objects, args.motion_objects_dir, seed=args.seed)
     loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
                          shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
     # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).

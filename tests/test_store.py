@@ -1,6 +1,7 @@
-"""Tests for the prepared clip store (store.py, data.prepare_video / prepare_dataset / --prepare): exactness on
-the real clips, the jpeg PSNR bound, same sampling and crops through VideoClips, every layout, bad inputs
-(corrupt source, interrupted prepare, other-version store), and train.py bitwise equal on a lossless copy.
+"""Tests for the prepared clip store (store.py: prepare_video / prepare_dataset / --prepare, the kmeans codebook):
+exactness on the real clips, the jpeg and kmeans PSNR bounds, nearest-centroid parity, a corrupt or foreign
+codebook, same sampling and crops through VideoClips, every layout, bad inputs (corrupt source, interrupted
+prepare, other-version store, bad options), and train.py bitwise equal on a lossless copy.
 
     python -m pytest -q tests/test_store.py      # ~65 s of CPU time (user + sys)
 """
@@ -27,6 +28,9 @@ from model import load_checkpoint  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 VIDEOS = ROOT / "tests" / "data" / "videos"
 REAL_CLIPS = sorted(VIDEOS.iterdir())  # K400 (H.264 MP4), 2 x HMDB51 (DivX AVI), UCF101 (Xvid AVI)
+# The kmeans store's bound with the default codebook (1024 centroids of 4x4) learned on these clips: every frame
+# of every clip at or above it (measured worst frames 25.5 / 31.5 / 26.3 / 31.9 dB, see docs/store.md).
+KMEANS_PSNR = 25.0
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +44,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory):
+def codebook(tmp_path_factory):
+    """A codebook of the default size learned on the four real clips (16 evenly spaced frames each): the
+    store's "sample of the dataset"; the file sits at the store root, as prepare_dataset puts it."""
+    root = tmp_path_factory.mktemp("store")
+    store.save_codebook(root / store.CODEBOOK, store.learn_codebook(store.sample_frames(REAL_CLIPS, frames=16)))
+    return root / store.CODEBOOK
+
+
+@pytest.fixture(scope="module")
+def entries(codebook):
     """{(clip name, codec): entry path} for every real clip and codec, prepared once."""
-    tmp = tmp_path_factory.mktemp("store")
-    return {(p.name, c): data.prepare_video(p, tmp / c, c) for p in REAL_CLIPS for c in store.CODECS}
+    tmp = codebook.parent
+    return {(p.name, c): store.prepare_video(p, tmp / c, c, codebook=codebook if c == "kmeans" else None)
+            for p in REAL_CLIPS for c in store.CODECS}
 
 
 def original(path):
@@ -94,7 +108,152 @@ def test_videoclips_same_labels_sampling_and_crops(entries, codec):
             assert torch.equal(a, b)
         else:
             err = ((a - b) * torch.tensor(data.IMAGENET_STD).view(3, 1, 1, 1) * 255).pow(2).mean()
-            assert 10 * torch.log10(255 ** 2 / err) > store.MIN_PSNR  # resizing only averages the error down
+            bound = store.MIN_PSNR if codec == "jpeg" else KMEANS_PSNR
+            assert 10 * torch.log10(255 ** 2 / err) > bound  # resizing only averages the error down
+
+
+# ============ the kmeans codec ============
+
+@pytest.mark.parametrize("path", REAL_CLIPS, ids=lambda p: p.name[:20])
+def test_kmeans_store_holds_its_psnr_bound_and_stores_nearest_centroids(entries, codebook, path):
+    ref, num_frames = original(path)
+    with data.open_video(entries[(path.name, "kmeans")]) as video:
+        got = video.read(range(num_frames + 3)).numpy()
+        assert got.shape == ref.shape and got.dtype == np.uint8
+        scores = [store.psnr(a, b) for a, b in zip(got, ref)]
+        assert min(scores) >= KMEANS_PSNR  # every frame
+        assert video.header["min_psnr"] == round(min(scores), 2) and video.header["codebook_size"] == 1024
+    # Parity with the definition: each stored patch is the centroid nearest to the original patch (squared L2
+    # by torch.cdist; ties and float rounding allowed for by comparing distances, not ids).
+    book = store.load_codebook(codebook)
+    frame = ref[num_frames // 2]
+    patches = store.to_patches(frame, book.patch).reshape(-1, 3 * book.patch ** 2).float()  # (h*w, D)
+    centroids = book.centroids.reshape(book.size, -1).float()
+    dist = torch.cdist(patches, centroids) ** 2  # (h*w, K)
+    chosen = dist.gather(1, book.encode(frame).view(-1, 1))[:, 0]
+    assert torch.allclose(chosen, dist.min(1).values, rtol=1e-4, atol=1e-2)
+    decoded = book.decode(book.encode(frame))[:frame.shape[0], :frame.shape[1]].numpy()
+    np.testing.assert_array_equal(decoded, got[num_frames // 2])  # the entry holds exactly those ids
+
+
+def test_kmeans_round_trip_shapes_and_lookup():
+    torch.manual_seed(0)
+    centroids = torch.randint(0, 256, (50, 3, 3, 3), dtype=torch.uint8)  # P=3: 9-byte rows, no wide word
+    book = store.Codebook(centroids)
+    frame = torch.randint(0, 256, (31, 44, 3), dtype=torch.uint8)  # not multiples of 3: edge patches padded
+    ids = book.encode(frame)
+    assert ids.shape == (11, 15) and ids.dtype == torch.long
+    out = book.to("cpu").decode(ids[None].repeat(2, 1, 1))  # (2, 33, 45, 3): a batch of frames at once
+    assert out.shape == (2, 33, 45, 3) and out.dtype == torch.uint8
+    i, j = 7, 12  # pixel (i*3 + r, j*3 + c) is pixel (r, c) of the centroid chosen for patch (i, j)
+    assert torch.equal(out[1, i * 3:i * 3 + 3, j * 3:j * 3 + 3], centroids[ids[i, j]])
+    # A frame made of centroids is encoded exactly.
+    exact = book.decode(torch.randint(0, 50, (4, 5)))
+    assert torch.equal(book.decode(book.encode(exact)), exact)
+
+
+def test_kmeans_entry_whose_frames_are_not_whole_patches(tmp_path):
+    """340x256 frames with 3x3 patches: 86 x 114 patches, decoded and cropped back to the frame size."""
+    path = VIDEOS / "R6llTwEh07w.mp4"
+    book = store.learn_codebook(store.sample_frames([path], frames=2), patch=3, size=64, steps=5, batch=512)
+    store.save_codebook(tmp_path / store.CODEBOOK, book)
+    ref, num_frames = original(path)
+    entry = store.prepare_video(path, tmp_path / "km", "kmeans", codebook=tmp_path / store.CODEBOOK)
+    with data.open_video(entry) as video:
+        got = video.read([0, num_frames - 1, 5])
+    assert got.shape == (3, 256, 340, 3) and store.psnr(got[0].numpy(), ref[0]) > 15
+    np.testing.assert_array_equal(got[0].numpy(), book.decode(book.encode(ref[0]))[:256, :340].numpy())
+    clip, _ = data.VideoClips([(entry, 0)], num_frames=4, size=32, train=True)[0]
+    assert clip.shape == (3, 4, 32, 32)
+
+
+def test_codebook_lookup_follows_its_device():
+    """decode() makes nothing on the CPU by itself: on the 'meta' device (shapes only) it stays there, as it
+    stays on a GPU after Codebook.to('cuda')."""
+    book = store.Codebook(torch.zeros(16, 4, 4, 3, dtype=torch.uint8)).to("meta")
+    out = book.decode(torch.zeros(2, 5, 7, dtype=torch.long, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 20, 28, 3) and out.dtype == torch.uint8
+
+
+def test_learn_codebook_is_deterministic():
+    frames = list(store.sample_frames(REAL_CLIPS[:1], frames=2))
+    a, b = (store.learn_codebook(frames, patch=4, size=32, steps=5, batch=512) for _ in range(2))
+    c = store.learn_codebook(frames, patch=4, size=32, steps=5, batch=512, seed=1)
+    assert a.digest == b.digest != c.digest and a.centroids.shape == (32, 4, 4, 3)
+    with pytest.raises(ValueError, match="smaller codebook"):
+        store.learn_codebook(frames[:1], patch=16, size=4096)  # 1 frame of 340x256: 352 patches < 4096
+
+
+class NotATensor:  # pickled by reference: torch.load(weights_only=True) must refuse it
+    pass
+
+
+def test_corrupt_or_foreign_codebook_is_refused_naming_the_file(entries, codebook, tmp_path):
+    entry = entries[("R6llTwEh07w.mp4", "kmeans")]
+    copy = tmp_path / "kmeans" / entry.name
+    copy.parent.mkdir()
+    shutil.copy(entry, copy)  # its header names ../sigma_codebook.pt, here tmp_path / CODEBOOK
+    target, good = tmp_path / store.CODEBOOK, codebook.read_bytes()
+    own = store.load_codebook(codebook)
+    other = store.Codebook(own.centroids.flip(0).contiguous())  # same shape and patch, other centroids
+    cases = {
+        "no codebook": (None, "cannot read"),
+        "truncated": (good[:len(good) // 2], "truncated or corrupt"),
+        "garbage": (b"not a torch file" * 8, "truncated or corrupt"),
+        "pickled code": ({"kind": "sigma kmeans codebook", "centroids": NotATensor()}, "pickled objects"),
+        "wrong shape": ({**torch.load(codebook, weights_only=True), "centroids": torch.zeros(1024, 4, 4, 4,
+                                                                                             dtype=torch.uint8)},
+                        "do not match"),
+        "a checkpoint": ({"model": {"w": torch.zeros(3)}}, "not a k-means codebook"),
+        "flipped bits": ({**torch.load(codebook, weights_only=True), "centroids": other.centroids},
+                         "do not match the digest"),
+        "other patch size": (store.Codebook(torch.zeros(1024, 8, 8, 3, dtype=torch.uint8)), "8x8 patches"),
+        "other centroids": (other, "is not the one"),
+    }
+    for name, (content, message) in cases.items():
+        target.unlink(missing_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        elif isinstance(content, store.Codebook):
+            store.save_codebook(target, content)
+        elif content is not None:
+            torch.save(content, target)
+        with pytest.raises(store.CodebookError, match=message) as err:
+            store.StoredVideo(copy)
+        assert str(target) in str(err.value), name
+        ds = data.VideoClips([(copy, 0)], num_frames=4, size=32)
+        with pytest.raises(store.CodebookError):  # stops the run: never skipped as one bad video
+            ds[0]
+    shutil.copy(codebook, target)
+    with store.StoredVideo(copy) as video:  # its own codebook back: read as before
+        assert video.read([0]).shape == (1, 256, 340, 3)
+
+
+def test_prepare_dataset_kmeans_learns_its_codebook_once(tiny_synthetic, tmp_path):
+    out = tmp_path / "out"
+    assert store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1,
+                                 codebook_size=64) == []
+    digest = store.load_codebook(out / store.CODEBOOK).digest
+    ds = data.build_video_dataset("synthetic", out, "train", num_frames=4, size=32)
+    assert all(store.is_entry(p) for p, _ in ds.samples) and ds[0][0].shape == (3, 4, 32, 32)
+    with store.StoredVideo(ds.samples[0][0]) as video:
+        assert video.header["codebook_digest"] == digest and video.header["codebook"] == "../../sigma_codebook.pt"
+    store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=64)
+    assert store.load_codebook(out / store.CODEBOOK).digest == digest  # resumed: kept, not relearned
+    with pytest.raises(ValueError, match="other settings"):
+        store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=128)
+
+
+@pytest.mark.parametrize("argv, message", [(["--codec", "zip"], "--codec 'zip': choose one of"),
+                                           (["--patch", "0"], "--patch 0: must be >= 1"),
+                                           (["--codebook_size", "1"], "--codebook_size 1: must be >= 2"),
+                                           (["--prepare"], "--prepare needs --out"),
+                                           (["--prepare", "--out", "x", "--dataset", "k400"], "needs --data_root"),
+                                           (["--prepare", "--out", "x", "--dataset", "k4"], "--dataset 'k4'")])
+def test_bad_options_stop_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        store.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 # ============ layouts ============
@@ -134,7 +293,7 @@ def test_every_layout_reads_its_store(tiny_synthetic, tmp_path, name):
         src.mkdir()
         (src / "train.txt").write_text("clips/one.mp4 3\nclips/two two.mp4 1\n")
         video(src / "clips" / "one.mp4", a), video(src / "clips" / "two two.mp4", b)
-    assert data.prepare_dataset(name, src, out, workers=1) == []
+    assert store.prepare_dataset(name, src, out, workers=1) == []
     before, after = data.build_video_dataset(name, src, "train"), data.build_video_dataset(name, out, "train")
     assert [(Path(p).relative_to(src), y) for p, y in before.samples] == \
         [(Path(p).relative_to(out), y) for p, y in after.samples] and before.classes == after.classes
@@ -150,7 +309,7 @@ def test_corrupt_source_is_skipped_and_listed(tiny_synthetic, tmp_path):
     broken = sorted((src / "train").rglob("*.mp4"))[3]
     broken.write_bytes(broken.read_bytes()[:300])  # truncated: the header survives, no frame does
     (src / "val" / "rotating" / "empty.mp4").write_bytes(b"")
-    bad = data.prepare_dataset("synthetic", src, tmp_path / "out", workers=2)
+    bad = store.prepare_dataset("synthetic", src, tmp_path / "out", workers=2)
     listed = (tmp_path / "out" / "unreadable.txt").read_text().splitlines()
     assert len(bad) == len(listed) == 2 and all("\t" in line for line in listed)  # path <tab> the error
     assert {line.split("\t")[0] for line in listed} == {str(broken.relative_to(src)), "val/rotating/empty.mp4"}
@@ -166,7 +325,7 @@ def test_interrupted_entry_write_leaves_nothing_acceptable(tmp_path):
         store.write_entry(tmp_path / "a.mp4", frames_then_crash(), 2)
     assert list(tmp_path.iterdir()) == []  # no entry, and the temporary file is gone
     # A kill -9 can leave a temporary file, or a copy can be cut short: neither is read as a video.
-    entry = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "full")
+    entry = store.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "full")
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(entry.read_bytes()[:-100])
     with pytest.raises(ValueError, match="incomplete store entry"):
@@ -177,8 +336,8 @@ def test_interrupted_entry_write_leaves_nothing_acceptable(tmp_path):
 
 def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    data.prepare_dataset("synthetic", tiny_synthetic, ref, workers=1)
-    cmd = [sys.executable, str(ROOT / "data.py"), "--prepare", "--dataset", "synthetic",
+    store.prepare_dataset("synthetic", tiny_synthetic, ref, workers=1)
+    cmd = [sys.executable, str(ROOT / "store.py"), "--prepare", "--dataset", "synthetic",
            "--data_root", str(tiny_synthetic), "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -189,7 +348,7 @@ def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
     proc.wait()
     done = list(out.rglob("*.mp4"))
     assert 3 <= len(done) < 24, "the run should have been killed midway"
-    assert all(data._is_complete_entry(p) for p in done)  # whatever has a final name is a whole entry
+    assert all(store.is_complete_entry(p) for p in done)  # whatever has a final name is a whole entry
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout
     assert f"{24 - len(done)} videos prepared, {len(done)} already done" in resumed
     assert not list(out.rglob("*.tmp-*"))
@@ -199,15 +358,15 @@ def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
 
 def test_store_of_another_version_is_refused(tiny_synthetic, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)
+    store.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)
     marker = json.loads((out / store.MARKER).read_text())
     (out / store.MARKER).write_text(json.dumps({**marker, "version": store.STORE_VERSION + 1}))
     for attempt in (lambda: data.build_video_dataset("synthetic", out, "train"),
-                    lambda: data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)):
-        with pytest.raises(store.StoreVersionError, match="python data.py --prepare"):
+                    lambda: store.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)):
+        with pytest.raises(store.StoreVersionError, match="python store.py --prepare"):
             attempt()
     monkeypatch.setattr(store, "STORE_VERSION", 0)  # an entry written by an older version of the code
-    old = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "old")
+    old = store.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "old")
     monkeypatch.undo()
     ds = data.VideoClips([(old, 0)], num_frames=4, size=32)
     with pytest.raises(store.StoreVersionError, match="version 0"):  # refused, not skipped as "corrupt"
@@ -217,7 +376,7 @@ def test_store_of_another_version_is_refused(tiny_synthetic, tmp_path, monkeypat
 # ============ training ============
 
 def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_path):
-    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "store", codec="magicyuv", workers=1)
+    store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "store", codec="magicyuv", workers=1)
     runs = {}
     for name, root in (("original", tiny_synthetic), ("store", tmp_path / "store")):
         args = ["--data_root", str(root), "--out", str(tmp_path / name), "--batch_size", "8", "--micro_batch",
@@ -230,12 +389,12 @@ def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_p
 
 
 def test_short_side_shrinks_larger_frames_and_is_part_of_the_store(tiny_synthetic, tmp_path):
-    entry = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "s", short_side=128)  # 340x256 source
+    entry = store.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "s", short_side=128)  # 340x256 source
     with data.open_video(entry) as video:
         assert video.read([0, 5]).shape == (2, 128, 170, 3) and video.header["short_side"] == 128
-    small = data.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "big", short_side=300)  # never enlarged
+    small = store.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "big", short_side=300)  # never enlarged
     with data.open_video(small) as video:
         assert video.read([0]).shape == (1, 256, 340, 3)
-    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
+    store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
     with pytest.raises(ValueError, match="other settings"):  # no store mixes two resolutions or codecs
-        data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)
+        store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)
