@@ -130,7 +130,10 @@ def measure(arm, flags, seed, root, params, out, log):
     else:
         ckpt = ["--ckpt", str(folder / "ckpt.pth")]
         if not (folder / "done").exists():
-            cpu["train"] = run([py, "train.py", *TRAIN, "--data_root", str(root), *shlex.split(flags),
+            # An arm may pretrain on another set (e.g. --dataset noise, SMILE's no-natural-video clips): then that
+            # set's own default root; it is still read out on moving Fashion-MNIST like every arm.
+            data_root = [] if "--dataset" in shlex.split(flags) else ["--data_root", str(root)]
+            cpu["train"] = run([py, "train.py", *TRAIN, *data_root, *shlex.split(flags),
                                 "--seed", str(seed), "--out", str(folder)], log)
             (folder / "done").touch()
     ekey = eval_key()
