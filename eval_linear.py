@@ -30,7 +30,6 @@ skips the backbone; touching the checkpoint or changing the data recomputes.
 Under torchrun every rank encodes its share of the clips; rank 0 gathers them and trains the head.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, Video, VideoClips, build_video_dataset, make_loader
-from model import describe_state_dict, load_encoder, load_weights
+from model import describe_state_dict, inference_autocast, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
@@ -253,7 +252,7 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     # SPEC §8: eval mode. The released fine-tuning script defaults to drop_path 0.1, which keeps firing in a
     # frozen backbone left in train mode; our Encoder has none, but a fork may add it.
     encoder.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = inference_autocast(device)  # bf16 / fp16 by compute capability (model.autocast_dtype), fp32 on CPU
     feats, labels, passes = [], [], 0
     for clips, y in tqdm(loader, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True):
         if clips.dim() == 5:
@@ -427,7 +426,7 @@ def extract_tokens(encoder, loader, device, show=True):
     """Every output token of every clip (one centre view, no mirror): tokens (N, t*h*w, D) float16 in the
     encoder's (t, h, w) row-major token order, labels (N,). fp16 halves the cache; the probes compute in fp32."""
     encoder.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = inference_autocast(device)  # bf16 / fp16 by compute capability (model.autocast_dtype), fp32 on CPU
     tokens, labels = [], []
     for clips, y in tqdm(loader, desc="token features", disable=None if show else True, leave=False):
         with autocast:

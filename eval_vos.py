@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -57,7 +56,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
-from model import SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
+from model import SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
 # Clip length of each benchmark (SPEC §9): DAVIS clips of 16 frames, YouTube-VOS clips of 4 (its
@@ -126,8 +125,7 @@ def dense_features(encoder, videos):
     prepares them and upsamples them to the scoring resolution.
     """
     t, h, w = encoder.cfg.grid
-    cuda = videos.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():  # fp32 on CPU
+    with inference_autocast(videos.device):  # bf16 / fp16 by compute capability, fp32 on CPU
         x = encoder(videos)  # (B, N, D)
     B, N, D = x.shape
     return x.float().reshape(B, t, h, w, D).permute(0, 1, 4, 2, 3)  # (B, t, D, h, w)

@@ -23,6 +23,7 @@ row-major. A mask is (B, N) bool with True = masked (hidden from the encoder, pr
 decoder), as in the released code; every clip of a batch masks the same number of tokens.
 """
 import argparse
+import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -127,6 +128,26 @@ class Config:
         if problems:
             raise ValueError("invalid model config:\n  - " + "\n  - ".join(problems))
         return self
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. Precision: which low-precision dtype a device runs at, and the regions that stay fp32
+
+def autocast_dtype(device):
+    """The autocast dtype of `--precision auto` on `device`: bf16 on GPUs with native bf16 (compute
+    capability 8.0 and up: A100, H100, L4, RTX 30xx+), fp16 on older GPUs (V100, T4: the release trained
+    on V100s in fp16 with a GradScaler), None = fp32 on CPU. torch.cuda.is_bf16_supported() is no guide:
+    below 8.0 it answers True and emulates bf16 at a fraction of the fp16 rate. Used by train.py and
+    every evaluation script."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def inference_autocast(device):
+    """The evaluation scripts' precision context: autocast_dtype(device), or nothing (fp32) on CPU."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
-from model import PRESETS, build_config, build_model, load_checkpoint, train_step_flops
+from model import PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
 # Keyed by dataset, or dataset_arch where the release has a second recipe. Every value can be
@@ -116,7 +116,7 @@ def get_args(argv=None):
     a("--min_lr", type=float, default=None, help="final lr per 256 clips")
     a("--weight_decay", type=float, default=0.05, help="not applied to biases, norms, 1-D params, mask token")
     a("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
+    a("--precision", default="auto", help="auto (bf16 on GPUs of compute capability 8.0+, fp16 below, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
     a("--compile", nargs="?", const="inductor", default=None, help="torch.compile the model, optionally naming the "
       "backend (--compile = inductor; aot_eager compiles fast, for checks); the first steps are slow")
     # bookkeeping
@@ -253,13 +253,14 @@ def wrap_model(model, args, world, device):
 # ============ precision: one autocast context for the whole step ============
 
 def choose_precision(args, device):
-    """(precision, autocast, scaler). bf16 autocast on GPUs that have it (no loss scaling needed), fp32 on
-    CPU, fp16 + GradScaler only on request (the released code's choice on V100s; CPU supports it too, slowly).
-    Whatever the choice, prototype scores, Sinkhorn and the loss run in fp32 (model.py, sinkhorn.py), and so
-    does the frozen DINO, outside the autocast (as released)."""
+    """(precision, autocast, scaler). auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+; no
+    loss scaling needed), fp16 + GradScaler below it (V100, T4: the released code's choice), fp32 on CPU --
+    model.autocast_dtype, the rule the evaluation scripts share. Any choice can be forced (CPU runs fp16 too,
+    slowly). Whatever the choice, prototype scores, Sinkhorn and the loss run in fp32 (model.py, sinkhorn.py),
+    and so does the frozen DINO, outside the autocast (as released)."""
     precision = args.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device)]
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

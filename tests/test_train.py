@@ -312,3 +312,19 @@ def test_memory_estimate_does_not_scale_weights_by_the_batch():
     one, _ = train.saved_for_backward_bytes(model, model.cfg, 1, autocast, 0.9)
     assert abs(saved * 2 ** 30 - direct) < 1e-3 * direct
     assert 3 * one > 1.02 * direct  # the plain "one clip x batch" of before overcounts
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_follows_compute_capability(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16 (torch.cuda.is_bf16_supported() still says True): fp16 + GradScaler
+    # there, as released; bf16 from A100 (8.0) on. The evaluation scripts' autocast follows the same rule.
+    import warnings
+    from model import inference_autocast
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that the autocast / scaler are disabled
+        precision, _, _ = train.choose_precision(train.get_args(["--precision", "auto"]), torch.device("cuda"))
+        assert precision == expected
+        assert inference_autocast(torch.device("cuda")).fast_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[expected]
+    assert train.choose_precision(train.get_args([]), torch.device("cpu"))[0] == "fp32"
