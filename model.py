@@ -43,12 +43,12 @@ from sinkhorn import swapped_prediction_loss
 @dataclass(frozen=True)
 class Config:
     # input: clip of num_frames frames at img_size x img_size, cut into tubes of
-    # tubelet_size frames x patch_size x patch_size pixels (SPEC §1: 16x224x224, tubes 2x16x16)
+    # tubelet_size frames x patch_size x patch_size pixels (released VideoMAE / SIGMA: 16x224x224, tubes 2x16x16)
     img_size: int = 224
     num_frames: int = 16
     patch_size: int = 16
     tubelet_size: int = 2
-    # video model Psi: encoder and decoder widths / depths / heads (SPEC §2, ViT-B by default)
+    # video model Psi: encoder and decoder widths / depths / heads (released `modeling_pretrain.py`; ViT-B)
     enc_dim: int = 768
     enc_depth: int = 12
     enc_heads: int = 12
@@ -56,15 +56,15 @@ class Config:
     dec_depth: int = 4
     dec_heads: int = 6
     mlp_ratio: float = 4.0
-    # projection network phi (SPEC §3): 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
+    # projection network phi of the paper: 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
     target: str = "mlp"
     # hidden widths of the mlp phi: released 4 Linear layers. The paper's text describes a shallower
-    # MLP (SPEC §3) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
+    # MLP (in its method section) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
     proj_hidden: tuple = (1024, 1024, 512)
     proj_dim: int = 256                     # D of the mlp target
     dino_weights: str = ""                  # local DINO checkpoint (official key layout)
     dino_arch: str = "vit_b"                # 'vit_s' (D=384) or 'vit_b' (D=768)
-    # loss (SPEC §5): 'sigma' (swapped prediction), 'l2' (Eq. 2, regress phi; collapses with
+    # loss (paper Eq. 5-6 and Table 7b): 'sigma' (swapped prediction), 'l2' (Eq. 2, regress phi; collapses with
     # the mlp target), 'pixel' (VideoMAE: regress standardised tube pixels)
     loss: str = "sigma"
     num_prototypes: int = 3000   # K; the paper's ablation peaks at 4000
@@ -150,6 +150,28 @@ def inference_autocast(device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def tf32_in_fp32_regions(device, precision):
+    """On CUDA under bf16 / fp16 autocast, let fp32 matmuls use TF32 tensor cores: inputs keep 10 mantissa bits,
+    accumulation and outputs stay fp32, at ~8x the plain fp32 rate of an A100 / H100.
+
+    Under autocast every other matmul already runs in bf16 / fp16, so the only fp32 matmuls left are the
+    regions that switch autocast off on purpose: the frozen DINO target (SIGMA.targets) and the prototype scores
+    (SIGMA.prototype_scores, forward and backward). At K = 3000, 10 mantissa bits flip no more argmax codes than
+    the released fp16 path (tests/test_model.py). train.py enters this around its loop, outside the model: a
+    flag flipped inside a torch.compile graph would break the graph. --precision fp32 and CPUs: no effect.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # cuDNN convolutions use TF32 by default already
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Tubes
 
@@ -167,7 +189,7 @@ def patchify(videos, tubelet, patch):
 
 
 def tube_pixel_targets(videos, tubelet, patch):
-    """VideoMAE's standardised pixel target and the input of the MLP phi (SPEC §3).
+    """VideoMAE's standardised pixel target and the input of the MLP phi (released `modeling_pretrain.py`).
 
     videos: (B, 3, T, H, W) ImageNet-normalised. Returns (B, N, tubelet*patch*patch*3): each
     tube un-normalised to [0, 1], then standardised per colour channel over its pixels
@@ -196,7 +218,7 @@ def sinusoid_table(n_positions, dim):
     """Fixed 1-D sine-cosine position table (Vaswani et al.), (1, n_positions, dim).
 
     Channel 2i is sin(pos / 10000^(2i/dim)) and channel 2i+1 the matching cos, as in VideoMAE's
-    table. Not a parameter and not saved: checkpoints never contain it (SPEC §2, §7).
+    table. Not a parameter and not saved: checkpoints never contain it (as in the released checkpoints).
     """
     pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
     freq = 10000.0 ** (-(torch.arange(dim) // 2 * 2).double() / dim)  # (dim,) pairs share one freq
@@ -255,7 +277,7 @@ def drop_path(x, p, training):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6.
 
-    drop_path: stochastic depth of both residual branches; 0 in pretraining (SPEC §2), used by
+    drop_path: stochastic depth of both residual branches; 0 in pretraining (released recipe), used by
     fine-tuning (eval_finetune.py). It has no parameters, so checkpoints are the same either way.
     """
 
@@ -411,7 +433,7 @@ def _resize_pos_embed(pos, grid):
 
 
 def dino_targets(dino, videos, grid):
-    """SIGMA-DINO target (SPEC §3): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
+    """SIGMA-DINO target (released `modeling_pretrain.py`): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
 
     DINO sees frames 0, 2, 4, ... (one per tube slice); its (h, w) patch tokens line up with the
     tubes of that slice (resized bilinearly if the grids differ). Each channel is standardised
@@ -440,7 +462,7 @@ class SIGMA(nn.Module):
     forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked) -> dict with 'loss' (scalar
     to backpropagate), its terms, and collapse monitors: all 0-d tensors left on the device (no host
     sync in the step; the monitors are global over ranks).
-    state_dict() holds exactly the released checkpoint keys (SPEC §7): no positional tables
+    state_dict() holds exactly the released checkpoint keys (released `modeling_pretrain.py` names): no positional tables
     and no frozen DINO weights.
     """
 
@@ -475,7 +497,8 @@ class SIGMA(nn.Module):
         B, cfg = len(videos), self.cfg
         if cfg.target == "dino":
             # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
-            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation).
+            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation). On CUDA
+            # its matmuls may use TF32 (tf32_in_fp32_regions): 10-bit inputs, fp32 accumulation and output.
             with torch.autocast(videos.device.type, enabled=False):
                 y = dino_targets(self.dino, videos.float(), cfg.grid)  # (B, N, D), frozen, fp32
         else:
@@ -505,9 +528,10 @@ class SIGMA(nn.Module):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
 
         Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released).
-        Always fp32 with autocast off (SPEC §4): a bf16 matmul rounds the scores to 8 mantissa bits,
-        which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
-        released fp16 path loses. The matmul is small next to the encoder, so fp32 costs little.
+        fp32 with autocast off, like the released loss head: a bf16 matmul rounds the scores to 8 mantissa
+        bits, which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
+        released fp16 path loses. On CUDA train.py lets this fp32 matmul use TF32 (tf32_in_fp32_regions),
+        which flips no more codes than fp16 (tests/test_model.py).
         """
         self.normalize_prototypes()
         with torch.autocast(pred.device.type, enabled=False):

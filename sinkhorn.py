@@ -38,7 +38,7 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
 
     Q = exp(scores / eps) is a transport plan between tokens and prototypes (small eps = sharper
     codes). Sinkhorn-Knopp alternately rescales its prototype rows to mass 1/K each and its token
-    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`; SPEC §4). Every
+    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`, as in the released code). Every
     rescaling multiplies Q by a diagonal matrix, so after any number of steps
         Q = diag(v) P diag(u),   P = exp(scores / eps)  (tokens x prototypes here),
     and it suffices to iterate the scaling vectors u (K,) and v (N,): each step is one
@@ -82,7 +82,7 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     returns: dict(loss, loss_phi, loss_psi, protos_used, assign_entropy); loss_phi is the term
     that trains phi, the last two are the collapse monitor of phi's side (assignment_stats).
     """
-    # The whole loss is fp32 with autocast off (SPEC §4), like Sinkhorn: the logits s / tau span
+    # The whole loss is fp32 with autocast off (as the released loss head), like Sinkhorn: the logits s / tau span
     # [-10, 10] and the cross-entropy compares them with a precision bf16 does not have.
     with torch.autocast(s_phi.device.type, enabled=False):
         q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad

@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
-from model import PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, train_step_flops
+from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
+                   train_step_flops)
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
 # Keyed by dataset, or dataset_arch where the release has a second recipe. Every value can be
@@ -106,7 +107,7 @@ def get_args(argv=None):
     a("--workers", type=int, default=None, help="DataLoader workers per GPU")
     a("--loader_timeout", type=float, default=300, help="seconds to wait for one batch from the workers before "
       "stopping with a message (a worker stuck in FFmpeg); below the NCCL timeout (10 min); 0 = wait forever")
-    # optimisation (SPEC §6)
+    # optimisation (the released pretraining scripts)
     a("--batch_size", type=int, default=None, help="total clips per optimizer step, over all GPUs")
     a("--micro_batch", type=int, default=None, help="clips per GPU per forward; accumulation fills the rest. "
       "Sinkhorn balances over micro_batch x GPUs clips, so it is part of the recipe")
@@ -267,7 +268,7 @@ def choose_precision(args, device):
     return precision, autocast, scaler
 
 
-# ============ optimisation: parameter groups and the lr schedule (SPEC §6) ============
+# ============ optimisation: parameter groups and the lr schedule (released `utils.py` cosine_scheduler) ============
 
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases, norms and other 1-D params, nor the mask token."""
@@ -435,7 +436,9 @@ def train(args, rank, world, device):
         mask_gen = seed_everything(args.seed, epoch, rank)
         set_epoch(loader, epoch)
         step_model.train()
-        step, stop = train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step)
+        with tf32_in_fp32_regions(device, precision):  # CUDA + bf16/fp16: DINO and prototype scores in TF32
+            step, stop = train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen,
+                                         epoch, step)
         if stop:
             return 1
         if master:
@@ -463,7 +466,7 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                leave=False, disable=None if run.master else True)
     for i in bar:
-        for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
+        for g in optimizer.param_groups:  # per-step cosine (released `utils.py`), same for both param groups
             g["lr"] = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
         stats = {}  # name -> 0-d device tensor, the mean over this step's micro-batches
         for micro in range(accum):
@@ -674,9 +677,10 @@ def bench(model, cfg, args, device, autocast, precision):
         mask = tube_mask(batch, cfg.grid, args.mask_ratio).to(device)  # (B, N)
         sync()
         t0 = time.perf_counter()
-        with autocast():
-            loss = step_model(videos, mask)["loss"]
-        loss.backward()
+        with tf32_in_fp32_regions(device, precision):
+            with autocast():
+                loss = step_model(videos, mask)["loss"]
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()

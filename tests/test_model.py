@@ -400,3 +400,37 @@ def test_forward_backward_has_no_host_sync(monkeypatch):
     out["loss"].backward()
     monkeypatch.undo()
     assert all(torch.is_tensor(v) for v in out.values()) and 1 <= out["protos_used"] <= 64
+
+
+def _keep_mantissa_bits(x, bits):
+    """fp32 x with its mantissa truncated to `bits` bits (TF32 keeps 10): the lower 23 - bits bits zeroed."""
+    return (x.view(torch.int32) & ~((1 << (23 - bits)) - 1)).view(torch.float32)
+
+
+def test_tf32_scores_flip_no_more_codes_than_the_released_fp16_path():
+    # At K = 3000 and eps 0.05 compare the Sinkhorn argmax codes of exact scores with those of (a) TF32 inputs
+    # (10 mantissa bits, truncated: the worse of rounding and truncation; fp32 accumulation and output),
+    # (b) the released fp16 path (fp16 inputs, fp16 output) and (c) bf16 (8 bits), the rate TF32 must beat.
+    from sinkhorn import sinkhorn
+    g = torch.Generator().manual_seed(0)
+    K, D, N = 3000, 256, 4096
+    protos = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    z = F.normalize(torch.randn(N, D, generator=g), dim=1)  # no structure: the closest calls (early training)
+    exact = sinkhorn((z.double() @ protos.double().t()).float()).argmax(1)
+    flips = lambda scores: (sinkhorn(scores).argmax(1) != exact).float().mean().item()  # noqa: E731
+    tf32 = flips(_keep_mantissa_bits(z, 10) @ _keep_mantissa_bits(protos, 10).t())
+    fp16 = flips((z.half().float() @ protos.half().float().t()).half())
+    bf16 = flips((z.bfloat16().float() @ protos.bfloat16().float().t()).bfloat16())
+    assert tf32 <= fp16 < bf16, (tf32, fp16, bf16)
+
+
+def test_tf32_context_only_on_cuda_with_autocast(monkeypatch):
+    # The flag is switched for the step on CUDA under bf16 / fp16 and restored after; fp32 runs and CPUs keep
+    # true fp32 matmuls. (Setting the flag needs no GPU.)
+    from model import tf32_in_fp32_regions
+    before = torch.backends.cuda.matmul.fp32_precision
+    for device, precision, inside in [("cuda", "bf16", "tf32"), ("cuda", "fp16", "tf32"), ("cuda", "fp32", before),
+                                      ("cpu", "bf16", before)]:
+        with tf32_in_fp32_regions(torch.device(device), precision):
+            assert torch.backends.cuda.matmul.fp32_precision == inside
+        assert torch.backends.cuda.matmul.fp32_precision == before
