@@ -636,6 +636,15 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
     return loader
 
 
+def to_device(tensor, device):
+    """A host tensor on `device`. To a GPU it travels from pinned (page-locked) memory with non_blocking=True: the
+    copy is queued on the current stream and the host goes on (from pageable memory the host would wait for the
+    copy). On CPU the tensor itself."""
+    if device.type != "cuda":
+        return tensor
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def set_epoch(loader, epoch):
     """Start `epoch`: a new shuffle (also across ranks) and randomness derived from (seed, epoch, rank)."""
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):

@@ -214,6 +214,29 @@ class TubeEmbed(nn.Module):
         return self.proj(videos).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, N, D)
 
 
+def mask_order(mask, n_masked=None):
+    """Token indices of a tube mask (B, N) bool, True = masked -> (visible (B, N - n_masked), masked (B, n_masked)),
+    each in ascending token order.
+
+    A stable argsort of the mask puts every clip's visible tokens first and its masked ones after, each group in
+    token order; since every clip masks the same number of tokens, both index sets have a fixed size and the
+    tokens are gathered with them (torch.take_along_dim). Boolean-mask indexing (x[mask]) would instead call
+    nonzero, whose output size depends on the data: on a GPU the host waits for it every time, and it breaks a
+    torch.compile graph. n_masked: masked tokens per clip, known on the host where the masks are drawn (train.py
+    passes it); when None it is read from the mask -- one host sync on a GPU, fine outside a training loop.
+    """
+    if n_masked is None:
+        n_masked = int(mask[0].sum())
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): visible tokens, then masked ones
+    n_visible = mask.shape[1] - n_masked
+    return order[:, :n_visible], order[:, n_visible:]
+
+
+def gather_tokens(x, index):
+    """x (B or 1, N, C), index (B, M) -> (B, M, C): the tokens of each clip at the given positions."""
+    return torch.take_along_dim(x, index.unsqueeze(-1), dim=1)
+
+
 def sinusoid_table(n_positions, dim):
     """Fixed 1-D sine-cosine position table (Vaswani et al.), (1, n_positions, dim).
 
@@ -327,16 +350,16 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released
 
-    def forward(self, videos, mask=None):
-        """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D)."""
+    def forward(self, videos, mask=None, n_masked=None):
+        """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D).
+        n_masked: masked tokens per clip if known on the host (see mask_order)."""
         cfg = self.cfg
         if videos.shape[1:] != (3, cfg.num_frames, cfg.img_size, cfg.img_size):
             raise ValueError(f"expected videos (B, 3, {cfg.num_frames}, {cfg.img_size}, {cfg.img_size}) "
                              f"for this model, got {tuple(videos.shape)}")
         x = self.patch_embed(videos) + self.pos_embed  # (B, N, D): positions added before dropping
         if mask is not None:
-            B, _, D = x.shape
-            x = x[~mask].reshape(B, -1, D)  # (B, N_vis, D), visible tokens in ascending order
+            x = gather_tokens(x, mask_order(mask, n_masked)[0])  # (B, N_vis, D), visible tokens in ascending order
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -459,9 +482,10 @@ def dino_targets(dino, videos, grid):
 class SIGMA(nn.Module):
     """The pretraining module: encoder + decoder (Psi), projection phi, prototypes and loss.
 
-    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked) -> dict with 'loss' (scalar
-    to backpropagate), its terms, and collapse monitors: all 0-d tensors left on the device (no host
-    sync in the step; the monitors are global over ranks).
+    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked, n_masked = masked tokens per clip if known
+    on the host) -> dict with 'loss' (scalar to backpropagate), its terms, and collapse monitors: all 0-d
+    tensors left on the device (the monitors are global over ranks). With n_masked given (train.py) the step
+    has no host sync and compiles into one graph; without it, the count is read from the mask (one sync).
     state_dict() holds exactly the released checkpoint keys (released `modeling_pretrain.py` names): no positional tables
     and no frozen DINO weights.
     """
@@ -492,9 +516,9 @@ class SIGMA(nn.Module):
         """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
         self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
 
-    def targets(self, videos, mask):
+    def targets(self, videos, mask, n_masked=None):
         """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
-        B, cfg = len(videos), self.cfg
+        cfg = self.cfg
         if cfg.target == "dino":
             # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
             # are the targets; bf16 would round them to 8 mantissa bits before the standardisation). On CUDA
@@ -504,25 +528,24 @@ class SIGMA(nn.Module):
         else:
             with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
                 y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
-        y = y[mask].reshape(B, -1, y.shape[-1])  # (B, N_m, .) masked tubes only
+        y = gather_tokens(y, mask_order(mask, n_masked)[1])  # (B, N_m, .) masked tubes only, in token order
         return self.head(y) if cfg.target == "mlp" else y
 
-    def predict(self, videos, mask):
+    def predict(self, videos, mask, n_masked=None):
         """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors."""
-        B = len(videos)
-        lo, hi = mask.sum(dim=1).aminmax()
+        visible, masked = mask_order(mask, n_masked)  # (B, N_vis), (B, N_m) token indices
         # Checked on the device (an `if` on a GPU tensor would make the host wait for the GPU every step).
-        torch._assert_async(lo == hi, "every clip in a batch must mask the same number of tokens (tube masking does)")
+        torch._assert_async((mask.sum(dim=1) == masked.shape[1]).all(),
+                            "every clip in a batch must mask the same number of tokens (tube masking does)")
         # Psi: encode visible tubes, append one mask token per masked tube, decode.
-        x = self.encoder_to_decoder(self.encoder(videos, mask))  # (B, N_vis, C_d)
-        pos = self.pos_embed.expand(B, -1, -1).to(x.dtype)  # (B, N, C_d)
-        C = x.shape[-1]
-        pos_masked = pos[mask].reshape(B, -1, C)  # (B, N_m, C_d)
-        x = torch.cat([x + pos[~mask].reshape(B, -1, C),  # visible first, in token order
-                       self.mask_token + pos_masked],      # then masked, in token order
+        x = self.encoder_to_decoder(self.encoder(videos, mask, masked.shape[1]))  # (B, N_vis, C_d)
+        pos = self.pos_embed.to(x.dtype)  # (1, N, C_d)
+        pos_masked = gather_tokens(pos, masked)  # (B, N_m, C_d)
+        x = torch.cat([x + gather_tokens(pos, visible),  # visible first, in token order
+                       self.mask_token + pos_masked],    # then masked, in token order
                       dim=1)  # (B, N, C_d)
-        pred = self.decoder(x, pos_masked.shape[1])  # (B, N_m, D)
-        return pred, self.targets(videos, mask)
+        pred = self.decoder(x, masked.shape[1])  # (B, N_m, D)
+        return pred, self.targets(videos, mask, masked.shape[1])
 
     def prototype_scores(self, pred, target):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
@@ -540,9 +563,9 @@ class SIGMA(nn.Module):
             protos = self.prototypes.float()  # (K, D)
             return z_phi @ protos.t(), z_psi @ protos.detach().t()  # (B*N_m, K) each, fp32
 
-    def forward(self, videos, mask):
+    def forward(self, videos, mask, n_masked=None):
         cfg = self.cfg
-        pred, target = self.predict(videos, mask)  # (B, N_m, D) each
+        pred, target = self.predict(videos, mask, n_masked)  # (B, N_m, D) each
         out = {}
         if cfg.loss in ("l2", "pixel"):
             # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant)

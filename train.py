@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
+from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, to_device, tube_mask
 from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
                    train_step_flops)
 
@@ -472,12 +472,16 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
         for micro in range(accum):
             videos = next_batch(batches, run)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
             videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling: (B*R, 3, T, H, W)
-            # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
-            mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen).to(device)  # (B, N)
+            # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample. The count of
+            # masked tokens is read on the host, before the copy: the model gathers fixed-size index sets with it
+            # (no host sync, one compiled graph), and the mask travels from pinned memory, off the host's path.
+            mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen)  # (B, N) on the host
+            n_masked = int(mask[0].sum())
+            mask = to_device(mask, device)
             # Gradients are all-reduced by DDP only on the last micro-batch.
             sync = micro == accum - 1 or run.world == 1
             with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast():
-                out = step_model(videos, mask)
+                out = step_model(videos, mask, n_masked=n_masked)
             # / accum: the accumulated gradient is the mean over the whole batch_size clips, as one big batch's
             # would be. The scaler multiplies by the fp16 loss scale (a no-op for bf16 / fp32).
             scaler.scale(out["loss"] / accum).backward()
@@ -674,12 +678,13 @@ def bench(model, cfg, args, device, autocast, precision):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(args.bench_steps + 2):  # two warm-up steps
-        mask = tube_mask(batch, cfg.grid, args.mask_ratio).to(device)  # (B, N)
+        mask = tube_mask(batch, cfg.grid, args.mask_ratio)  # (B, N)
+        n_masked = int(mask[0].sum())
         sync()
         t0 = time.perf_counter()
         with tf32_in_fp32_regions(device, precision):
             with autocast():
-                loss = step_model(videos, mask)["loss"]
+                loss = step_model(videos, to_device(mask, device), n_masked=n_masked)["loss"]
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

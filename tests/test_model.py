@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import tube_mask
 from model import (DINO, Encoder, build_config, build_model, count_params, describe_state_dict,
@@ -56,7 +57,7 @@ def reference_vit(sd, frames, heads):
 
 
 def released_keys(cfg, target="mlp", K=3000):
-    """SPEC §7, written out independently of model.py: key -> shape of a released checkpoint."""
+    """The released checkpoint layout, written out independently of model.py: key -> shape."""
     keys = {"encoder.patch_embed.proj.weight": (cfg.enc_dim, 3, cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
             "encoder.patch_embed.proj.bias": (cfg.enc_dim,),
             "encoder.norm.weight": (cfg.enc_dim,), "encoder.norm.bias": (cfg.enc_dim,),
@@ -103,7 +104,7 @@ def test_encoder_shapes(arch):
         if arch != "vit_b":  # all 1568 tokens through ViT-B is slow on CPU; the path is the same
             assert enc(x).shape == (1, cfg.num_tokens, cfg.enc_dim)
     if arch != "tiny":
-        assert (cfg.num_tokens, n_vis) == (1568, 160)  # SPEC §1
+        assert (cfg.num_tokens, n_vis) == (1568, 160)  # released tube masking: 176 of 196 positions x 8 slices masked
 
 
 @pytest.mark.parametrize("target,loss", [("mlp", "sigma"), ("pixel", "sigma"), ("mlp", "l2"),
@@ -352,7 +353,7 @@ def test_l2_collapses_and_sigma_does_not():
 # --------------------------------------------------------------------------------- precision
 
 def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
-    # SPEC §4: scores, Sinkhorn and the cross-entropy are fp32 also inside autocast. Feed SIGMA.forward
+    # As released: scores, Sinkhorn and the cross-entropy are fp32 also inside autocast. Feed SIGMA.forward
     # the same fp32 features (K=3000, D=256, random unit features: the issue's measurement) with and
     # without bf16 autocast and record the Sinkhorn codes. Tolerance: codes identical, loss to 1e-6
     # relative. With autocast off in the loss both runs execute the same fp32 kernels, so anything
@@ -362,7 +363,7 @@ def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
     model = build_model("tiny", proj_dim=256, num_prototypes=3000)
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 600, 256, generator=g), torch.randn(2, 600, 256, generator=g)
-    monkeypatch.setattr(model, "predict", lambda videos, mask: (pred, target))
+    monkeypatch.setattr(model, "predict", lambda videos, mask, n_masked=None: (pred, target))
     codes, plain = [], sk.sinkhorn
     monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.append(plain(s, *a).argmax(1)) or plain(s, *a))
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
@@ -388,18 +389,61 @@ def test_dino_target_runs_in_fp32_outside_autocast(tmp_path):
 
 def test_forward_backward_has_no_host_sync(monkeypatch):
     # The logged monitors stay 0-d tensors on the device and no Python-level read of a tensor value
-    # (.item(), int(), float(), bool(), .tolist()) happens in a training step: on a GPU each one would make
-    # the host wait for the GPU. (Boolean-mask indexing still syncs inside torch; see train.py --compile.)
+    # (.item(), int(), float(), bool(), .tolist()) happens in a training step (train.py passes n_masked): on a
+    # GPU each one would make the host wait for the GPU.
     model = build_model("tiny", **TINY)
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    n_masked = int(mask[0].sum())
     def refuse(*args):
         raise AssertionError("host sync in the training step")
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    out = model(x, mask)
+    out = model(x, mask, n_masked=n_masked)
     out["loss"].backward()
     monkeypatch.undo()
     assert all(torch.is_tensor(v) for v in out.values()) and 1 <= out["protos_used"] <= 64
+
+
+class SyncOps(TorchDispatchMode):
+    """Counts the aten ops whose output size depends on tensor data (nonzero, boolean-mask indexing,
+    masked_select) or that read a value on the host (_local_scalar_dense): each makes the host wait for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if bool_index or name in ("nonzero", "masked_select", "_local_scalar_dense"):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("target, loss", [("mlp", "sigma"), ("pixel", "pixel")])
+def test_training_forward_has_no_sync_op_and_no_graph_break(target, loss):
+    # Fixed-size gathers (mask_order): no data-dependent op in forward + backward (the boolean-mask gathers of
+    # the tokens, positions and targets were 4 nonzero calls), and torch.compile captures the forward whole.
+    model = build_model("tiny", target=target, loss=loss, **TINY)
+    x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    n_masked = int(mask[0].sum())
+    with SyncOps() as ops:
+        model(x, mask, n_masked=n_masked)["loss"].backward()
+    assert ops.seen == []
+    explained = torch._dynamo.explain(model)(x, mask, n_masked=n_masked)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_gathers_equal_boolean_mask_indexing():
+    # mask_order's index sets pick exactly the tokens x[~mask] / x[mask] picked, in the same (ascending) order.
+    from model import gather_tokens, mask_order
+    mask = tube_mask(3, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))  # (3, 32)
+    x = torch.randn(3, 32, 5)
+    visible, masked = mask_order(mask)
+    assert torch.equal(gather_tokens(x, visible), x[~mask].reshape(3, -1, 5))
+    assert torch.equal(gather_tokens(x, masked), x[mask].reshape(3, -1, 5))
+    assert torch.equal(mask_order(mask, n_masked=24)[0], visible)
 
 
 def _keep_mantissa_bits(x, bits):

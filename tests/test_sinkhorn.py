@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp: marginals, parity with the literal algorithm of SPEC §4, distributed
+"""Sinkhorn-Knopp: marginals, parity with the literal algorithm (SwAV-style), distributed
 equivalence over 2 gloo processes, fp32 under autocast, and the swapped-prediction loss."""
 import math
 
@@ -19,7 +19,7 @@ def random_scores(n, k, seed=0, d=16):
 
 
 def reference_sinkhorn(scores, eps, n_iters):
-    """SPEC §4 word for word, on the full matrix, in float64."""
+    """The literal algorithm (normalise the whole plan, then alternate row and column scalings), full matrix, float64."""
     Q = torch.exp(scores.double() / eps).t()  # (K, N)
     K, N = Q.shape
     Q /= Q.sum()
