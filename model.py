@@ -203,15 +203,23 @@ def tube_pixel_targets(videos, tubelet, patch):
 
 
 class TubeEmbed(nn.Module):
-    """One Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) -> (B, N, D)."""
+    """The released tube embedding, a Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) ->
+    (B, N, D). Its parameters (proj.weight (D, 3, tubelet, patch, patch), proj.bias), names and default init are
+    the Conv3d's, so checkpoints are unchanged; but since the kernels do not overlap, the convolution is one
+    matmul of each tube's values with the flattened kernel, and that is how it is computed: a plain GEMM that
+    runs on bf16 tensor cores, where a cuDNN Conv3d of this shape is a slow path (tests/test_model.py checks
+    forward and backward against the Conv3d in fp64)."""
 
     def __init__(self, dim, tubelet, patch, in_chans=3):
         super().__init__()
+        self.tubelet, self.patch = tubelet, patch
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
                               stride=(tubelet, patch, patch))
 
     def forward(self, videos):
-        return self.proj(videos).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, N, D)
+        tubes = patchify(videos, self.tubelet, self.patch).flatten(2)  # (B, N, tubelet*patch*patch*C), (p0 p1 p2 c)
+        kernel = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, C, p0, p1, p2) -> (D, p0*p1*p2*C)
+        return F.linear(tubes, kernel, self.proj.bias)  # (B, N, D)
 
 
 def mask_order(mask, n_masked=None):

@@ -375,6 +375,7 @@ def train(args, rank, world, device):
     master = rank == 0
     cfg = check_args(args, world)  # every option, before any weight or video is read
     precision, autocast, scaler = choose_precision(args, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its convolutions once
     torch.manual_seed(args.seed)  # same initial weights for a given seed, on every rank
     model = build_model(args.arch, **model_options(args)).to(device)
     if args.bench:

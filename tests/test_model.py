@@ -421,6 +421,18 @@ class SyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops that ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("target, loss", [("mlp", "sigma"), ("pixel", "pixel")])
 def test_training_forward_has_no_sync_op_and_no_graph_break(target, loss):
     # Fixed-size gathers (mask_order): no data-dependent op in forward + backward (the boolean-mask gathers of
@@ -478,3 +490,22 @@ def test_tf32_context_only_on_cuda_with_autocast(monkeypatch):
         with tf32_in_fp32_regions(torch.device(device), precision):
             assert torch.backends.cuda.matmul.fp32_precision == inside
         assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_tube_embedding_matmul_equals_conv3d_forward_and_backward():
+    # The matmul form of the tube embedding against the Conv3d it replaces, in fp64: output and the gradients
+    # of the input, weight and bias; parameter names (the checkpoint layout) are the Conv3d's.
+    from model import TubeEmbed
+    torch.manual_seed(0)
+    embed = TubeEmbed(24, tubelet=2, patch=4).double()
+    assert list(embed.state_dict()) == ["proj.weight", "proj.bias"] and embed.proj.weight.shape == (24, 3, 2, 4, 4)
+    x = torch.randn(2, 3, 4, 8, 12, dtype=torch.float64, requires_grad=True)
+    with OpNames() as ops:
+        out = embed(x)  # (2, 2*2*3, 24)
+    assert "convolution" not in ops.names and {"addmm", "mm", "bmm"} & ops.names  # a GEMM, not a Conv3d
+    ref = F.conv3d(x, embed.proj.weight, embed.proj.bias, stride=(2, 4, 4)).flatten(2).transpose(1, 2)
+    assert out.shape == ref.shape == (2, 12, 24) and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, embed.proj.weight, embed.proj.bias], g)
+    ref_grads = torch.autograd.grad(ref, [x, embed.proj.weight, embed.proj.bias], g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(grads, ref_grads))
