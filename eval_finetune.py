@@ -38,7 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, make_loader, set_epoch
+from data import IMAGENET_MEAN, make_loader, normalize, set_epoch
 from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
 from train import choose_precision, git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
@@ -245,8 +245,6 @@ def finetune_param_groups(model, weight_decay, layer_decay):
 
 # ============ augmentation: RandAugment per clip, MixUp / CutMix per batch (torchvision transforms v2) ============
 
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
 FILL = [round(255 * m) for m in IMAGENET_MEAN]  # geometric ops fill with the mean colour, as timm's RandAugment
 
 
@@ -254,9 +252,9 @@ class RandAugmentClips(torch.utils.data.Dataset):
     """Training clips (data.py: multi-scale crop, optional flip) with RandAugment on top, one draw per clip.
 
     Items as the wrapped dataset: (clip (3, T, S, S), label) or, with repeats R, ((R, 3, T, S, S), (R,)),
-    each of the R clips augmented on its own. The clip goes back to uint8 (exact: data.py resized uint8
-    frames), its T frames form one batch for v2.RandAugment, which draws the ops and magnitude once per call,
-    so every frame gets the same ones (a per-frame draw would make the clip flicker), and is normalised again.
+    each of the R clips augmented on its own. The clip is uint8 (data.py; normalised on the device), its T
+    frames form one batch for v2.RandAugment, which draws the ops and magnitude once per call,
+    so every frame gets the same ones (a per-frame draw would make the clip flicker).
     Magnitude: timm's mstd, a per-clip N(magnitude, std) clipped to [0, 10], on torchvision's scale through
     101 bins (bin 10 m = m/10 of each op's range, the same fraction timm uses).
     """
@@ -278,12 +276,11 @@ class RandAugmentClips(torch.utils.data.Dataset):
         return (out if clip.dim() == 5 else out[0]), label
 
     def augment(self, clip):
-        """(3, T, S, S) normalised -> the same, RandAugmented."""
+        """(3, T, S, S) uint8 -> the same, RandAugmented."""
         m = min(10.0, max(0.0, self.magnitude + self.magnitude_std * torch.randn(()).item()))
         op = v2.RandAugment(num_ops=self.num_ops, magnitude=round(10 * m), num_magnitude_bins=101, fill=FILL)
-        frames = ((clip * _STD + _MEAN) * 255).round_().clamp_(0, 255).to(torch.uint8)  # (3, T, S, S)
-        frames = op(frames.transpose(0, 1))  # (T, 3, S, S): one draw for all T frames
-        return (frames.transpose(0, 1).float() / 255 - _MEAN) / _STD
+        frames = op(clip.transpose(0, 1))  # (T, 3, S, S) uint8: one draw for all T frames
+        return frames.transpose(0, 1)  # (3, T, S, S) uint8, normalised on the device
 
 
 def build_mixer(mixup, cutmix, num_classes):
@@ -327,7 +324,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, rank=0, 
             clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
         B, V = clips.shape[:2]
         with autocast():
-            logits = model(clips.flatten(0, 1).to(device, non_blocking=True))  # (B*V, C)
+            logits = model(normalize(clips.flatten(0, 1).to(device, non_blocking=True)))  # (B*V, C)
         scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())  # (B, C)
         labels.append(y[:, 0])
     scores, labels = torch.cat(scores), torch.cat(labels).long()
@@ -433,7 +430,7 @@ def finetune(args, rank, world, device):
         t0 = time.perf_counter()
         for i, (videos, labels) in enumerate(bar):
             t_data = time.perf_counter() - t0
-            videos, labels = videos.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            videos, labels = normalize(videos.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
                 videos, labels = videos.flatten(0, 1), labels.flatten()
             videos, targets = mix_batch(videos, labels.long(), mixer, num_classes, args.smoothing)  # (B, C) soft

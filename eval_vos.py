@@ -55,7 +55,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
+from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
 from model import SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
@@ -390,7 +390,7 @@ def build_dataset(args, num_frames, img_size):
 
 def evaluate_clip(encoder, item, args, feat_size, generator):
     """Both protocols on one clip. Returns (result dict, maps for the pictures)."""
-    videos = item["frames"][None].to(args.device)  # (1, 3, T, S, S)
+    videos = normalize(item["frames"][None].to(args.device))  # (1, 3, T, S, S) uint8 -> normalised
     feats = dense_features(encoder, videos)[0]  # (t, D, h, w)
     # Labels present = those visible at the scoring resolution; they are renumbered 0..L-1 (0 = background).
     ids, gt = label_maps(item["masks"].to(args.device), feat_size).unique(return_inverse=True)  # (T, s, s)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, to_device, tube_mask
+from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
 from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
                    train_step_flops)
 
@@ -463,7 +463,8 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
     """One pass over the loader: steps_per_epoch optimizer steps of accum micro-batches each.
     Returns (step, stop): stop is True when the monitor found a NaN loss or a collapse."""
     args, cfg, device, accum = run.args, run.cfg, run.device, run.accum
-    batches = iter(loader)
+    # On CUDA the next batch's copy to the GPU runs on a side stream while this one computes (data.prefetch).
+    batches = prefetch((videos for videos, _ in loader), run.device)
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                leave=False, disable=None if run.master else True)
     for i in bar:
@@ -471,7 +472,8 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
             g["lr"] = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
         stats = {}  # name -> 0-d device tensor, the mean over this step's micro-batches
         for micro in range(accum):
-            videos = next_batch(batches, run)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+            # uint8 from the workers (a quarter of float32's bytes to copy), normalised on the device.
+            videos = normalize(next_batch(batches, run))  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
             videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling: (B*R, 3, T, H, W)
             # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample. The count of
             # masked tokens is read on the host, before the copy: the model gathers fixed-size index sets with it
@@ -506,12 +508,12 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
 
 
 def next_batch(batches, run):
-    """The next batch, on the device. A worker that produces nothing for --loader_timeout seconds (FFmpeg stuck
+    """The next batch of uint8 clips, on the device. A worker that produces nothing for --loader_timeout seconds (FFmpeg stuck
     on a pathological file) stops this rank with a message; torchrun then ends the other ranks at once instead
     of all of them waiting in Sinkhorn's all-reduce until the NCCL timeout."""
     t0 = time.perf_counter()
     try:
-        videos = next(batches)[0]  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+        videos = next(batches)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R; uint8, on the device
     except RuntimeError as err:
         if "timed out" not in str(err):
             raise
@@ -521,7 +523,7 @@ def next_batch(batches, run):
             f"are listed in {run.paths['bad_videos.txt']}. Re-encode or remove the file (try decoding the dataset "
             f"with `python data.py`), or raise --loader_timeout if decoding is merely slow.") from None
     run.data_time += time.perf_counter() - t0
-    return videos.to(run.device, non_blocking=True)
+    return videos
 
 
 # ============ monitoring: the log, the NaN stop, the collapse alarm ============
