@@ -32,9 +32,10 @@ def _all_reduce(x, op=dist.ReduceOp.SUM):
 def sinkhorn(scores, eps=0.05, n_iters=10):
     """Soft cluster assignments with equal prototype usage over the global batch.
 
-    scores: (N, K) similarities of this rank's N tokens to K prototypes (any dtype).
-    returns: (N, K) fp32 codes; each row sums to 1, and summed over the tokens of *all* ranks
-             every prototype receives the same mass N_total / K.
+    scores: (N, K) similarities of this rank's N tokens to K prototypes (any dtype), or a list of S such
+            matrices: S independent problems solved in one loop (SIGMA's two sides), sharing every all-reduce.
+    returns: (N, K) fp32 codes, or (S, N, K) for a list; each row sums to 1, and summed over the tokens of
+             *all* ranks every prototype receives the same mass N_total / K.
 
     Q = exp(scores / eps) is a transport plan between tokens and prototypes (small eps = sharper
     codes). Sinkhorn-Knopp alternately rescales its prototype rows to mass 1/K each and its token
@@ -45,28 +46,31 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
     matrix-vector product instead of several passes over the N x K matrix. The result is the
     same algorithm (tests/test_sinkhorn.py checks it against the literal matrix version).
     """
+    single = torch.is_tensor(scores)
+    scores = [scores] if single else list(scores)
     # fp32 always: exp(1 / 0.03) ~ 3e14 overflows fp16, and bf16 loses the small entries.
     # Autocast would run the matrix-vector products below in bf16, so switch it off here.
-    with torch.autocast(scores.device.type, enabled=False):
-        s = scores.float()
-        # Subtracting one constant from all scores (the global max) rescales P by a scalar that
+    with torch.autocast(scores[0].device.type, enabled=False):
+        P = torch.stack([s.float() for s in scores])  # (S, N, K): a copy this function owns, updated in place
+        # Subtracting one constant from all scores of a problem (its global max) rescales P by a scalar that
         # the first normalisation absorbs exactly; it keeps exp() <= 1, so no overflow at small eps.
-        s_max = _all_reduce(s.max().reshape(1), op=dist.ReduceOp.MAX)
-        P = (s - s_max).div_(eps).exp_()  # (N, K), in place: this matrix is the big one
-        N, K = P.shape
+        s_max = _all_reduce(P.amax(dim=(1, 2)), op=dist.ReduceOp.MAX)  # (S,)
+        P.sub_(s_max[:, None, None]).div_(eps).exp_()  # (S, N, K), in place: these matrices are the big ones
+        S, N, K = P.shape
         # Tokens per rank may differ (e.g. the last batch); count them globally. The count stays a
         # (1,) tensor on the device (filled there, not copied from the host): no host sync per step.
         n_total = _all_reduce(P.new_full((1,), float(N)))
 
-        v = torch.ones(N, device=P.device)  # token scaling: the first step weighs tokens equally
+        v = P.new_ones(S, N)  # token scaling: the first step weighs tokens equally
         for _ in range(n_iters):
-            # Prototypes: mass of prototype k = u_k * sum_j v_j P_jk = 1/K. The sum runs over the
-            # tokens of every rank, so it is all-reduced -- the only communication in the loop.
-            u = 1.0 / (K * _all_reduce(P.t() @ v))  # (K,)
+            # Prototypes: mass of prototype k = u_k * sum_j v_j P_jk = 1/K. The sum runs over the tokens of
+            # every rank, so it is all-reduced -- the only communication in the loop, one for all S problems.
+            u = 1.0 / (K * _all_reduce(torch.bmm(v.unsqueeze(1), P).squeeze(1)))  # (S, K)
             # Tokens: mass of token j = v_j * sum_k P_jk u_k = 1/N_total. Local to this rank.
-            v = 1.0 / (n_total * (P @ u))  # (N,)
+            v = 1.0 / (n_total * torch.bmm(P, u.unsqueeze(2)).squeeze(2))  # (S, N)
         # Scale each token's column to sum to 1: a distribution over prototypes per token.
-        return P.mul_(u).mul_((n_total * v).unsqueeze(1))  # (N, K)
+        P.mul_(u.unsqueeze(1)).mul_((n_total * v).unsqueeze(2))  # (S, N, K)
+        return P[0] if single else P
 
 
 def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1, hard=True):
@@ -85,8 +89,7 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     # The whole loss is fp32 with autocast off (as the released loss head), like Sinkhorn: the logits s / tau span
     # [-10, 10] and the cross-entropy compares them with a precision bf16 does not have.
     with torch.autocast(s_phi.device.type, enabled=False):
-        q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
-        q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
+        q_phi, q_psi = sinkhorn([s_phi, s_psi], eps, n_iters)  # (N, K) each, no grad; one loop, shared all-reduces
         logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
         logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
         y_phi = q_phi.argmax(dim=-1)  # (N,) hard assignment of each token on phi's side

@@ -389,18 +389,9 @@ def train(args, rank, world, device):
     lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
-    # drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside
-    # each one -- a rank with an extra batch would wait forever. With --repeats R each decoded video
-    # yields R clips, so the loader batches micro_batch / R videos.
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
-    dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
-                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
-    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
-    # (shared by every worker and rank; the end-of-run summary counts it).
-    dataset.bad_list = paths["bad_videos.txt"]
-    loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
-                         shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    dataset, loader = build_loader(args, cfg, paths)
     # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
@@ -425,6 +416,9 @@ def train(args, rank, world, device):
               f"videos; {world} x {args.micro_batch} clips x {accum} accum = {args.batch_size} clips/step; "
               f"{steps_per_epoch} steps/epoch; device {device}, {precision}"
               + (f"; resumed from {paths['ckpt.pth']}: epoch {start_epoch}, step {step}" if step else ""))
+        if accum > 1 and device.type == "cuda":
+            gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+            print(accumulation_note(model, cfg, args, world, autocast, gpu_gib))
 
     # ============ training ============
     # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
@@ -457,6 +451,41 @@ def train(args, rank, world, device):
     if master:
         run.summary(end_epoch)
     return 0
+
+
+def build_loader(args, cfg, paths):
+    """The training clips and their DataLoader: (dataset, loader).
+
+    drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside each one --
+    a rank with an extra batch would wait forever. With --repeats R each decoded video yields R clips, so the
+    loader batches micro_batch / R videos.
+    """
+    dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
+                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
+    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
+    # (shared by every worker and rank; the end-of-run summary counts it).
+    dataset.bad_list = paths["bad_videos.txt"]
+    loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
+                         shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    return dataset, loader
+
+
+def accumulation_note(model, cfg, args, world, autocast, gpu_gib):
+    """The start-up note of a run that accumulates gradients: Sinkhorn's equipartition then covers each forward's
+    world x micro_batch clips, not the whole step's batch_size as in the released run (K400: 16 GPUs x 40 = 640
+    clips at once; 8 GPUs x 40 x 2 accumulation steps balance 320 at a time). Says whether batch_size / world
+    clips per forward fit this GPU by the memory estimate (+20% allocator slack), and the option that uses them.
+    The micro-batch is not changed automatically: it is part of the recipe (a restart on another GPU model must
+    not change the result), so the choice stays on the command line."""
+    full, accum = args.batch_size // world, args.batch_size // (world * args.micro_batch)
+    need = sum(estimate_memory_gb(model, cfg, full, autocast, args.mask_ratio))
+    fits = 1.2 * need <= gpu_gib
+    return (f"note: {accum} accumulation steps, so Sinkhorn balances {world * args.micro_batch} clips at a time; the "
+            f"released run balanced all {args.batch_size} at once. {full} clips per GPU need ~{need:.0f} GiB "
+            f"(estimate) of this GPU's {gpu_gib:.0f} GiB: "
+            + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
+               f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
+               f"{args.micro_batch}."))
 
 
 def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):

@@ -365,7 +365,7 @@ def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
     pred, target = torch.randn(2, 600, 256, generator=g), torch.randn(2, 600, 256, generator=g)
     monkeypatch.setattr(model, "predict", lambda videos, mask, n_masked=None: (pred, target))
     codes, plain = [], sk.sinkhorn
-    monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.append(plain(s, *a).argmax(1)) or plain(s, *a))
+    monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.extend(plain(s, *a).argmax(-1)) or plain(s, *a))
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
     ref = model(x, mask)["loss"]
     with torch.autocast("cpu", dtype=torch.bfloat16):

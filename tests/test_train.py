@@ -3,6 +3,7 @@ in sync; a resumed run equals an uninterrupted one; gradient accumulation equals
 a NaN loss and a collapse stop cleanly; bad options fail before anything is read; bf16 and fp16 steps
 and an fp16 resume from bf16; ranks that see different checkpoints stop; a stuck loader worker stops;
 unreadable videos are listed; DDP, torch.compile and the memory estimate."""
+import contextlib
 import json
 import os
 import subprocess
@@ -331,3 +332,15 @@ def test_auto_precision_follows_compute_capability(monkeypatch, capability, expe
         assert precision == expected
         assert inference_autocast(torch.device("cuda")).fast_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[expected]
     assert train.choose_precision(train.get_args([]), torch.device("cpu"))[0] == "fp32"
+
+
+def test_accumulation_note_says_whether_the_released_batch_fits():
+    # 8 GPUs with the K400 recipe's 40 clips per forward accumulate 2 steps: Sinkhorn then balances 320 clips, not
+    # the released 640. The note names the option that restores it when the memory estimate fits the GPU.
+    from model import build_model
+    model = build_model("tiny", num_prototypes=32)
+    args = train.get_args(["--dataset", "k400", "--arch", "tiny", "--batch_size", "640", "--micro_batch", "40"])
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=80)
+    assert "balances 320 clips" in note and "all 640" in note and "--micro_batch 80" in note
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=0.1)
+    assert "do not fit" in note and "16 GPUs" in note
