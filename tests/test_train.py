@@ -344,3 +344,59 @@ def test_accumulation_note_says_whether_the_released_batch_fits():
     assert "balances 320 clips" in note and "all 640" in note and "--micro_batch 80" in note
     note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=0.1)
     assert "do not fit" in note and "16 GPUs" in note
+
+
+# ------------------------------------------------------------------ checkpoints written in the background
+
+def test_background_checkpoint_is_a_bit_exact_snapshot_and_does_not_block(tmp_path, monkeypatch):
+    import threading
+    path = str(tmp_path / "ckpt.pth")
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "config": {"a": [1, 2]}}
+    expected = train.host_copy(obj)
+    release, plain = threading.Event(), train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda p, o: release.wait(30) and plain(p, o))
+    writer = train.CheckpointWriter()
+    writer.save(path, obj)  # returns at once: the write waits for `release` in the background
+    assert not os.path.exists(path)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on, changing the weights in place
+    optimizer.state_dict()["state"][0]["exp_avg"].zero_()
+    release.set()
+    writer.wait()
+    loaded = load_checkpoint(path)  # the snapshot taken at save(), bit for bit
+    assert loaded["epoch"] == 1 and loaded["config"] == {"a": [1, 2]}
+    for k, v in expected["model"].items():
+        assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v)
+    for k, v in expected["optimizer"]["state"][0].items():
+        assert torch.equal(loaded["optimizer"]["state"][0][k], v)
+    assert not torch.equal(loaded["model"]["weight"], model.weight.detach())
+
+
+def test_kill_during_background_checkpoint_leaves_the_previous_one(tmp_path):
+    path = str(tmp_path / "ckpt.pth")
+    script = f"""
+import time, torch, train
+writer = train.CheckpointWriter()
+writer.save({path!r}, {{"w": torch.arange(1000.)}})
+writer.wait()
+plain = torch.save
+def slow(obj, f):
+    plain(obj, f)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)  # killed here: the new checkpoint is complete in its temporary file, not yet renamed
+torch.save = slow
+writer.save({path!r}, {{"w": -torch.arange(1000.)}})
+writer.wait()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.))
