@@ -746,37 +746,56 @@ def peak_memory_gb(device):
 # ============================================================================================================
 
 def bench(model, cfg, args, device, autocast, precision):
-    """Median step time, clips/s and achieved FLOP/s against this device's matmul throughput, and the
-    memory estimate for --micro_batch clips."""
+    """What a node delivers on one training step, timed as the loop runs it: uint8 clips and the mask copied from
+    pinned host memory, normalised on the device, forward + backward + AdamW. Prints the median step time (wall
+    and process CPU time), the achieved FLOP/s as a share of this device's matmul ceiling at the autocast dtype
+    (and, on CUDA, of the TF32 ceiling that the fp32 regions run at), the bytes copied host-to-device per step,
+    and the measured peak memory against the estimate (estimate_memory_gb)."""
     batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2, args.micro_batch))
     amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     ceiling = matmul_flops_per_second(device, amp_dtype)
+    with tf32_in_fp32_regions(device, "bf16"):  # CUDA: fp32 matmuls in TF32; CPU: plain fp32
+        tf32_ceiling = matmul_flops_per_second(device, torch.float32) if device.type == "cuda" else None
     flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step (model.py)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-5, fused=device.type == "cuda")
     step_model = torch.compile(model, backend=args.compile) if args.compile else model
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
+    clips = torch.randint(0, 256, (batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    clips = clips.pin_memory() if device.type == "cuda" else clips  # (B, 3, T, H, W), as the DataLoader pins it
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times, cpu_times, copied = [], [], 0
     for i in range(args.bench_steps + 2):  # two warm-up steps
-        mask = tube_mask(batch, cfg.grid, args.mask_ratio)  # (B, N)
+        if i == 2 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        mask = tube_mask(batch, cfg.grid, args.mask_ratio)  # (B, N) on the host
         n_masked = int(mask[0].sum())
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        videos, mask = normalize(to_device(clips, device)), to_device(mask, device)  # what the loop copies
         with tf32_in_fp32_regions(device, precision):
             with autocast():
-                loss = step_model(videos, to_device(mask, device), n_masked=n_masked)["loss"]
+                loss = step_model(videos, mask, n_masked=n_masked)["loss"]
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-    t = sorted(times[2:])[len(times[2:]) // 2]
+        cpu_times.append(time.process_time() - c0)
+        copied = clips.nbytes + mask.nbytes
+    median = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731
+    t, cpu = median(times), median(cpu_times)
+    share = f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s {precision} matmul ceiling"
+    if tf32_ceiling:
+        share += f" (TF32, the fp32 regions' rate: {tf32_ceiling / 1e9:.0f} GFLOP/s)"
     print(f"{args.arch} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, target {cfg.target}, loss {cfg.loss}, "
           f"batch {batch}, {device} {precision}, {torch.get_num_threads()} threads:\n"
-          f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}), {t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
-          f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = "
-          f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s matmul throughput"
-          + (f"\n  measured peak memory {peak_memory_gb(device):.2f} GiB" if device.type == "cuda" else ""))
+          f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}; process CPU time {cpu * 1e3:.1f} ms), "
+          f"{t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
+          f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = {share}\n"
+          f"  host-to-device per step: {copied / 2 ** 20:.1f} MiB (uint8 clips + mask; float32 clips would be "
+          f"{(4 * clips.nbytes + mask.nbytes) / 2 ** 20:.1f} MiB)")
+    if device.type == "cuda":
+        est = sum(estimate_memory_gb(model, cfg, batch, autocast, args.mask_ratio))
+        print(f"  peak memory {peak_memory_gb(device):.2f} GiB measured vs {est:.2f} GiB estimated for {batch} clips")
     static, acts, sk = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
     print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB "
           f"= {static:.1f} weights+grads+AdamW + {acts:.1f} saved for backward + {sk:.1f} score/Sinkhorn temporaries "

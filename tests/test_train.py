@@ -400,3 +400,11 @@ writer.wait()
         proc.kill()  # SIGKILL
         proc.wait()
     assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.))
+
+
+def test_bench_reports_step_time_ceiling_share_and_bytes_copied(capsys):
+    # tiny preset, 2 clips of 8 x 64 x 64: 2 x 3 x 8 x 64 x 64 uint8 values + the (2, 256) bool mask per step.
+    assert train.main(["--bench", "--bench_steps", "1", "--num_prototypes", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "process CPU time" in out and "fp32 matmul ceiling" in out
+    assert f"host-to-device per step: {(2 * 3 * 8 * 64 * 64 + 2 * 256) / 2 ** 20:.1f} MiB" in out
