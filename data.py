@@ -7,13 +7,14 @@ The clip store (store.py) rewrites a dataset once so that every frame is an inde
 commands live there: `python store.py --prepare ...` writes a store, `python store.py --bench` measures clip
 loading (clips/s per CPU core) from the original files and from each store codec. docs/store.md has the figures.
 
-Conventions (VideoMAE's and SIGMA's released data pipeline): a clip is float32 (3, T, S, S), ImageNet-normalised;
-frames on disk are decoded to uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major
-token order, True = masked.
+Conventions: a dataset's clip is uint8 (3, T, S, S) (a quarter of float32's bytes on the way to the GPU);
+normalize() turns it into the model's float32 ImageNet-normalised input on the device. Frames on disk are decoded to
+uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major token order, True = masked.
 
 Where this reads from the released VideoMAE / SIGMA data pipeline it says so. Decoding is PyAV (FFmpeg).
 """
 import csv
+import functools
 import json
 import random
 import sys
@@ -231,20 +232,34 @@ def multiscale_crop_box(height, width, size, scales=MULTISCALE_SCALES, generator
     return gy * ((height - crop_h) // 4), gx * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def crop_resize_normalize(frames, box, size, flip=False):
-    """uint8 (T, H, W, 3) frames, box (top, left, h, w) -> float32 (3, T, size, size), ImageNet-normalised.
+def crop_resize(frames, box, size, flip=False):
+    """uint8 (T, H, W, 3) frames, box (top, left, h, w) -> uint8 (3, T, size, size); normalize() finishes it.
 
-    Crop on uint8 (a view, no copy), resize the whole stack in one call, convert to float only at the output
-    size. Bilinear with antialiasing matches the released code's PIL bilinear resize when shrinking; on uint8
-    channels-last input torch runs a dedicated kernel ~10x faster than on float (measured).
+    Crop on uint8 (a view, no copy), resize the whole stack in one call. Bilinear with antialiasing matches the
+    released code's PIL bilinear resize when shrinking; on uint8 channels-last input torch runs a dedicated
+    kernel ~10x faster than on float (measured). The clip stays uint8 until it is on the device: a quarter of
+    the bytes of float32 through the workers' shared memory, the pinned copy and the host-to-device copy.
     """
     top, left, h, w = box
     x = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2)  # (T, 3, h, w) uint8, channels-last view
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)  # (T, 3, S, S)
     if flip:
         x = x.flip(-1)
-    x = x.permute(1, 0, 2, 3).contiguous().float()  # (3, T, S, S)
-    return x.mul_(_NORM_SCALE).add_(_NORM_SHIFT)
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S) uint8
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_constants(device):
+    return _NORM_SCALE.to(device), _NORM_SHIFT.to(device)  # copied to a GPU once, not at every batch
+
+
+def normalize(clips):
+    """uint8 clips (..., 3, T, H, W), on any device -> float32 ImageNet-normalised, (x / 255 - mean) / std as
+    one multiply-add per value. Run it where the model runs, after the copy (train.py, the evaluation scripts)."""
+    if clips.dtype != torch.uint8:  # e.g. a clip normalised twice
+        raise TypeError(f"normalize() expects uint8 clips (0-255, as the datasets return them), got {clips.dtype}")
+    scale, shift = _norm_constants(clips.device)
+    return clips.float().mul_(scale).add_(shift)
 
 
 def _evenly_spaced(count, room):
@@ -289,7 +304,7 @@ def segment_positions(num_frames, num_segments, train, num_clips=1, generator=No
 
 
 class VideoClips(torch.utils.data.Dataset):
-    """Clips from a list of (video path, label) -> (clip float32 (3, T, S, S), label int).
+    """Clips from a list of (video path, label) -> (clip uint8 (3, T, S, S), label int); normalize() on the device.
 
     Sampling (the released pretraining loader), sampling='stride': T = num_frames frames `stride` apart;
     train: the start is uniform over every start that fits, eval: the clip is centred. A video shorter than
@@ -409,8 +424,8 @@ class VideoClips(torch.utils.data.Dataset):
             offsets = _evenly_spaced(self.num_crops, max(height, width) - short).tolist()
             crops = [(o, 0, short, short) if height > width else (0, o, short, short) for o in offsets]
             boxes, flips = crops * self.num_clips, [False] * self.views
-        return torch.stack([crop_resize_normalize(f, b, self.size, flip)
-                            for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S)
+        return torch.stack([crop_resize(f, b, self.size, flip)
+                            for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S) uint8
 
 
 # ============ dataset layouts ============
@@ -604,6 +619,44 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
     return loader
 
 
+def to_device(tensor, device):
+    """A host tensor on `device`. To a GPU it travels from pinned (page-locked) memory with non_blocking=True: the
+    copy is queued on the current stream and the host goes on (from pageable memory the host would wait for the
+    copy). On CPU the tensor itself."""
+    if device.type != "cuda":
+        return tensor
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def prefetch(batches, device):
+    """Yield the tensors of the iterator `batches` on `device`, the copy of the next one overlapping the
+    computation on the current one.
+
+    On CUDA the next tensor's host-to-device copy (from pinned memory, non_blocking) is queued on a side stream
+    as soon as the current one is handed out, so it runs while the GPU computes the current step instead of in
+    front of it on the compute stream. Before a tensor is used the compute stream waits for the side stream
+    (on the GPU, not the host), and record_stream keeps the allocator from reusing its memory while the
+    compute stream still reads it. On CPU: the tensors themselves (nothing to copy).
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def start_copy(batch):
+        if batch is None:  # the iterator is exhausted
+            return None
+        with torch.cuda.stream(side):
+            return to_device(batch, device)
+
+    ahead = start_copy(next(batches, None))
+    while ahead is not None:
+        compute.wait_stream(side)
+        ahead.record_stream(compute)
+        current, ahead = ahead, start_copy(next(batches, None))
+        yield current
+
+
 def set_epoch(loader, epoch):
     """Start `epoch`: a new shuffle (also across ranks) and randomness derived from (seed, epoch, rank)."""
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
@@ -652,7 +705,7 @@ class VOSDataset(torch.utils.data.Dataset):
                 are the same on every run and do not depend on which other sequences are listed.
       'consecutive': floor(len / clip_len) non-overlapping runs of consecutive annotated frames; leftover
                 frames at the end are dropped. Consecutive frames hold much less motion than TimeT's clips.
-    frames: float32 (3, T, S, S) ImageNet-normalised, masks: int64 (T, S, S); both resized (squashed) to
+    frames: uint8 (3, T, S, S) (normalize() on the device), masks: int64 (T, S, S); both resized (squashed) to
     size x size, masks nearest-neighbour. frame_ids: the file stems of the T frames used.
     """
 
@@ -707,7 +760,7 @@ class VOSDataset(torch.utils.data.Dataset):
                                                        .convert("RGB")) for i in ids]))  # (T, H, W, 3) uint8
         masks = torch.from_numpy(np.stack([np.asarray(Image.open(self.mask_root / name / f"{i}.png"))
                                            for i in ids]))  # (T, H, W) uint8: palette index = instance id
-        frames = crop_resize_normalize(frames, (0, 0, *frames.shape[1:3]), self.size)  # (3, T, S, S)
+        frames = crop_resize(frames, (0, 0, *frames.shape[1:3]), self.size)  # (3, T, S, S) uint8
         masks = F.interpolate(masks[None], size=(self.size, self.size), mode="nearest-exact")[0].long()
         if self.binary:
             masks = (masks > 0).long()  # DAVIS-2016: 255 = object

@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, VideoClips, make_loader, open_video, set_epoch
+from data import VideoClips, make_loader, normalize, open_video, set_epoch
 from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
 from train import choose_precision, git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
@@ -385,8 +385,8 @@ class ClipRandAugment(v2.RandAugment):
 
 
 class ClipTransform:
-    """uint8 frames (T, H, W, 3) of one clip -> float32 (3, T, S, S), ImageNet-normalised: the release's training
-    augmentation up to the flip (random erasing follows on the batch, erase_clips).
+    """uint8 frames (T, H, W, 3) of one clip -> uint8 (3, T, S, S): the release's training augmentation up to the
+    flip. data.normalize follows on the device, then random erasing on the batch (erase_clips).
 
     The crop is v2.RandomResizedCrop with the release's bounds and sampler (area fraction uniform in crop_scale,
     log-uniform aspect ratio in crop_ratio, 10 tries, then a centre crop), bilinear without antialiasing as the
@@ -398,8 +398,7 @@ class ClipTransform:
         self.randaug = ClipRandAugment(*randaug) if randaug[0] > 0 else None
         self.crop = v2.RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio,
                                          interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        steps = [self.randaug, self.crop, v2.RandomHorizontalFlip() if flip else None,
-                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        steps = [self.randaug, self.crop, v2.RandomHorizontalFlip() if flip else None]  # uint8 in, uint8 out
         self.steps = v2.Compose([s for s in steps if s is not None])
 
     def __call__(self, frames):
@@ -497,7 +496,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, rank=0, 
             clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
         B, V = clips.shape[:2]
         with autocast():
-            logits = model(clips.flatten(0, 1).to(device, non_blocking=True))  # (B*V, C)
+            logits = model(normalize(clips.flatten(0, 1).to(device, non_blocking=True)))  # (B*V, C)
         scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())  # (B, C)
         labels.append(y[:, 0])
     scores, labels = torch.cat(scores), torch.cat(labels).long()
@@ -641,7 +640,8 @@ def train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log
     t0 = time.perf_counter()
     for i, (videos, labels) in enumerate(bar):
         t_data = time.perf_counter() - t0
-        videos, labels = videos.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        # uint8 clips travel to the device (a quarter of float32's bytes) and are normalised there.
+        videos, labels = normalize(videos.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
             videos, labels = videos.flatten(0, 1), labels.flatten()
         videos = erase_clips(videos, run.eraser)  # (B, 3, T, S, S), after normalisation as released

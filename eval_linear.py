@@ -30,7 +30,6 @@ skips the backbone; touching the checkpoint or changing the data recomputes.
 Under torchrun every rank encodes its share of the clips; rank 0 gathers them and trains the head.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -47,8 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, Video, VideoClips, build_video_dataset, make_loader
-from model import PRESETS, describe_state_dict, load_encoder, load_weights
+from data import Video, VideoClips, build_video_dataset, make_loader, normalize
+from model import PRESETS, describe_state_dict, inference_autocast, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
 VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
@@ -211,7 +210,7 @@ def image_dataset(name, root, split, num_frames, size, train=False, flip=False, 
         crop = [T.RandomResizedCrop(size, interpolation=bicubic)] + [T.RandomHorizontalFlip()] * flip
     else:  # IN-1K: the usual resize to size/0.875 + centre crop; CIFAR's 32 px images: upsample whole
         crop = [T.Resize(size if name == "cifar100" else int(size / 0.875), interpolation=bicubic), T.CenterCrop(size)]
-    tf = T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = T.Compose(crop + [T.PILToTensor()])  # uint8 (3, S, S), like the video clips: normalised on the device
     try:
         if name == "cifar100":
             images = tvd.CIFAR100(root or "", train=split == "train", download=False, transform=tf)
@@ -282,13 +281,13 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     # Eval mode, as the frozen protocol of Table 9 asks. The released fine-tuning script defaults to drop_path
     # 0.1, which keeps firing in a frozen backbone left in train mode; our Encoder has none, but a fork may add it.
     encoder.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = inference_autocast(device)  # bf16 / fp16 by compute capability (model.autocast_dtype), fp32 on CPU
     feats, labels, passes = [], [], 0
     for clips, y in tqdm(loader, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True):
         if clips.dim() == 5:
             clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
         B, V = clips.shape[:2]
-        x = clips.flatten(0, 1).to(device, non_blocking=True)  # (B*V, 3, T, S, S)
+        x = normalize(clips.flatten(0, 1).to(device, non_blocking=True))  # (B*V, 3, T, S, S) uint8 -> normalised
         views = [x, x.flip(-1)] if flip else [x]  # flip(-1): mirror along the width
         out = []
         for v in views:
@@ -456,11 +455,11 @@ def extract_tokens(encoder, loader, device, show=True):
     """Every output token of every clip (one centre view, no mirror): tokens (N, t*h*w, D) float16 in the
     encoder's (t, h, w) row-major token order, labels (N,). fp16 halves the cache; the probes compute in fp32."""
     encoder.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = inference_autocast(device)  # bf16 / fp16 by compute capability (model.autocast_dtype), fp32 on CPU
     tokens, labels = [], []
     for clips, y in tqdm(loader, desc="token features", disable=None if show else True, leave=False):
         with autocast:
-            tokens.append(encoder(clips.to(device, non_blocking=True)).half().cpu())  # (B, N, D)
+            tokens.append(encoder(normalize(clips.to(device, non_blocking=True))).half().cpu())  # (B, N, D)
         labels.append(torch.as_tensor(y))
     return torch.cat(tokens), torch.cat(labels).long()
 

@@ -48,7 +48,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,8 +58,8 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset
-from model import PRESETS, SIGMA, config_from_dict, load_checkpoint, load_encoder, load_weights
+from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
+from model import PRESETS, SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset
 
 # Clip length of each benchmark (the paper's Table 4, after TimeT): DAVIS clips of 16 frames, YouTube-VOS of 4 (its
@@ -159,8 +158,7 @@ def dense_features(encoder, videos):
     prepares them and upsamples them to the scoring resolution.
     """
     t, h, w = encoder.cfg.grid
-    cuda = videos.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():  # fp32 on CPU
+    with inference_autocast(videos.device):  # bf16 / fp16 by compute capability, fp32 on CPU
         x = encoder(videos)  # (B, N, D)
     B, N, D = x.shape
     return x.float().reshape(B, t, h, w, D).permute(0, 1, 4, 2, 3)  # (B, t, D, h, w)
@@ -425,7 +423,7 @@ def build_dataset(args, num_frames, img_size):
 
 def evaluate_clip(encoder, item, args, feat_size, generator):
     """Both protocols on one clip. Returns (result dict, maps for the pictures)."""
-    videos = item["frames"][None].to(args.device)  # (1, 3, T, S, S)
+    videos = normalize(item["frames"][None].to(args.device))  # (1, 3, T, S, S) uint8 -> normalised
     feats = dense_features(encoder, videos)[0]  # (t, D, h, w)
     # Labels present = those visible at the scoring resolution; they are renumbered 0..L-1 (0 = background).
     ids, gt = label_maps(item["masks"].to(args.device), feat_size).unique(return_inverse=True)  # (T, s, s)

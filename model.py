@@ -23,6 +23,7 @@ row-major. A mask is (B, N) bool with True = masked (hidden from the encoder, pr
 decoder), as in the released code; every clip of a batch masks the same number of tokens.
 """
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -44,12 +45,12 @@ from sinkhorn import swapped_prediction_loss
 @dataclass(frozen=True)
 class Config:
     # input: clip of num_frames frames at img_size x img_size, cut into tubes of
-    # tubelet_size frames x patch_size x patch_size pixels (SPEC §1: 16x224x224, tubes 2x16x16)
+    # tubelet_size frames x patch_size x patch_size pixels (released VideoMAE / SIGMA: 16x224x224, tubes 2x16x16)
     img_size: int = 224
     num_frames: int = 16
     patch_size: int = 16
     tubelet_size: int = 2
-    # video model Psi: encoder and decoder widths / depths / heads (SPEC §2, ViT-B by default)
+    # video model Psi: encoder and decoder widths / depths / heads (released `modeling_pretrain.py`; ViT-B)
     enc_dim: int = 768
     enc_depth: int = 12
     enc_heads: int = 12
@@ -57,15 +58,15 @@ class Config:
     dec_depth: int = 4
     dec_heads: int = 6
     mlp_ratio: float = 4.0
-    # projection network phi (SPEC §3): 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
+    # projection network phi of the paper: 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
     target: str = "mlp"
     # hidden widths of the mlp phi: released 4 Linear layers. The paper's text describes a shallower
-    # MLP (SPEC §3) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
+    # MLP (in its method section) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
     proj_hidden: tuple = (1024, 1024, 512)
     proj_dim: int = 256                     # D of the mlp target
     dino_weights: str = ""                  # local DINO checkpoint (official key layout)
     dino_arch: str = "vit_b"                # 'vit_s' (D=384) or 'vit_b' (D=768)
-    # loss (SPEC §5): 'sigma' (swapped prediction), 'l2' (Eq. 2, regress phi; collapses with
+    # loss (paper Eq. 5-6 and Table 7b): 'sigma' (swapped prediction), 'l2' (Eq. 2, regress phi; collapses with
     # the mlp target), 'pixel' (VideoMAE: regress standardised tube pixels)
     loss: str = "sigma"
     num_prototypes: int = 3000   # K; the paper's ablation peaks at 4000
@@ -132,6 +133,48 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
+# 0. Precision: which low-precision dtype a device runs at, and the regions that stay fp32
+
+def autocast_dtype(device):
+    """The autocast dtype of `--precision auto` on `device`: bf16 on GPUs with native bf16 (compute
+    capability 8.0 and up: A100, H100, L4, RTX 30xx+), fp16 on older GPUs (V100, T4: the release trained
+    on V100s in fp16 with a GradScaler), None = fp32 on CPU. torch.cuda.is_bf16_supported() is no guide:
+    below 8.0 it answers True and emulates bf16 at a fraction of the fp16 rate. Used by train.py and
+    every evaluation script."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def inference_autocast(device):
+    """The evaluation scripts' precision context: autocast_dtype(device), or nothing (fp32) on CPU."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def tf32_in_fp32_regions(device, precision):
+    """On CUDA under bf16 / fp16 autocast, let fp32 matmuls use TF32 tensor cores: inputs keep 10 mantissa bits,
+    accumulation and outputs stay fp32, at ~8x the plain fp32 rate of an A100 / H100.
+
+    Under autocast every other matmul already runs in bf16 / fp16, so the only fp32 matmuls left are the
+    regions that switch autocast off on purpose: the frozen DINO target (SIGMA.targets) and the prototype scores
+    (SIGMA.prototype_scores, forward and backward). At K = 3000, 10 mantissa bits flip no more argmax codes than
+    the released fp16 path (tests/test_model.py). train.py enters this around its loop, outside the model: a
+    flag flipped inside a torch.compile graph would break the graph. --precision fp32 and CPUs: no effect.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # cuDNN convolutions use TF32 by default already
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+# ----------------------------------------------------------------------------------------------
 # 1. Tubes
 
 def patchify(videos, tubelet, patch):
@@ -148,7 +191,7 @@ def patchify(videos, tubelet, patch):
 
 
 def tube_pixel_targets(videos, tubelet, patch):
-    """VideoMAE's standardised pixel target and the input of the MLP phi (SPEC §3).
+    """VideoMAE's standardised pixel target and the input of the MLP phi (released `modeling_pretrain.py`).
 
     videos: (B, 3, T, H, W) ImageNet-normalised. Returns (B, N, tubelet*patch*patch*3): each
     tube un-normalised to [0, 1], then standardised per colour channel over its pixels
@@ -162,22 +205,53 @@ def tube_pixel_targets(videos, tubelet, patch):
 
 
 class TubeEmbed(nn.Module):
-    """One Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) -> (B, N, D)."""
+    """The released tube embedding, a Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) ->
+    (B, N, D). Its parameters (proj.weight (D, 3, tubelet, patch, patch), proj.bias), names and default init are
+    the Conv3d's, so checkpoints are unchanged; but since the kernels do not overlap, the convolution is one
+    matmul of each tube's values with the flattened kernel, and that is how it is computed: a plain GEMM that
+    runs on bf16 tensor cores, where a cuDNN Conv3d of this shape is a slow path (tests/test_model.py checks
+    forward and backward against the Conv3d in fp64)."""
 
     def __init__(self, dim, tubelet, patch, in_chans=3):
         super().__init__()
+        self.tubelet, self.patch = tubelet, patch
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
                               stride=(tubelet, patch, patch))
 
     def forward(self, videos):
-        return self.proj(videos).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, N, D)
+        tubes = patchify(videos, self.tubelet, self.patch).flatten(2)  # (B, N, tubelet*patch*patch*C), (p0 p1 p2 c)
+        kernel = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, C, p0, p1, p2) -> (D, p0*p1*p2*C)
+        return F.linear(tubes, kernel, self.proj.bias)  # (B, N, D)
+
+
+def mask_order(mask, n_masked=None):
+    """Token indices of a tube mask (B, N) bool, True = masked -> (visible (B, N - n_masked), masked (B, n_masked)),
+    each in ascending token order.
+
+    A stable argsort of the mask puts every clip's visible tokens first and its masked ones after, each group in
+    token order; since every clip masks the same number of tokens, both index sets have a fixed size and the
+    tokens are gathered with them (torch.take_along_dim). Boolean-mask indexing (x[mask]) would instead call
+    nonzero, whose output size depends on the data: on a GPU the host waits for it every time, and it breaks a
+    torch.compile graph. n_masked: masked tokens per clip, known on the host where the masks are drawn (train.py
+    passes it); when None it is read from the mask -- one host sync on a GPU, fine outside a training loop.
+    """
+    if n_masked is None:
+        n_masked = int(mask[0].sum())
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): visible tokens, then masked ones
+    n_visible = mask.shape[1] - n_masked
+    return order[:, :n_visible], order[:, n_visible:]
+
+
+def gather_tokens(x, index):
+    """x (B or 1, N, C), index (B, M) -> (B, M, C): the tokens of each clip at the given positions."""
+    return torch.take_along_dim(x, index.unsqueeze(-1), dim=1)
 
 
 def sinusoid_table(n_positions, dim):
     """Fixed 1-D sine-cosine position table (Vaswani et al.), (1, n_positions, dim).
 
     Channel 2i is sin(pos / 10000^(2i/dim)) and channel 2i+1 the matching cos, as in VideoMAE's
-    table. Not a parameter and not saved: checkpoints never contain it (SPEC §2, §7).
+    table. Not a parameter and not saved: checkpoints never contain it (as in the released checkpoints).
     """
     pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
     freq = 10000.0 ** (-(torch.arange(dim) // 2 * 2).double() / dim)  # (dim,) pairs share one freq
@@ -236,7 +310,7 @@ def drop_path(x, p, training):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6.
 
-    drop_path: stochastic depth of both residual branches; 0 in pretraining (SPEC §2), used by
+    drop_path: stochastic depth of both residual branches; 0 in pretraining (released recipe), used by
     fine-tuning (eval_finetune.py). It has no parameters, so checkpoints are the same either way.
     """
 
@@ -286,16 +360,16 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released
 
-    def forward(self, videos, mask=None):
-        """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D)."""
+    def forward(self, videos, mask=None, n_masked=None):
+        """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D).
+        n_masked: masked tokens per clip if known on the host (see mask_order)."""
         cfg = self.cfg
         if videos.shape[1:] != (3, cfg.num_frames, cfg.img_size, cfg.img_size):
             raise ValueError(f"expected videos (B, 3, {cfg.num_frames}, {cfg.img_size}, {cfg.img_size}) "
                              f"for this model, got {tuple(videos.shape)}")
         x = self.patch_embed(videos) + self.pos_embed  # (B, N, D): positions added before dropping
         if mask is not None:
-            B, _, D = x.shape
-            x = x[~mask].reshape(B, -1, D)  # (B, N_vis, D), visible tokens in ascending order
+            x = gather_tokens(x, mask_order(mask, n_masked)[0])  # (B, N_vis, D), visible tokens in ascending order
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -392,7 +466,7 @@ def _resize_pos_embed(pos, grid):
 
 
 def dino_targets(dino, videos, grid):
-    """SIGMA-DINO target (SPEC §3): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
+    """SIGMA-DINO target (released `modeling_pretrain.py`): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
 
     DINO sees frames 0, 2, 4, ... (one per tube slice); its (h, w) patch tokens line up with the
     tubes of that slice (resized bilinearly if the grids differ). Each channel is standardised
@@ -418,10 +492,11 @@ def dino_targets(dino, videos, grid):
 class SIGMA(nn.Module):
     """The pretraining module: encoder + decoder (Psi), projection phi, prototypes and loss.
 
-    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked) -> dict with 'loss' (scalar
-    to backpropagate), its terms, and collapse monitors: all 0-d tensors left on the device (no host
-    sync in the step; the monitors are global over ranks).
-    state_dict() holds exactly the released checkpoint keys (SPEC §7): no positional tables
+    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked, n_masked = masked tokens per clip if known
+    on the host) -> dict with 'loss' (scalar to backpropagate), its terms, and collapse monitors: all 0-d
+    tensors left on the device (the monitors are global over ranks). With n_masked given (train.py) the step
+    has no host sync and compiles into one graph; without it, the count is read from the mask (one sync).
+    state_dict() holds exactly the released checkpoint keys (released `modeling_pretrain.py` names): no positional tables
     and no frozen DINO weights.
     """
 
@@ -451,44 +526,45 @@ class SIGMA(nn.Module):
         """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
         self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
 
-    def targets(self, videos, mask):
+    def targets(self, videos, mask, n_masked=None):
         """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
-        B, cfg = len(videos), self.cfg
+        cfg = self.cfg
         if cfg.target == "dino":
             # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
-            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation).
+            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation). On CUDA
+            # its matmuls may use TF32 (tf32_in_fp32_regions): 10-bit inputs, fp32 accumulation and output.
             with torch.autocast(videos.device.type, enabled=False):
                 y = dino_targets(self.dino, videos.float(), cfg.grid)  # (B, N, D), frozen, fp32
         else:
             with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
                 y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
-        y = y[mask].reshape(B, -1, y.shape[-1])  # (B, N_m, .) masked tubes only
+        y = gather_tokens(y, mask_order(mask, n_masked)[1])  # (B, N_m, .) masked tubes only, in token order
         return self.head(y) if cfg.target == "mlp" else y
 
-    def predict(self, videos, mask):
+    def predict(self, videos, mask, n_masked=None):
         """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors."""
-        B = len(videos)
-        lo, hi = mask.sum(dim=1).aminmax()
+        visible, masked = mask_order(mask, n_masked)  # (B, N_vis), (B, N_m) token indices
         # Checked on the device (an `if` on a GPU tensor would make the host wait for the GPU every step).
-        torch._assert_async(lo == hi, "every clip in a batch must mask the same number of tokens (tube masking does)")
+        torch._assert_async((mask.sum(dim=1) == masked.shape[1]).all(),
+                            "every clip in a batch must mask the same number of tokens (tube masking does)")
         # Psi: encode visible tubes, append one mask token per masked tube, decode.
-        x = self.encoder_to_decoder(self.encoder(videos, mask))  # (B, N_vis, C_d)
-        pos = self.pos_embed.expand(B, -1, -1).to(x.dtype)  # (B, N, C_d)
-        C = x.shape[-1]
-        pos_masked = pos[mask].reshape(B, -1, C)  # (B, N_m, C_d)
-        x = torch.cat([x + pos[~mask].reshape(B, -1, C),  # visible first, in token order
-                       self.mask_token + pos_masked],      # then masked, in token order
+        x = self.encoder_to_decoder(self.encoder(videos, mask, masked.shape[1]))  # (B, N_vis, C_d)
+        pos = self.pos_embed.to(x.dtype)  # (1, N, C_d)
+        pos_masked = gather_tokens(pos, masked)  # (B, N_m, C_d)
+        x = torch.cat([x + gather_tokens(pos, visible),  # visible first, in token order
+                       self.mask_token + pos_masked],    # then masked, in token order
                       dim=1)  # (B, N, C_d)
-        pred = self.decoder(x, pos_masked.shape[1])  # (B, N_m, D)
-        return pred, self.targets(videos, mask)
+        pred = self.decoder(x, masked.shape[1])  # (B, N_m, D)
+        return pred, self.targets(videos, mask, masked.shape[1])
 
     def prototype_scores(self, pred, target):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
 
         Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released).
-        Always fp32 with autocast off (SPEC §4): a bf16 matmul rounds the scores to 8 mantissa bits,
-        which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
-        released fp16 path loses. The matmul is small next to the encoder, so fp32 costs little.
+        fp32 with autocast off, like the released loss head: a bf16 matmul rounds the scores to 8 mantissa
+        bits, which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
+        released fp16 path loses. On CUDA train.py lets this fp32 matmul use TF32 (tf32_in_fp32_regions),
+        which flips no more codes than fp16 (tests/test_model.py).
         """
         self.normalize_prototypes()
         with torch.autocast(pred.device.type, enabled=False):
@@ -497,9 +573,9 @@ class SIGMA(nn.Module):
             protos = self.prototypes.float()  # (K, D)
             return z_phi @ protos.t(), z_psi @ protos.detach().t()  # (B*N_m, K) each, fp32
 
-    def forward(self, videos, mask):
+    def forward(self, videos, mask, n_masked=None):
         cfg = self.cfg
-        pred, target = self.predict(videos, mask)  # (B, N_m, D) each
+        pred, target = self.predict(videos, mask, n_masked)  # (B, N_m, D) each
         out = {}
         if cfg.loss in ("l2", "pixel"):
             # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant)

@@ -32,41 +32,48 @@ def _all_reduce(x, op=dist.ReduceOp.SUM):
 def sinkhorn(scores, eps=0.05, n_iters=10):
     """Soft cluster assignments with equal prototype usage over the global batch.
 
-    scores: (N, K) similarities of this rank's N tokens to K prototypes (any dtype).
-    returns: (N, K) fp32 codes; each row sums to 1, and summed over the tokens of *all* ranks
-             every prototype receives the same mass N_total / K.
+    scores: (N, K) similarities of this rank's N tokens to K prototypes (any dtype), or a list of S such
+            matrices: S independent problems solved in one loop (SIGMA's two sides), sharing every all-reduce.
+    returns: (N, K) fp32 codes, or (S, N, K) for a list; each row sums to 1, and summed over the tokens of
+             *all* ranks every prototype receives the same mass N_total / K.
 
     Q = exp(scores / eps) is a transport plan between tokens and prototypes (small eps = sharper
     codes). Sinkhorn-Knopp alternately rescales its prototype rows to mass 1/K each and its token
-    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`; SPEC §4). Every
+    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`, as in the released code). Every
     rescaling multiplies Q by a diagonal matrix, so after any number of steps
         Q = diag(v) P diag(u),   P = exp(scores / eps)  (tokens x prototypes here),
     and it suffices to iterate the scaling vectors u (K,) and v (N,): each step is one
     matrix-vector product instead of several passes over the N x K matrix. The result is the
     same algorithm (tests/test_sinkhorn.py checks it against the literal matrix version).
     """
+    single = torch.is_tensor(scores)
+    scores = [scores] if single else list(scores)
     # fp32 always: exp(1 / 0.03) ~ 3e14 overflows fp16, and bf16 loses the small entries.
     # Autocast would run the matrix-vector products below in bf16, so switch it off here.
-    with torch.autocast(scores.device.type, enabled=False):
-        s = scores.float()
-        # Subtracting one constant from all scores (the global max) rescales P by a scalar that
+    with torch.autocast(scores[0].device.type, enabled=False):
+        # Subtracting one constant from all scores of a problem (its global max) rescales P by a scalar that
         # the first normalisation absorbs exactly; it keeps exp() <= 1, so no overflow at small eps.
-        s_max = _all_reduce(s.max().reshape(1), op=dist.ReduceOp.MAX)
-        P = (s - s_max).div_(eps).exp_()  # (N, K), in place: this matrix is the big one
-        N, K = P.shape
+        s_max = _all_reduce(torch.stack([s.max() for s in scores]).float(), op=dist.ReduceOp.MAX)  # (S,)
+        S, (N, K) = len(scores), scores[0].shape
+        P = scores[0].new_empty((S, N, K), dtype=torch.float32)  # the plans: the big matrices, updated in place
+        for p, s, m in zip(P, scores, s_max):
+            torch.sub(s.float(), m, out=p)
+        P.div_(eps).exp_()  # (S, N, K)
         # Tokens per rank may differ (e.g. the last batch); count them globally. The count stays a
         # (1,) tensor on the device (filled there, not copied from the host): no host sync per step.
         n_total = _all_reduce(P.new_full((1,), float(N)))
 
-        v = torch.ones(N, device=P.device)  # token scaling: the first step weighs tokens equally
+        v = P.new_ones(S, N)  # token scaling: the first step weighs tokens equally
         for _ in range(n_iters):
-            # Prototypes: mass of prototype k = u_k * sum_j v_j P_jk = 1/K. The sum runs over the
-            # tokens of every rank, so it is all-reduced -- the only communication in the loop.
-            u = 1.0 / (K * _all_reduce(P.t() @ v))  # (K,)
+            # Prototypes: mass of prototype k = u_k * sum_j v_j P_jk = 1/K. The sum runs over the tokens of
+            # every rank, so it is all-reduced -- the only communication in the loop, one for all S problems.
+            # (One matrix-vector product per problem: on CPU a batched matmul of a vector is 2x slower, measured.)
+            u = 1.0 / (K * _all_reduce(torch.stack([p.t() @ x for p, x in zip(P, v)])))  # (S, K)
             # Tokens: mass of token j = v_j * sum_k P_jk u_k = 1/N_total. Local to this rank.
-            v = 1.0 / (n_total * (P @ u))  # (N,)
+            v = 1.0 / (n_total * torch.stack([p @ x for p, x in zip(P, u)]))  # (S, N)
         # Scale each token's column to sum to 1: a distribution over prototypes per token.
-        return P.mul_(u).mul_((n_total * v).unsqueeze(1))  # (N, K)
+        P.mul_(u.unsqueeze(1)).mul_((n_total * v).unsqueeze(2))  # (S, N, K)
+        return P[0] if single else P
 
 
 def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1, hard=True):
@@ -82,11 +89,10 @@ def swapped_prediction_loss(s_phi, s_psi, eps=0.05, n_iters=10, temperature=0.1,
     returns: dict(loss, loss_phi, loss_psi, protos_used, assign_entropy); loss_phi is the term
     that trains phi, the last two are the collapse monitor of phi's side (assignment_stats).
     """
-    # The whole loss is fp32 with autocast off (SPEC §4), like Sinkhorn: the logits s / tau span
+    # The whole loss is fp32 with autocast off (as the released loss head), like Sinkhorn: the logits s / tau span
     # [-10, 10] and the cross-entropy compares them with a precision bf16 does not have.
     with torch.autocast(s_phi.device.type, enabled=False):
-        q_phi = sinkhorn(s_phi, eps, n_iters)  # (N, K), no grad
-        q_psi = sinkhorn(s_psi, eps, n_iters)  # (N, K), no grad
+        q_phi, q_psi = sinkhorn([s_phi, s_psi], eps, n_iters)  # (N, K) each, no grad; one loop, shared all-reduces
         logp_phi = F.log_softmax(s_phi.float() / temperature, dim=-1)  # (N, K)
         logp_psi = F.log_softmax(s_psi.float() / temperature, dim=-1)  # (N, K)
         y_phi = q_phi.argmax(dim=-1)  # (N,) hard assignment of each token on phi's side

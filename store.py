@@ -652,7 +652,7 @@ def bench(path, iters, tmp, codebook):
             frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
         start = torch.randint(0, max(len(frames) - (T - 1) * stride, 1), ())
         clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
-        return data.crop_resize_normalize(clip, data.multiscale_crop_box(*clip.shape[1:3], size), size)[None]
+        return data.crop_resize(clip, data.multiscale_crop_box(*clip.shape[1:3], size), size)[None]  # uint8, as a worker hands it over
 
     with av.open(str(path), metadata_errors="ignore") as c:
         fps = float(c.streams.video[0].average_rate or 25)
@@ -661,7 +661,7 @@ def bench(path, iters, tmp, codebook):
         decoded = video.read(range(T))  # (T, H, W, 3): the input of the transform-only row
 
     def transform_only():
-        return data.crop_resize_normalize(decoded, data.multiscale_crop_box(*decoded.shape[1:3], size), size)
+        return data.crop_resize(decoded, data.multiscale_crop_box(*decoded.shape[1:3], size), size)
 
     motion = synthetic.MotionObjects(MOTION_OBJECTS)  # SMILE's overlay (docs/motion.md), on the decoded frames
     rows, extra = [("naive: decode all to RGB, index", 1, naive),

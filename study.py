@@ -182,7 +182,7 @@ def supervised(root, seed, epochs, folder):
             for group in opt.param_groups:
                 group["lr"] = 1e-3 * (step / warmup if step < warmup else
                                       0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
-            loss = F.cross_entropy(net(clips), labels)
+            loss = F.cross_entropy(net(data.normalize(clips)), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -191,7 +191,7 @@ def supervised(root, seed, epochs, folder):
     correct = 0
     with torch.no_grad():
         for clips, labels in data.make_loader(val, 64, num_workers=2, shuffle=False, drop_last=False):
-            correct += (net(clips).argmax(1) == labels).sum().item()
+            correct += (net(data.normalize(clips)).argmax(1) == labels).sum().item()
     torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, folder / "ckpt.pth")
     (folder / "supervised.json").write_text(json.dumps(dict(top1=100 * correct / len(val), epochs=epochs, seed=seed)))
 

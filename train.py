@@ -33,6 +33,7 @@ import random
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,9 +44,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from torchvision.utils import draw_segmentation_masks
 
-from data import LAYOUTS, build_video_dataset, make_loader, set_epoch, tube_mask
+from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
+from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
+                   train_step_flops)
 from synthetic import MotionObjects, fashion_dataset, vos_chance
-from model import PRESETS, build_config, build_model, load_checkpoint, train_step_flops
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
 # Keyed by dataset, or dataset_arch where the release has a second recipe. Every value can be
@@ -126,7 +128,7 @@ def get_args(argv=None):
     a("--workers", type=int, default=None, help="DataLoader workers per GPU")
     a("--loader_timeout", type=float, default=300, help="seconds to wait for one batch from the workers before "
       "stopping with a message (a worker stuck in FFmpeg); below the NCCL timeout (10 min); 0 = wait forever")
-    # optimisation (SPEC §6)
+    # optimisation (the released pretraining scripts)
     a("--batch_size", type=int, default=None, help="total clips per optimizer step, over all GPUs")
     a("--micro_batch", type=int, default=None, help="clips per GPU per forward; accumulation fills the rest. "
       "Sinkhorn balances over micro_batch x GPUs clips, so it is part of the recipe")
@@ -136,7 +138,7 @@ def get_args(argv=None):
     a("--min_lr", type=float, default=None, help="final lr per 256 clips")
     a("--weight_decay", type=float, default=0.05, help="not applied to biases, norms, 1-D params, mask token")
     a("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
+    a("--precision", default="auto", help="auto (bf16 on GPUs of compute capability 8.0+, fp16 below, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
     a("--compile", nargs="?", const="inductor", default=None, help="torch.compile the model, optionally naming the "
       "backend (--compile = inductor; aot_eager compiles fast, for checks); the first steps are slow")
     # bookkeeping
@@ -278,20 +280,21 @@ def wrap_model(model, args, world, device):
 # ============ precision: one autocast context for the whole step ============
 
 def choose_precision(args, device):
-    """(precision, autocast, scaler). bf16 autocast on GPUs that have it (no loss scaling needed), fp32 on
-    CPU, fp16 + GradScaler only on request (the released code's choice on V100s; CPU supports it too, slowly).
-    Whatever the choice, prototype scores, Sinkhorn and the loss run in fp32 (model.py, sinkhorn.py), and so
-    does the frozen DINO, outside the autocast (as released)."""
+    """(precision, autocast, scaler). auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+; no
+    loss scaling needed), fp16 + GradScaler below it (V100, T4: the released code's choice), fp32 on CPU --
+    model.autocast_dtype, the rule the evaluation scripts share. Any choice can be forced (CPU runs fp16 too,
+    slowly). Whatever the choice, prototype scores, Sinkhorn and the loss run in fp32 (model.py, sinkhorn.py),
+    and so does the frozen DINO, outside the autocast (as released)."""
     precision = args.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device)]
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return precision, autocast, scaler
 
 
-# ============ optimisation: parameter groups and the lr schedule (SPEC §6) ============
+# ============ optimisation: parameter groups and the lr schedule (released `utils.py` cosine_scheduler) ============
 
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases, norms and other 1-D params, nor the mask token."""
@@ -332,6 +335,52 @@ def save_checkpoint(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def host_copy(obj):
+    """A snapshot of a checkpoint: every tensor in (nested dicts / lists / tuples of) obj copied to host memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Checkpoints written in the background, so the GPUs keep training while rank 0 writes (ViT-B: ~1.2 GB of
+    weights and AdamW moments, with fsync, often to network storage).
+
+    save(path, obj) first copies every tensor to host memory (a snapshot: the next steps change the weights in
+    place), then save_checkpoint writes the copy in a thread: the file still appears atomically, and a kill during
+    the write leaves the previous checkpoint. One write at a time (save waits for the previous one). wait()
+    returns once the last write is on disk and re-raises its error (e.g. a full disk), if any.
+    """
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, path, obj):
+        self.wait()
+        snapshot = host_copy(obj)
+
+        def write():
+            try:
+                save_checkpoint(path, snapshot)
+            except BaseException as err:  # reported by the next wait(), in the training thread
+                self.error = err
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
 
 
 def git_hash():
@@ -398,6 +447,7 @@ def train(args, rank, world, device):
     master = rank == 0
     cfg = check_args(args, world)  # every option, before any weight or video is read
     precision, autocast, scaler = choose_precision(args, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its convolutions once
     torch.manual_seed(args.seed)  # same initial weights for a given seed, on every rank
     model = build_model(args.arch, **model_options(args)).to(device)
     if args.bench:
@@ -411,20 +461,9 @@ def train(args, rank, world, device):
     lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
-    # drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside
-    # each one -- a rank with an extra batch would wait forever. With --repeats R each decoded video
-    # yields R clips, so the loader batches micro_batch / R videos.
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
-    dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
-                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
-    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
-    # (shared by every worker and rank; the end-of-run summary counts it).
-    dataset.bad_list = paths["bad_videos.txt"]
-    if args.motion_objects:  # SMILE's synthetic motion, drawn from (seed, epoch, index): resumes exactly
-        dataset.overlay = MotionObjects(args.motion_objects, args.motion_objects_dir, seed=args.seed)
-    loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
-                         shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    dataset, loader = build_loader(args, cfg, paths)
     # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
@@ -449,11 +488,15 @@ def train(args, rank, world, device):
               f"videos; {world} x {args.micro_batch} clips x {accum} accum = {args.batch_size} clips/step; "
               f"{steps_per_epoch} steps/epoch; device {device}, {precision}"
               + (f"; resumed from {paths['ckpt.pth']}: epoch {start_epoch}, step {step}" if step else ""))
+        if accum > 1 and device.type == "cuda":
+            gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+            print(accumulation_note(model, cfg, args, world, autocast, gpu_gib))
 
     # ============ training ============
     # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
     # rank at once (the values it checks are averaged over ranks first), so no rank is left waiting.
-    run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
+    # Checkpoints are written by rank 0 in the background (CheckpointWriter): no rank waits for the disk.
+    run, writer = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum), CheckpointWriter()
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
         # This epoch's randomness (augmentation, shuffle, masks) depends on (seed, epoch, rank) only,
@@ -461,26 +504,65 @@ def train(args, rank, world, device):
         mask_gen = seed_everything(args.seed, epoch, rank)
         set_epoch(loader, epoch)
         step_model.train()
-        step, stop = train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step)
+        with tf32_in_fp32_regions(device, precision):  # CUDA + bf16/fp16: DINO and prototype scores in TF32
+            step, stop = train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen,
+                                         epoch, step)
         if stop:
+            writer.wait()  # the last good checkpoint, complete on disk
             return 1
         if master:
             run.end_of_epoch(epoch)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch:
-                save_checkpoint(paths["ckpt.pth"], {
+                writer.save(paths["ckpt.pth"], {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "config": config,
                     "model_config": dataclasses.asdict(cfg)})
-        if world > 1:
-            dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint exists
-
+    writer.wait()
     if world > 1:
+        dist.barrier()  # nobody exits before the last checkpoint is on disk
         check_ranks_agree(model, master)
     if master:
         run.summary(end_epoch)
         if args.first_look and args.dataset == "fashion" and end_epoch == args.epochs and run.last:
             first_look(args, paths["ckpt.pth"])
     return 0
+
+
+def build_loader(args, cfg, paths):
+    """The training clips and their DataLoader: (dataset, loader).
+
+    drop_last: every rank must run the same number of forwards, because Sinkhorn all-reduces inside each one --
+    a rank with an extra batch would wait forever. With --repeats R each decoded video yields R clips, so the
+    loader batches micro_batch / R videos.
+    """
+    dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
+                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
+    # Worker processes cannot report back to the main process: each appends the paths it skips to this file
+    # (shared by every worker and rank; the end-of-run summary counts it).
+    dataset.bad_list = paths["bad_videos.txt"]
+    if args.motion_objects:  # SMILE's synthetic motion, drawn from (seed, epoch, index): resumes exactly
+        dataset.overlay = MotionObjects(args.motion_objects, args.motion_objects_dir, seed=args.seed)
+    loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
+                         shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
+    return dataset, loader
+
+
+def accumulation_note(model, cfg, args, world, autocast, gpu_gib):
+    """The start-up note of a run that accumulates gradients: Sinkhorn's equipartition then covers each forward's
+    world x micro_batch clips, not the whole step's batch_size as in the released run (K400: 16 GPUs x 40 = 640
+    clips at once; 8 GPUs x 40 x 2 accumulation steps balance 320 at a time). Says whether batch_size / world
+    clips per forward fit this GPU by the memory estimate (+20% allocator slack), and the option that uses them.
+    The micro-batch is not changed automatically: it is part of the recipe (a restart on another GPU model must
+    not change the result), so the choice stays on the command line."""
+    full, accum = args.batch_size // world, args.batch_size // (world * args.micro_batch)
+    need = sum(estimate_memory_gb(model, cfg, full, autocast, args.mask_ratio))
+    fits = 1.2 * need <= gpu_gib
+    return (f"note: {accum} accumulation steps, so Sinkhorn balances {world * args.micro_batch} clips at a time; the "
+            f"released run balanced all {args.batch_size} at once. {full} clips per GPU need ~{need:.0f} GiB "
+            f"(estimate) of this GPU's {gpu_gib:.0f} GiB: "
+            + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
+               f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
+               f"{args.micro_batch}."))
 
 
 # ============ the first look: what did pretraining learn? ============
@@ -542,22 +624,28 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
     """One pass over the loader: steps_per_epoch optimizer steps of accum micro-batches each.
     Returns (step, stop): stop is True when the monitor found a NaN loss or a collapse."""
     args, cfg, device, accum = run.args, run.cfg, run.device, run.accum
-    batches = iter(loader)
+    # On CUDA the next batch's copy to the GPU runs on a side stream while this one computes (data.prefetch).
+    batches = prefetch((videos for videos, _ in loader), run.device)
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                leave=False, disable=None if run.master else True)
     for i in bar:
-        for g in optimizer.param_groups:  # per-step schedule (SPEC §6), same for both param groups
+        for g in optimizer.param_groups:  # per-step cosine (released `utils.py`), same for both param groups
             g["lr"] = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
         stats = {}  # name -> 0-d device tensor, the mean over this step's micro-batches
         for micro in range(accum):
-            videos = next_batch(batches, run)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+            # uint8 from the workers (a quarter of float32's bytes to copy), normalised on the device.
+            videos = normalize(next_batch(batches, run))  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
             videos = videos.flatten(0, 1) if videos.ndim == 6 else videos  # repeated sampling: (B*R, 3, T, H, W)
-            # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample.
-            mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen).to(device)  # (B, N)
+            # Masks are drawn here, for the whole micro-batch at once (vectorised), not per sample. The count of
+            # masked tokens is read on the host, before the copy: the model gathers fixed-size index sets with it
+            # (no host sync, one compiled graph), and the mask travels from pinned memory, off the host's path.
+            mask = tube_mask(len(videos), cfg.grid, args.mask_ratio, generator=mask_gen)  # (B, N) on the host
+            n_masked = int(mask[0].sum())
+            mask = to_device(mask, device)
             # Gradients are all-reduced by DDP only on the last micro-batch.
             sync = micro == accum - 1 or run.world == 1
             with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast():
-                out = step_model(videos, mask)
+                out = step_model(videos, mask, n_masked=n_masked)
             # / accum: the accumulated gradient is the mean over the whole batch_size clips, as one big batch's
             # would be. The scaler multiplies by the fp16 loss scale (a no-op for bf16 / fp32).
             scaler.scale(out["loss"] / accum).backward()
@@ -581,12 +669,12 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
 
 
 def next_batch(batches, run):
-    """The next batch, on the device. A worker that produces nothing for --loader_timeout seconds (FFmpeg stuck
+    """The next batch of uint8 clips, on the device. A worker that produces nothing for --loader_timeout seconds (FFmpeg stuck
     on a pathological file) stops this rank with a message; torchrun then ends the other ranks at once instead
     of all of them waiting in Sinkhorn's all-reduce until the NCCL timeout."""
     t0 = time.perf_counter()
     try:
-        videos = next(batches)[0]  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R
+        videos = next(batches)  # (B, 3, T, H, W); (B, R, 3, T, H, W) with --repeats R; uint8, on the device
     except RuntimeError as err:
         if "timed out" not in str(err):
             raise
@@ -596,7 +684,7 @@ def next_batch(batches, run):
             f"are listed in {run.paths['bad_videos.txt']}. Re-encode or remove the file (try decoding the dataset "
             f"with `python data.py`), or raise --loader_timeout if decoding is merely slow.") from None
     run.data_time += time.perf_counter() - t0
-    return videos.to(run.device, non_blocking=True)
+    return videos
 
 
 # ============ monitoring: the log, the NaN stop, the collapse alarm ============
@@ -752,35 +840,56 @@ def peak_memory_gb(device):
 # ============================================================================================================
 
 def bench(model, cfg, args, device, autocast, precision):
-    """Median step time, clips/s and achieved FLOP/s against this device's matmul throughput, and the
-    memory estimate for --micro_batch clips."""
+    """What a node delivers on one training step, timed as the loop runs it: uint8 clips and the mask copied from
+    pinned host memory, normalised on the device, forward + backward + AdamW. Prints the median step time (wall
+    and process CPU time), the achieved FLOP/s as a share of this device's matmul ceiling at the autocast dtype
+    (and, on CUDA, of the TF32 ceiling that the fp32 regions run at), the bytes copied host-to-device per step,
+    and the measured peak memory against the estimate (estimate_memory_gb)."""
     batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2, args.micro_batch))
     amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     ceiling = matmul_flops_per_second(device, amp_dtype)
+    with tf32_in_fp32_regions(device, "bf16"):  # CUDA: fp32 matmuls in TF32; CPU: plain fp32
+        tf32_ceiling = matmul_flops_per_second(device, torch.float32) if device.type == "cuda" else None
     flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step (model.py)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-5, fused=device.type == "cuda")
     step_model = torch.compile(model, backend=args.compile) if args.compile else model
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
+    clips = torch.randint(0, 256, (batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    clips = clips.pin_memory() if device.type == "cuda" else clips  # (B, 3, T, H, W), as the DataLoader pins it
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times, cpu_times, copied = [], [], 0
     for i in range(args.bench_steps + 2):  # two warm-up steps
-        mask = tube_mask(batch, cfg.grid, args.mask_ratio).to(device)  # (B, N)
+        if i == 2 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        mask = tube_mask(batch, cfg.grid, args.mask_ratio)  # (B, N) on the host
+        n_masked = int(mask[0].sum())
         sync()
-        t0 = time.perf_counter()
-        with autocast():
-            loss = step_model(videos, mask)["loss"]
-        loss.backward()
+        t0, c0 = time.perf_counter(), time.process_time()
+        videos, mask = normalize(to_device(clips, device)), to_device(mask, device)  # what the loop copies
+        with tf32_in_fp32_regions(device, precision):
+            with autocast():
+                loss = step_model(videos, mask, n_masked=n_masked)["loss"]
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-    t = sorted(times[2:])[len(times[2:]) // 2]
+        cpu_times.append(time.process_time() - c0)
+        copied = clips.nbytes + mask.nbytes
+    median = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731
+    t, cpu = median(times), median(cpu_times)
+    share = f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s {precision} matmul ceiling"
+    if tf32_ceiling:
+        share += f" (TF32, the fp32 regions' rate: {tf32_ceiling / 1e9:.0f} GFLOP/s)"
     print(f"{args.arch} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, target {cfg.target}, loss {cfg.loss}, "
           f"batch {batch}, {device} {precision}, {torch.get_num_threads()} threads:\n"
-          f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}), {t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
-          f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = "
-          f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s matmul throughput"
-          + (f"\n  measured peak memory {peak_memory_gb(device):.2f} GiB" if device.type == "cuda" else ""))
+          f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}; process CPU time {cpu * 1e3:.1f} ms), "
+          f"{t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
+          f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = {share}\n"
+          f"  host-to-device per step: {copied / 2 ** 20:.1f} MiB (uint8 clips + mask; float32 clips would be "
+          f"{(4 * clips.nbytes + mask.nbytes) / 2 ** 20:.1f} MiB)")
+    if device.type == "cuda":
+        est = sum(estimate_memory_gb(model, cfg, batch, autocast, args.mask_ratio))
+        print(f"  peak memory {peak_memory_gb(device):.2f} GiB measured vs {est:.2f} GiB estimated for {batch} clips")
     static, acts, sk = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
     print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB "
           f"= {static:.1f} weights+grads+AdamW + {acts:.1f} saved for backward + {sk:.1f} score/Sinkhorn temporaries "

@@ -47,8 +47,8 @@ def encode(path, frames, codec="libx264", fps=25, **options):
 
 
 def unnormalize(clip):
-    """float (3, T, S, S) normalised -> float (3, T, S, S) in [0, 255]."""
-    return (clip * STD + MEAN) * 255
+    """A dataset's uint8 (3, T, S, S) clip, through the model's normalisation and back -> float in [0, 255]."""
+    return (data.normalize(clip) * STD + MEAN) * 255
 
 
 def gray_video(path, levels, size=32):
@@ -136,7 +136,7 @@ def test_decode_webm_vp9_and_mkv(tmp_path):
                 np.testing.assert_array_equal(video.read(idx).numpy(), full[idx])
         ds = data.VideoClips([(tmp_path / name, 3)], num_frames=8, stride=2, size=32)
         clip, label = ds[0]
-        assert clip.shape == (3, 8, 32, 32) and clip.dtype == torch.float32 and label == 3
+        assert clip.shape == (3, 8, 32, 32) and clip.dtype == torch.uint8 and label == 3
 
 
 def test_decode_rejects_negative_positions():
@@ -233,13 +233,34 @@ def test_multiscale_crop_geometry(height, width):
         assert positions == set(data.FIXED_CROP_GRID)  # exactly the 13 released positions
 
 
-def test_crop_resize_normalize_exact_when_no_resize():
+def test_crop_resize_exact_when_no_resize():
     frames = torch.randint(0, 256, (4, 50, 70, 3), dtype=torch.uint8)
-    out = data.crop_resize_normalize(frames, (5, 11, 32, 32), 32)
-    ref = (frames[:, 5:37, 11:43].permute(3, 0, 1, 2).float() / 255 - MEAN) / STD  # (3, T, 32, 32)
-    assert out.shape == (3, 4, 32, 32) and out.is_contiguous()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(data.crop_resize_normalize(frames, (5, 11, 32, 32), 32, flip=True), ref.flip(-1))
+    out = data.crop_resize(frames, (5, 11, 32, 32), 32)
+    ref = frames[:, 5:37, 11:43].permute(3, 0, 1, 2)  # (3, T, 32, 32)
+    assert out.shape == (3, 4, 32, 32) and out.dtype == torch.uint8 and out.is_contiguous()
+    assert torch.equal(out, ref) and torch.equal(data.crop_resize(frames, (5, 11, 32, 32), 32, flip=True), ref.flip(-1))
+
+
+def test_device_normalisation_equals_the_float_pipeline():
+    # Clips leave the workers as uint8 (a quarter of float32's bytes) and are normalised where the model runs;
+    # the result equals what the dataset returned before, float32 (x / 255 - mean) / std, to 1e-6, for batches
+    # (B, 3, T, S, S) and repeated-sampling batches (B, R, 3, T, S, S) alike.
+    frames = torch.randint(0, 256, (4, 50, 70, 3), dtype=torch.uint8)
+    clip = data.crop_resize(frames, (3, 7, 40, 48), 32)  # a real resize
+    float_pipeline = (clip.float() / 255 - MEAN) / STD  # (3, T, S, S), the dataset's former float32 output
+    batch = torch.stack([clip, clip.flip(-1)])  # (2, 3, T, S, S) uint8
+    out = data.normalize(batch)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.stack([float_pipeline, float_pipeline.flip(-1)]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(data.normalize(batch[None]), out[None], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        data.normalize(out)  # normalising twice is refused
+
+
+def test_prefetch_on_cpu_yields_the_batches_themselves():
+    batches = [torch.randint(0, 256, (2, 3), dtype=torch.uint8) for _ in range(3)]
+    out = list(data.prefetch(iter(batches), torch.device("cpu")))
+    assert len(out) == 3 and all(a is b for a, b in zip(out, batches))
 
 
 def test_repeats_and_multiview(tmp_path):
@@ -256,7 +277,7 @@ def test_repeats_and_multiview(tmp_path):
     for k, start in enumerate([0, 240 - 29]):  # clips at the first and last start
         for j, left in enumerate([0, 40, 80]):  # short-side squares: left, centre, right
             box = (0, left, 240, 240)
-            ref = data.crop_resize_normalize(full[start:start + 29:4], box, 64)
+            ref = data.crop_resize(full[start:start + 29:4], box, 64)
             torch.testing.assert_close(a[k * 3 + j], ref)
     with pytest.raises(ValueError):
         data.VideoClips([(UCF, 0)], train=False, repeats=2)
@@ -380,7 +401,7 @@ def test_davis2016_real_sequences_consecutive_runs():
     assert len(ds) == 2  # 20 annotated frames each -> floor(20 / 16) = 1 clip per sequence
     item = ds[0]
     assert item["name"] == "blackswan" and item["frame_ids"] == [f"{i:05d}" for i in range(16)]
-    assert item["frames"].shape == (3, 16, 64, 64) and item["frames"].dtype == torch.float32
+    assert item["frames"].shape == (3, 16, 64, 64) and item["frames"].dtype == torch.uint8
     assert item["masks"].shape == (16, 64, 64) and item["masks"].dtype == torch.int64
     assert set(item["masks"].unique().tolist()) == {0, 1}  # 255 -> 1
     original = np.stack([np.asarray(Image.open(DATA / "davis/Annotations/480p/blackswan" / f"{i:05d}.png"))
@@ -550,7 +571,7 @@ def test_segments_sampling_on_real_and_ramp_videos(tmp_path):
     full = torch.from_numpy(sequential_decode(UCF))  # (240, 240, 320, 3)
     for k, positions in enumerate(released_test_indices(240, 8)[0]):
         for j, left in enumerate([0, 40, 80]):  # short-side squares: left, centre, right
-            ref = data.crop_resize_normalize(full[positions], (0, left, 240, 240), 64)
+            ref = data.crop_resize(full[positions], (0, left, 240, 240), 64)
             torch.testing.assert_close(a[k * 3 + j], ref)
     path = gray_video(tmp_path / "ramp.mp4", np.arange(48) * 5)  # 48 frames, frame i has level 5 i
     ds = data.VideoClips([(path, 0)], num_frames=8, size=16, train=True, sampling="segments")

@@ -16,7 +16,7 @@ import torch
 
 import eval_linear
 import probes
-from data import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_CLASSES, build_video_dataset, tube_mask
+from data import SYNTHETIC_CLASSES, build_video_dataset, normalize, tube_mask
 from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
 from model import build_model, load_encoder
 
@@ -37,7 +37,7 @@ def briefly_pretrained(data, path, steps=24, batch=4):
     cfg = sigma.cfg
     ds = build_video_dataset("synthetic", data, "train", num_frames=cfg.num_frames, size=cfg.img_size,
                              train=True, repeats=2)
-    clips = torch.cat([ds[i][0] for i in range(len(ds))])  # (2 * videos, 3, T, S, S): decoded once
+    clips = normalize(torch.cat([ds[i][0] for i in range(len(ds))]))  # (2 * videos, 3, T, S, S): decoded once
     opt = torch.optim.AdamW(sigma.parameters(), lr=1e-3, weight_decay=0.05)
     for step in range(steps):
         videos = clips[torch.randint(len(clips), (batch,))]
@@ -117,14 +117,14 @@ def test_multi_view_scores_are_averaged_softmax():
 
 def test_extract_mean_pools_all_tokens_and_mirrors():
     encoder, cfg = load_encoder("random", "tiny")
-    clips = torch.randn(3, 2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # 3 items x 2 views
+    clips = torch.randint(0, 256, (3, 2, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)  # 3 x 2 views
     loader = [(clips, torch.tensor([[4, 4], [5, 5], [6, 6]]))]
     feats, labels, passes = extract(encoder, loader, torch.device("cpu"), flip=True, show=False)
     assert feats.shape == (3, 4, cfg.enc_dim) and labels.tolist() == [4, 5, 6] and passes == 12
     with torch.no_grad():
         for v in range(2):  # columns: view 0, view 0 mirrored, view 1, view 1 mirrored
-            torch.testing.assert_close(feats[:, 2 * v], encoder(clips[:, v]).mean(1), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(feats[:, 2 * v + 1], encoder(clips[:, v].flip(-1)).mean(1),
+            torch.testing.assert_close(feats[:, 2 * v], encoder(normalize(clips[:, v])).mean(1), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(feats[:, 2 * v + 1], encoder(normalize(clips[:, v].flip(-1))).mean(1),
                                        rtol=1e-4, atol=1e-5)
 
 
@@ -398,10 +398,9 @@ def test_dense_labels_match_the_pixels_of_the_decoded_clip(dense_set):
                              train=False)
     assert eval_linear.dense_problem(ds, cfg) is None
     labels = eval_linear.dense_labels(ds, cfg, 3)  # (N, 256)
-    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
     agree, shifted = [], []
     for i in range(len(ds)):
-        rgb = 255 * (ds[i][0] * std + mean)  # (3, T, S, S)
+        rgb = ds[i][0].float()  # (3, T, S, S) pixel levels
         colourful = rgb.max(0).values - rgb.min(0).values > 100  # the square, not the grey noise
         pixels = torch.where(colourful, torch.where(rgb[0] > rgb[2], 1, 2), 0).byte()  # (T, S, S)
         seen = probes.token_labels(pixels.numpy(), torch.arange(cfg.num_frames), cfg, 3)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_vos
-from data import VOSDataset, build_video_dataset, tube_mask
+from data import VOSDataset, build_video_dataset, normalize, tube_mask
 from synthetic import synthetic_dataset
 from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
                       miou, prepare, segment, standardise_pca)
@@ -291,7 +291,7 @@ def trained_ckpt(small_synthetic, tmp_path_factory):
     cfg = sigma.cfg
     # folder-per-class like K400 (build_video_dataset("synthetic", root) would insist on the default sizes)
     clips = build_video_dataset("k400", small_synthetic, num_frames=cfg.num_frames, stride=2, size=cfg.img_size)
-    videos = torch.stack([clips[i][0] for i in range(len(clips))])  # (24, 3, 8, 64, 64)
+    videos = normalize(torch.stack([clips[i][0] for i in range(len(clips))]))  # (24, 3, 8, 64, 64)
     opt = torch.optim.AdamW(sigma.parameters(), lr=5e-4)
     for step in range(30):
         batch = videos[torch.randperm(len(videos))[:6]]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import tube_mask
 from model import (DINO, Encoder, build_config, build_model, count_params, describe_state_dict,
@@ -387,9 +388,9 @@ def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
     model = build_model("tiny", proj_dim=256, num_prototypes=3000)
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 600, 256, generator=g), torch.randn(2, 600, 256, generator=g)
-    monkeypatch.setattr(model, "predict", lambda videos, mask: (pred, target))
+    monkeypatch.setattr(model, "predict", lambda videos, mask, n_masked=None: (pred, target))
     codes, plain = [], sk.sinkhorn
-    monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.append(plain(s, *a).argmax(1)) or plain(s, *a))
+    monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.extend(plain(s, *a).argmax(-1)) or plain(s, *a))
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
     ref = model(x, mask)["loss"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -413,15 +414,128 @@ def test_dino_target_runs_in_fp32_outside_autocast(tmp_path):
 
 def test_forward_backward_has_no_host_sync(monkeypatch):
     # The logged monitors stay 0-d tensors on the device and no Python-level read of a tensor value
-    # (.item(), int(), float(), bool(), .tolist()) happens in a training step: on a GPU each one would make
-    # the host wait for the GPU. (Boolean-mask indexing still syncs inside torch; see train.py --compile.)
+    # (.item(), int(), float(), bool(), .tolist()) happens in a training step (train.py passes n_masked): on a
+    # GPU each one would make the host wait for the GPU.
     model = build_model("tiny", **TINY)
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    n_masked = int(mask[0].sum())
     def refuse(*args):
         raise AssertionError("host sync in the training step")
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    out = model(x, mask)
+    out = model(x, mask, n_masked=n_masked)
     out["loss"].backward()
     monkeypatch.undo()
     assert all(torch.is_tensor(v) for v in out.values()) and 1 <= out["protos_used"] <= 64
+
+
+class SyncOps(TorchDispatchMode):
+    """Counts the aten ops whose output size depends on tensor data (nonzero, boolean-mask indexing,
+    masked_select) or that read a value on the host (_local_scalar_dense): each makes the host wait for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if bool_index or name in ("nonzero", "masked_select", "_local_scalar_dense"):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops that ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("target, loss", [("mlp", "sigma"), ("pixel", "pixel")])
+def test_training_forward_has_no_sync_op_and_no_graph_break(target, loss):
+    # Fixed-size gathers (mask_order): no data-dependent op in forward + backward (the boolean-mask gathers of
+    # the tokens, positions and targets were 4 nonzero calls), and torch.compile captures the forward whole.
+    model = build_model("tiny", target=target, loss=loss, **TINY)
+    x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
+    n_masked = int(mask[0].sum())
+    with SyncOps() as ops:
+        model(x, mask, n_masked=n_masked)["loss"].backward()
+    assert ops.seen == []
+    explained = torch._dynamo.explain(model)(x, mask, n_masked=n_masked)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_gathers_equal_boolean_mask_indexing():
+    # mask_order's index sets pick exactly the tokens x[~mask] / x[mask] picked, in the same (ascending) order.
+    from model import gather_tokens, mask_order
+    mask = tube_mask(3, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))  # (3, 32)
+    x = torch.randn(3, 32, 5)
+    visible, masked = mask_order(mask)
+    assert torch.equal(gather_tokens(x, visible), x[~mask].reshape(3, -1, 5))
+    assert torch.equal(gather_tokens(x, masked), x[mask].reshape(3, -1, 5))
+    assert torch.equal(mask_order(mask, n_masked=24)[0], visible)
+
+
+def _keep_mantissa_bits(x, bits):
+    """fp32 x with its mantissa truncated to `bits` bits (TF32 keeps 10): the lower 23 - bits bits zeroed."""
+    return (x.view(torch.int32) & ~((1 << (23 - bits)) - 1)).view(torch.float32)
+
+
+def code_flip_rates(K=3000, D=256, N=4096, eps=0.05):
+    """Share of Sinkhorn argmax codes that differ from those of fp64 scores, for scores computed with TF32 inputs
+    (10 mantissa bits, truncated: the worse of rounding and truncation; fp32 accumulation and output), on the
+    released fp16 path (fp16 inputs and output) and in bf16 (8 bits). Random unit features: the closest calls."""
+    from sinkhorn import sinkhorn
+    g = torch.Generator().manual_seed(0)
+    protos = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    z = F.normalize(torch.randn(N, D, generator=g), dim=1)
+    exact = sinkhorn((z.double() @ protos.double().t()).float(), eps).argmax(1)
+    flips = lambda scores: (sinkhorn(scores, eps).argmax(1) != exact).float().mean().item()  # noqa: E731
+    return dict(tf32=flips(_keep_mantissa_bits(z, 10) @ _keep_mantissa_bits(protos, 10).t()),
+                fp16=flips((z.half().float() @ protos.half().float().t()).half()),
+                bf16=flips((z.bfloat16().float() @ protos.bfloat16().float().t()).bfloat16()))
+
+
+def test_tf32_scores_flip_no_more_codes_than_the_released_fp16_path():
+    # At K = 3000 and eps 0.05 TF32 scores must flip no more codes than the released fp16 path, and fewer than
+    # bf16 (which shows the comparison can tell the precisions apart).
+    rates = code_flip_rates()
+    assert rates["tf32"] <= rates["fp16"] < rates["bf16"], rates
+
+
+def test_tf32_context_only_on_cuda_with_autocast(monkeypatch):
+    # The flag is switched for the step on CUDA under bf16 / fp16 and restored after; fp32 runs and CPUs keep
+    # true fp32 matmuls. (Setting the flag needs no GPU.)
+    from model import tf32_in_fp32_regions
+    before = torch.backends.cuda.matmul.fp32_precision
+    for device, precision, inside in [("cuda", "bf16", "tf32"), ("cuda", "fp16", "tf32"), ("cuda", "fp32", before),
+                                      ("cpu", "bf16", before)]:
+        with tf32_in_fp32_regions(torch.device(device), precision):
+            assert torch.backends.cuda.matmul.fp32_precision == inside
+        assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_tube_embedding_matmul_equals_conv3d_forward_and_backward():
+    # The matmul form of the tube embedding against the Conv3d it replaces, in fp64: output and the gradients
+    # of the input, weight and bias; parameter names (the checkpoint layout) are the Conv3d's.
+    from model import TubeEmbed
+    torch.manual_seed(0)
+    embed = TubeEmbed(24, tubelet=2, patch=4).double()
+    assert list(embed.state_dict()) == ["proj.weight", "proj.bias"] and embed.proj.weight.shape == (24, 3, 2, 4, 4)
+    x = torch.randn(2, 3, 4, 8, 12, dtype=torch.float64, requires_grad=True)
+    with OpNames() as ops:
+        out = embed(x)  # (2, 2*2*3, 24)
+    assert "convolution" not in ops.names and {"addmm", "mm", "bmm"} & ops.names  # a GEMM, not a Conv3d
+    ref = F.conv3d(x, embed.proj.weight, embed.proj.bias, stride=(2, 4, 4)).flatten(2).transpose(1, 2)
+    assert out.shape == ref.shape == (2, 12, 24) and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, embed.proj.weight, embed.proj.bias], g)
+    ref_grads = torch.autograd.grad(ref, [x, embed.proj.weight, embed.proj.bias], g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(grads, ref_grads))

@@ -107,7 +107,7 @@ def test_videoclips_same_labels_sampling_and_crops(entries, codec):
         if codec == "magicyuv":
             assert torch.equal(a, b)
         else:
-            err = ((a - b) * torch.tensor(data.IMAGENET_STD).view(3, 1, 1, 1) * 255).pow(2).mean()
+            err = (a.float() - b.float()).pow(2).mean()  # uint8 clips: pixel levels
             bound = store.MIN_PSNR if codec == "jpeg" else KMEANS_PSNR
             assert 10 * torch.log10(255 ** 2 / err) > bound  # resizing only averages the error down
 

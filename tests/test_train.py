@@ -3,6 +3,7 @@ in sync; a resumed run equals an uninterrupted one; gradient accumulation equals
 a NaN loss and a collapse stop cleanly; bad options fail before anything is read; bf16 and fp16 steps
 and an fp16 resume from bf16; ranks that see different checkpoints stop; a stuck loader worker stops;
 unreadable videos are listed; DDP, torch.compile and the memory estimate."""
+import contextlib
 import json
 import os
 import subprocess
@@ -94,8 +95,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_synthetic, tmp_path, monk
     assert train.main(tiny_args(tiny_synthetic, tmp_path, "--max_epochs_this_run", "1")) == 0
     before = weights(tmp_path)
     forward = SIGMA.forward
-    def nan_forward(self, videos, mask):
-        out = forward(self, videos, mask)
+    def nan_forward(self, videos, mask, **kwargs):
+        out = forward(self, videos, mask, **kwargs)
         return {**out, "loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(SIGMA, "forward", nan_forward)
@@ -152,9 +153,10 @@ def test_missing_data_root_fails_clearly(tmp_path):
 
 
 def test_torchrun_two_processes_stay_in_sync(tiny_synthetic, tmp_path):
+    # Compiled (aot_eager) under DDP, as GPU runs use it: Sinkhorn's all-reduces inside the compiled forward.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *tiny_args(tiny_synthetic, tmp_path, "--epochs", "1", "--warmup_epochs", "0",
-                                                            "--micro_batch", "4")]
+                                                            "--micro_batch", "4", "--compile", "aot_eager")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,8 +194,8 @@ def test_bf16_and_fp16_steps_and_fp16_resumes_from_bf16(tiny_synthetic, tmp_path
 
 def test_collapse_alarm_stops_sigma_and_keeps_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
     forward = SIGMA.forward
-    def collapsed(self, videos, mask):  # what a collapsed phi looks like to the monitor
-        out = forward(self, videos, mask)
+    def collapsed(self, videos, mask, **kwargs):  # what a collapsed phi looks like to the monitor
+        out = forward(self, videos, mask, **kwargs)
         return {**out, "protos_used": torch.ones((), dtype=torch.long)}
     monkeypatch.setattr(SIGMA, "forward", collapsed)
     # 3 collapsed steps in a row stop the run: epoch 1 (steps 1-2) ends with a checkpoint, step 3 stops.
@@ -206,8 +208,8 @@ def test_collapse_alarm_stops_sigma_and_keeps_checkpoint(tiny_synthetic, tmp_pat
 
 def test_l2_ablation_collapses_by_design_and_runs_to_the_end(tiny_synthetic, tmp_path, monkeypatch, capsys):
     forward = SIGMA.forward
-    def constant_phi(self, videos, mask):
-        return {**forward(self, videos, mask), "target_std": torch.zeros(())}
+    def constant_phi(self, videos, mask, **kwargs):
+        return {**forward(self, videos, mask, **kwargs), "target_std": torch.zeros(())}
     monkeypatch.setattr(SIGMA, "forward", constant_phi)
     assert train.main(tiny_args(tiny_synthetic, tmp_path, "--loss", "l2", "--collapse_patience", "1",
                                 "--epochs", "1", "--warmup_epochs", "0")) == 0
@@ -298,10 +300,12 @@ def load_tiny_config():
     return asdict(build_config("tiny", num_prototypes=32))
 
 
-def test_compiled_training_step_runs_on_cpu(tiny_synthetic, tmp_path):
+@pytest.mark.parametrize("loss", ["pixel", "sigma"])
+def test_compiled_training_step_runs_on_cpu(tiny_synthetic, tmp_path, loss):
     # A whole run with the model under torch.compile (aot_eager: dynamo + AOTAutograd, the graph capture that
-    # inductor uses, without generating C++; ~20-50 s on 2 CPU cores). It must match the eager run closely.
-    args = ("--epochs", "1", "--warmup_epochs", "0", "--loss", "pixel")
+    # inductor uses, without generating C++). It must match the eager run closely; the SIGMA loss (Sinkhorn,
+    # fixed-size gathers) is captured in one graph too (tests/test_model.py counts the breaks).
+    args = ("--epochs", "1", "--warmup_epochs", "0", "--loss", loss)
     assert train.main(tiny_args(tiny_synthetic, tmp_path / "compiled", *args, "--compile", "aot_eager")) == 0
     assert train.main(tiny_args(tiny_synthetic, tmp_path / "eager", *args)) == 0
     a, b = weights(tmp_path / "compiled"), weights(tmp_path / "eager")
@@ -319,3 +323,95 @@ def test_memory_estimate_does_not_scale_weights_by_the_batch():
     one, _ = train.saved_for_backward_bytes(model, model.cfg, 1, autocast, 0.9)
     assert abs(saved * 2 ** 30 - direct) < 1e-3 * direct
     assert 3 * one > 1.02 * direct  # the plain "one clip x batch" of before overcounts
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_follows_compute_capability(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16 (torch.cuda.is_bf16_supported() still says True): fp16 + GradScaler
+    # there, as released; bf16 from A100 (8.0) on. The evaluation scripts' autocast follows the same rule.
+    import warnings
+    from model import inference_autocast
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that the autocast / scaler are disabled
+        precision, _, _ = train.choose_precision(train.get_args(["--precision", "auto"]), torch.device("cuda"))
+        assert precision == expected
+        assert inference_autocast(torch.device("cuda")).fast_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[expected]
+    assert train.choose_precision(train.get_args([]), torch.device("cpu"))[0] == "fp32"
+
+
+def test_accumulation_note_says_whether_the_released_batch_fits():
+    # 8 GPUs with the K400 recipe's 40 clips per forward accumulate 2 steps: Sinkhorn then balances 320 clips, not
+    # the released 640. The note names the option that restores it when the memory estimate fits the GPU.
+    from model import build_model
+    model = build_model("tiny", num_prototypes=32)
+    args = train.get_args(["--dataset", "k400", "--arch", "tiny", "--batch_size", "640", "--micro_batch", "40"])
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=80)
+    assert "balances 320 clips" in note and "all 640" in note and "--micro_batch 80" in note
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=0.1)
+    assert "do not fit" in note and "16 GPUs" in note
+
+
+# ------------------------------------------------------------------ checkpoints written in the background
+
+def test_background_checkpoint_is_a_bit_exact_snapshot_and_does_not_block(tmp_path, monkeypatch):
+    import threading
+    path = str(tmp_path / "ckpt.pth")
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "config": {"a": [1, 2]}}
+    expected = train.host_copy(obj)
+    release, plain = threading.Event(), train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda p, o: release.wait(30) and plain(p, o))
+    writer = train.CheckpointWriter()
+    writer.save(path, obj)  # returns at once: the write waits for `release` in the background
+    assert not os.path.exists(path)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on, changing the weights in place
+    optimizer.state_dict()["state"][0]["exp_avg"].zero_()
+    release.set()
+    writer.wait()
+    loaded = load_checkpoint(path)  # the snapshot taken at save(), bit for bit
+    assert loaded["epoch"] == 1 and loaded["config"] == {"a": [1, 2]}
+    for k, v in expected["model"].items():
+        assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v)
+    for k, v in expected["optimizer"]["state"][0].items():
+        assert torch.equal(loaded["optimizer"]["state"][0][k], v)
+    assert not torch.equal(loaded["model"]["weight"], model.weight.detach())
+
+
+def test_kill_during_background_checkpoint_leaves_the_previous_one(tmp_path):
+    path = str(tmp_path / "ckpt.pth")
+    script = f"""
+import time, torch, train
+writer = train.CheckpointWriter()
+writer.save({path!r}, {{"w": torch.arange(1000.)}})
+writer.wait()
+plain = torch.save
+def slow(obj, f):
+    plain(obj, f)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)  # killed here: the new checkpoint is complete in its temporary file, not yet renamed
+torch.save = slow
+writer.save({path!r}, {{"w": -torch.arange(1000.)}})
+writer.wait()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.))
+
+
+def test_bench_reports_step_time_ceiling_share_and_bytes_copied(capsys):
+    # tiny preset, 2 clips of 8 x 64 x 64: 2 x 3 x 8 x 64 x 64 uint8 values + the (2, 256) bool mask per step.
+    assert train.main(["--bench", "--bench_steps", "1", "--num_prototypes", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "process CPU time" in out and "fp32 matmul ceiling" in out
+    assert f"host-to-device per step: {(2 * 3 * 8 * 64 * 64 + 2 * 256) / 2 ** 20:.1f} MiB" in out
