@@ -446,7 +446,7 @@ class AugmentedClips(VideoClips):
                          decode_threads=clips.decode_threads, sampling=clips.sampling)
         self.transform = transform
 
-    def _load(self, path):
+    def _load(self, path, index=0):  # index: the clip's place in the dataset (data.py's overlays; none here)
         with open_video(path, self.decode_threads) as video:
             positions = self._positions(video.num_frames)  # (V, T); clamped in read()
             frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views

@@ -602,7 +602,7 @@ def first_look(args, ckpt, num_pictured=8):
             _, (videos, maps) = eval_vos.evaluate_clip(encoder, item, vos_args, 2 * cfg.grid[1], generator)
             t = item["masks"].shape[0] // 2  # the middle frame
             if name == "random init":
-                rgb = (eval_vos.to_rgb(videos, 1)[t] * 255).round().to(torch.uint8)  # (3, 64, 64)
+                rgb = item["frames"][:, t]  # (3, 64, 64) uint8
                 rows["frame"].append(rgb)
                 rows["ground truth"].append(paint(rgb, maps["gt"][t]))
             rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t]))

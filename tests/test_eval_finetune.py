@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
-from data import DEFAULT_STRIDE, IMAGENET_MEAN, IMAGENET_STD, build_video_dataset, open_video
+from data import DEFAULT_STRIDE, build_video_dataset, open_video
 from eval_finetune import (AugmentedClips, Classifier, ClipErasing, ClipRandAugment, ClipTransform, build_mixer,
                            erase_clips, finetune_param_groups, get_args, main, mix_batch)
 from model import Block, Encoder, build_config, build_model, drop_path
@@ -140,7 +140,7 @@ def test_every_frame_gets_the_same_crop_flip_and_randaugment():
     for seed in range(12):
         torch.manual_seed(seed)
         out = transform(frames)  # (3, T, S, S)
-        assert out.shape == (3, 6, 32, 32) and out.dtype == torch.float32
+        assert out.shape == (3, 6, 32, 32) and out.dtype == torch.uint8  # normalised later, on the device
         assert torch.equal(out, out[:, :1].expand_as(out)), seed  # one crop, flip and op draw for all frames
         outputs.append(out[:, 0])
     assert len({o.sum().item() for o in outputs}) == 12  # and the draw changes from clip to clip
@@ -246,13 +246,13 @@ def test_training_clips_come_from_the_decoded_frames(tiny_synthetic):
     torch.manual_seed(0)
     views, labels = clips[0]
     assert views.shape == (2, 3, 4, 32, 32) and labels.tolist() == [parsed.samples[0][1]] * 2
-    # Crop = the whole 64 x 64 frame resized to 32: the frames data.py decodes, at the released normalisation.
+    # Crop = the whole 64 x 64 frame resized to 32: the frames data.py decodes (uint8; normalised on the device).
     with open_video(parsed.samples[0][0]) as video:
         frames = video.read(list(range(video.num_frames)))  # (N, H, W, 3)
     x = frames.permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False) / 255  # (N, 3, 32, 32)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    first = (views[0, :, 0] * std + mean)  # (3, 32, 32), back in [0, 1]
+    assert views.dtype == torch.uint8
+    first = views[0, :, 0].float() / 255  # (3, 32, 32) in [0, 1]
     assert min((first - xi).abs().max().item() for xi in x) <= 1 / 255 + 1e-6  # one of the video's frames
 
 
