@@ -523,7 +523,8 @@ def train(args, rank, world, device):
         check_ranks_agree(model, master)
     if master:
         run.summary(end_epoch)
-        if args.first_look and args.dataset == "fashion" and end_epoch == args.epochs and run.last:
+        # The first look runs in this process only: under torchrun, eval_vos.py reads the val clips itself.
+        if args.first_look and args.dataset == "fashion" and end_epoch == args.epochs and run.last and world == 1:
             first_look(args, paths["ckpt.pth"])
     return 0
 

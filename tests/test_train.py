@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_args(data, out, *extra):
     """A fast config: tiny model, 8 clips per step, 2 steps per epoch on the 16-video set.
     `extra` flags ("--name", "value" pairs or lone switches) replace the defaults."""
-    flags = {"--data_root": str(data), "--out": str(out), "--batch_size": "8", "--micro_batch": "8",
+    flags = {"--dataset": "synthetic", "--data_root": str(data), "--out": str(out), "--batch_size": "8", "--micro_batch": "8",
              "--epochs": "2", "--warmup_epochs": "1", "--num_prototypes": "32", "--workers": "0", "--seed": "0"}
     extra, switches = list(extra), []
     while extra:
