@@ -55,12 +55,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
-from torchvision.utils import make_grid
+from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
 from model import PRESETS, SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
-from synthetic import synthetic_dataset
+from synthetic import synthetic_dataset, vos_chance
 
 # Clip length of each benchmark (the paper's Table 4, after TimeT): DAVIS clips of 16 frames, YouTube-VOS of 4 (its
 # train split is annotated every 5th frame). The synthetic set uses the model's own clip length.
@@ -507,6 +507,59 @@ def write_report(out, results, args, cfg, feat_size, world):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     return report
+
+
+# ============ the first look at the end of `python train.py`: what did pretraining learn? ============
+
+def first_look(ckpt, arch, seed, root, out, num_pictured=8):
+    """The end of `python train.py`: segment the fashion set's val clips (root/davis) without labels, with the
+    checkpoint `ckpt` and with the random-init encoder of `arch` it started from (same seed), by main() with
+    study.py's read-out (so the numbers are the study's headline for that arm and seed); print both mIoUs and
+    draw <out>/first_look.png: one column per clip, rows = frame, ground truth, random-init clusters, the
+    checkpoint's clusters (background darkened). Returns ({"random init": mIoU, "this run": mIoU}, chance)."""
+    root = Path(root)
+    common = ["--dataset", "davis2017", "--data_root", str(root / "davis"), "--sampling", "consecutive",
+              "--features", "l2", "--device", "cpu", "--workers", "0"]
+    print("first look: segmenting the val clips with the random-init encoder and with this run's", flush=True)
+    reports = {"random init": main(["--ckpt", "random", "--arch", arch, "--seed", str(seed), *common,
+                                    "--out", os.path.join(out, "first_look_random.json")]),
+               "this run": main(["--ckpt", ckpt, *common, "--out", os.path.join(out, "first_look.json")])}
+    chance = vos_chance(root)
+    mious = {name: 100 * r["mean"]["clustering"] for name, r in reports.items()}
+    print(f"VOS clustering mIoU over {reports['this run']['num_clips']} val clips: random init "
+          f"{mious['random init']:.1f} -> this run {mious['this run']:.1f} (all-background {chance:.1f})")
+
+    # The picture: the middle frame of evenly spaced clips, with the maps main() scored (same k-means seeds).
+    dataset = VOSDataset(root / "davis", "davis2017", clip_len=16, size=64, seed=seed, sampling="consecutive")
+    picked = torch.linspace(0, len(dataset) - 1, num_pictured).round().long().tolist()
+    rows = {"frame": [], "ground truth": [], "random init": [], "this run": []}
+    for name, path, kmeans_seed in (("random init", "random", seed), ("this run", ckpt, 0)):
+        torch.manual_seed(seed)  # the random-init encoder of this seed, as main() builds it
+        encoder, cfg = load_encoder(path, arch, num_frames=16)
+        encoder.eval().requires_grad_(False)
+        vos_args = get_args(["--ckpt", path, *common, "--seed", str(kmeans_seed)])
+        for i in picked:
+            item = dataset[i]
+            generator = torch.Generator("cpu").manual_seed(kmeans_seed + i)
+            _, (videos, maps) = evaluate_clip(encoder, item, vos_args, 2 * cfg.grid[1], generator)
+            t = item["masks"].shape[0] // 2  # the middle frame
+            if name == "random init":
+                rgb = item["frames"][:, t]  # (3, 64, 64) uint8
+                rows["frame"].append(rgb)
+                rows["ground truth"].append(paint(rgb, maps["gt"][t]))
+            rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t]))
+    grid = make_grid(torch.stack([img for row in rows.values() for img in row]).float() / 255, nrow=num_pictured,
+                     padding=2, pad_value=1.0)  # (3, H, W): one row per entry of `rows`
+    picture = os.path.join(out, "first_look.png")
+    save_image(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], picture)
+    print(f"  picture: {picture}  (rows: {', '.join(rows)})")
+    return mious, chance
+
+
+def paint(rgb, labels):
+    """Show what a (h, w) label map calls the object: a uint8 (3, S, S) frame with its background (label 0) darkened."""
+    labels = F.interpolate(labels[None, None].float(), size=rgb.shape[-2:], mode="nearest")[0, 0]
+    return draw_segmentation_masks(rgb, labels == 0, alpha=0.7, colors="black")
 
 
 def main(argv=None):

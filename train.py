@@ -42,12 +42,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from torchvision.utils import draw_segmentation_masks
 
 from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
 from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
                    train_step_flops)
-from synthetic import MotionObjects, fashion_dataset, vos_chance
+from synthetic import MotionObjects, fashion_dataset
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
 # Keyed by dataset, or dataset_arch where the release has a second recipe. Every value can be
@@ -525,7 +524,8 @@ def train(args, rank, world, device):
         run.summary(end_epoch)
         # The first look runs in this process only: under torchrun, eval_vos.py reads the val clips itself.
         if args.first_look and args.dataset == "fashion" and end_epoch == args.epochs and run.last and world == 1:
-            first_look(args, paths["ckpt.pth"])
+            import eval_vos  # the evaluation is not part of training: imported only here
+            eval_vos.first_look(paths["ckpt.pth"], args.arch, args.seed, args.data_root or fashion_dataset(), args.out)
     return 0
 
 
@@ -564,61 +564,6 @@ def accumulation_note(model, cfg, args, world, autocast, gpu_gib):
             + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
                f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
                f"{args.micro_batch}."))
-
-
-# ============ the first look: what did pretraining learn? ============
-
-def first_look(args, ckpt, num_pictured=8):
-    """Segment the fashion set's val clips without labels (eval_vos.py: k-means on the frozen tokens, clusters
-    matched to the objects) with this run's encoder and with the random-init encoder it started from (same seed);
-    print both mIoUs and draw <out>/first_look.png: one column per clip, rows = frame, ground truth, random-init
-    clusters, this run's clusters (background darkened). The numbers are study.py's headline for this run's arm and seed."""
-    import eval_vos  # only here: the evaluation is not part of training
-    from torchvision.utils import make_grid, save_image
-    root = Path(args.data_root) if args.data_root else fashion_dataset()
-    common = ["--dataset", "davis2017", "--data_root", str(root / "davis"), "--sampling", "consecutive",
-              "--features", "l2", "--device", "cpu", "--workers", "0"]
-    print("first look: segmenting the val clips with the random-init encoder and with this run's", flush=True)
-    reports = {"random init": eval_vos.main(["--ckpt", "random", "--arch", args.arch, "--seed", str(args.seed), *common,
-                                             "--out", os.path.join(args.out, "first_look_random.json")]),
-               "this run": eval_vos.main(["--ckpt", ckpt, *common, "--out", os.path.join(args.out, "first_look.json")])}
-    chance = vos_chance(root)
-    mious = {name: 100 * r["mean"]["clustering"] for name, r in reports.items()}
-    print(f"VOS clustering mIoU over {reports['this run']['num_clips']} val clips: random init "
-          f"{mious['random init']:.1f} -> this run {mious['this run']:.1f} (all-background {chance:.1f})")
-
-    # The picture: the middle frame of evenly spaced clips, with the maps eval_vos.main scored (same k-means seeds).
-    dataset = eval_vos.VOSDataset(root / "davis", "davis2017", clip_len=16, size=64, seed=args.seed,
-                                  sampling="consecutive")
-    picked = np.linspace(0, len(dataset) - 1, num_pictured).round().astype(int).tolist()
-    rows = {"frame": [], "ground truth": [], "random init": [], "this run": []}
-    for name, path, seed in (("random init", "random", args.seed), ("this run", ckpt, 0)):
-        torch.manual_seed(args.seed)  # the random-init encoder of this seed (as eval_vos.main builds it)
-        encoder, cfg = eval_vos.load_encoder(path, args.arch, num_frames=16)
-        encoder.eval().requires_grad_(False)
-        vos_args = eval_vos.get_args(["--ckpt", path, *common, "--seed", str(seed)])
-        for i in picked:
-            item = dataset[i]
-            generator = torch.Generator("cpu").manual_seed(seed + i)
-            _, (videos, maps) = eval_vos.evaluate_clip(encoder, item, vos_args, 2 * cfg.grid[1], generator)
-            t = item["masks"].shape[0] // 2  # the middle frame
-            if name == "random init":
-                rgb = item["frames"][:, t]  # (3, 64, 64) uint8
-                rows["frame"].append(rgb)
-                rows["ground truth"].append(paint(rgb, maps["gt"][t]))
-            rows[name].append(paint(rows["frame"][picked.index(i)], maps["clustering"][t]))
-    grid = make_grid(torch.stack([img for row in rows.values() for img in row]).float() / 255, nrow=num_pictured,
-                     padding=2, pad_value=1.0)  # (3, H, W): one row per entry of `rows`
-    picture = os.path.join(args.out, "first_look.png")
-    save_image(torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0], picture)
-    print(f"  picture: {picture}  (rows: {', '.join(rows)})")
-    return mious, chance
-
-
-def paint(rgb, labels):
-    """Show what a (h, w) label map calls the object: a uint8 (3, S, S) frame with its background (label 0) darkened."""
-    labels = torch.nn.functional.interpolate(labels[None, None].float(), size=rgb.shape[-2:], mode="nearest")[0, 0]
-    return draw_segmentation_masks(rgb, labels == 0, alpha=0.7, colors="black")
 
 
 def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):
