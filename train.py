@@ -628,7 +628,8 @@ def next_batch(batches, run):
             f"rank {run.rank}: no batch from the DataLoader workers for {run.args.loader_timeout:g} s "
             f"(--loader_timeout). A worker is probably stuck decoding a pathological video; the files skipped so far "
             f"are listed in {run.paths['bad_videos.txt']}. Re-encode or remove the file (try decoding the dataset "
-            f"with `python data.py`), or raise --loader_timeout if decoding is merely slow.") from None
+            f"with `python store.py --prepare`, which lists the unreadable ones), or raise --loader_timeout if decoding is "
+            f"merely slow.") from None
     run.data_time += time.perf_counter() - t0
     return videos
 
