@@ -291,16 +291,16 @@ def get_args(argv=None):
                    help="run (or read from the cache) arms A and B only, then print A - B on every metric")
     p.add_argument("--ceiling_epochs", type=int, default=None, help="train the supervised reference for this "
                    "many epochs on the first seed and report its read-outs as results.json's ceiling (default: "
-                   f"{EPOCHS} in the full study, none with --quick, --compare or --arm)")
+                   f"{EPOCHS} in the full default study, none with --quick, --arms, --compare or --arm)")
     p.add_argument("--out", default="out/study", help="per-arm, per-seed folders and study.log")
     p.add_argument("--results", default="results.json", help="where the table's numbers go")
     args = p.parse_args(argv)
     args.arm_flags = {**ARMS, **dict(args.arm)}
+    if args.ceiling_epochs is None:  # the supervised reference only with the full default study
+        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms) else EPOCHS
     if args.arms is None:
         args.arms = (list(args.compare) if args.compare else QUICK if args.quick else
                      ["random", "sigma", *dict(args.arm)] if args.arm else FULL)
-    if args.ceiling_epochs is None:
-        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm) else EPOCHS
     if args.ceiling_epochs < 0:
         p.error("--ceiling_epochs: 0 (no ceiling) or more, e.g. --ceiling_epochs 6")
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])

@@ -69,7 +69,8 @@ def test_arms_and_bad_options(capsys):
     args = study.get_args(["--arm", 'deep=--loss sigma --proj_hidden 1024 1024 1024', "--seeds", "0", "1"])
     assert args.arms == ["random", "sigma", "deep"] and args.arm_flags["deep"].endswith("1024 1024 1024")
     assert study.get_args(["--quick"]).arms == study.QUICK and study.get_args(["--quick"]).seeds == [0]
-    assert study.get_args([]).arms == study.FULL
+    assert study.get_args([]).arms == study.FULL and study.get_args([]).ceiling_epochs == study.EPOCHS
+    assert study.get_args(["--arms", "random"]).ceiling_epochs == 0  # the reference only with the full study
     assert study.get_args(["--compare", "sigma", "pixel"]).arms == ["sigma", "pixel"]
     for bad, word in ((["--arms", "nope"], "nope"), (["--arm", "no flags"], "--arm"),
                       (["--compare", "sigma", "nope"], "nope"), (["--seeds", "-1"], "--seeds")):
