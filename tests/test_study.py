@@ -2,6 +2,8 @@
 gives every arm the same initial encoder). No training here: seconds."""
 import math
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -69,14 +71,28 @@ def test_arms_and_bad_options(capsys):
     args = study.get_args(["--arm", 'deep=--loss sigma --proj_hidden 1024 1024 1024', "--seeds", "0", "1"])
     assert args.arms == ["random", "sigma", "deep"] and args.arm_flags["deep"].endswith("1024 1024 1024")
     assert study.get_args(["--quick"]).arms == study.QUICK and study.get_args(["--quick"]).seeds == [0]
-    assert study.get_args([]).arms == study.FULL and study.get_args([]).ceiling_epochs == study.EPOCHS
+    assert study.get_args([]).arms == study.FULL and study.get_args([]).ceiling_epochs == study.EPOCHS_CEILING
     assert study.get_args(["--arms", "random"]).ceiling_epochs == 0  # the reference only with the full study
     assert study.get_args(["--compare", "sigma", "pixel"]).arms == ["sigma", "pixel"]
     for bad, word in ((["--arms", "nope"], "nope"), (["--arm", "no flags"], "--arm"),
-                      (["--compare", "sigma", "nope"], "nope"), (["--seeds", "-1"], "--seeds")):
+                      (["--compare", "sigma", "nope"], "nope"), (["--seeds", "-1"], "--seeds"),
+                      (["--jobs", "0"], "--jobs")):
         with pytest.raises(SystemExit) as e:
             study.get_args(bad)
         assert e.value.code == 2 and word in capsys.readouterr().err
+
+
+def test_run_counts_the_cpu_of_its_own_process_only(tmp_path):
+    """Runs go on side by side (--jobs): each one's CPU minutes must be its own, not whatever else finished
+    meanwhile (the process-wide RUSAGE_CHILDREN would give the idle run the busy run's half second)."""
+    busy = [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"]
+    idle = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    with ThreadPoolExecutor(2) as pool:
+        idle_cpu, busy_cpu = pool.submit(study.run, idle, tmp_path / "i.log"), pool.submit(study.run, busy, tmp_path / "b.log")
+        idle_cpu, busy_cpu = 60 * idle_cpu.result(), 60 * busy_cpu.result()
+    assert busy_cpu >= 0.5 and idle_cpu < 0.3
+    with pytest.raises(SystemExit, match="failed"):
+        study.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "f.log")
 
 
 def test_one_seed_gives_every_arm_the_same_initial_encoder():
