@@ -156,7 +156,8 @@ def build_parser():
     a("--layer_decay", type=float, default=None, help="layer-wise lr decay; 1 = the same lr everywhere")
     a("--drop_path", type=float, default=None, help="stochastic depth rate of the last block")
     a("--betas", type=float, nargs=2, default=None)
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="auto: bf16 autocast on GPUs with native bf16, fp16 + loss scaling on older ones (V100, T4), fp32 on CPU")
     # bookkeeping
     a("--out", default=None, help="run folder (default <ckpt folder>/finetune_<dataset>, out/random_<arch>_... "
       "for 'random')")
@@ -525,10 +526,11 @@ def finetune(args, rank, world, device):
     """The whole run -> the results dict (rank 0, after the test), 0 (other ranks, or stopped early by
     --max_epochs_this_run) or 1 (a non-finite loss)."""
     say = print if rank == 0 else (lambda *a, **k: None)
-    precision, autocast, _ = choose_precision(args, device)  # train.py's rule; no fp16 here, so no GradScaler
+    precision, autocast, scaler = choose_precision(args, device)  # train.py's rule (fp16 comes with loss scaling)
     torch.manual_seed(args.seed)  # the 'random' encoder's init, then the head's
     data = build_data(args, world)
     run = build_run(args, data, world, device, precision)
+    run.scaler = scaler
     report(args, data, run, say)
     start_epoch, step = resume(args, run, say)
     if world > 1:
@@ -542,7 +544,8 @@ def finetune(args, rank, world, device):
                 return 1
             if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch):
                 save_checkpoint(run.ckpt_path, dict(model=run.raw_model.state_dict(),
-                                                    optimizer=run.optimizer.state_dict(), epoch=epoch + 1, step=step,
+                                                    optimizer=run.optimizer.state_dict(),
+                                                    scaler=run.scaler.state_dict(), epoch=epoch + 1, step=step,
                                                     config=run.config, model_config=dataclasses.asdict(data.cfg)))
             if world > 1:
                 dist.barrier()  # nobody goes on (or exits) before the checkpoint exists
@@ -624,6 +627,8 @@ def resume(args, run, say):
         raise ValueError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use another --out")
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # empty unless saved by an fp16 run
+        run.scaler.load_state_dict(ckpt["scaler"])
     say(f"resumed from {run.ckpt_path}: epoch {ckpt['epoch']}, step {ckpt['step']}")
     return ckpt["epoch"], ckpt["step"]
 
@@ -667,14 +672,17 @@ def train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log
 
 def train_step(run, videos, targets, rate, world, autocast):
     """One optimizer step at lr `rate` (scaled per layer) -> (mean loss over ranks, gradient norm). The
-    parameters are not updated when the loss is not finite on some rank (all ranks then stop together)."""
+    parameters are not updated when the loss is not finite on some rank (all ranks then stop together). Under
+    fp16 the loss is scaled before backward (run.scaler; disabled otherwise) and a step whose scaled gradients
+    overflow is skipped while the scale backs off, as in the released fine-tuning loop."""
     for g in run.optimizer.param_groups:  # per-step cosine, scaled per layer
         g["lr"] = rate * g["lr_scale"]
     with autocast():
         logits = run.model(videos)  # (B, C)
     loss = F.cross_entropy(logits.float(), targets)  # soft-target cross-entropy
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)  # the logged norm is of the true gradients
     # No clipping in the released recipe; max_norm=inf only measures the norm for the log.
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), float("inf")).item()
     loss_mean = loss.detach().double().reshape(1)  # every rank sees the mean loss
@@ -682,7 +690,8 @@ def train_step(run, videos, targets, rate, world, autocast):
         dist.all_reduce(loss_mean)
         loss_mean /= world
     if math.isfinite(loss_mean.item()):
-        run.optimizer.step()
+        run.scaler.step(run.optimizer)  # = optimizer.step() unless fp16 gradients overflowed
+        run.scaler.update()
     return loss_mean.item(), grad_norm
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import random
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ from torchvision import tv_tensors
 
 from data import DEFAULT_STRIDE, build_video_dataset, open_video
 from eval_finetune import (AugmentedClips, Classifier, ClipErasing, ClipRandAugment, ClipTransform, build_mixer,
-                           erase_clips, finetune_param_groups, get_args, main, mix_batch)
+                           erase_clips, finetune_param_groups, get_args, main, mix_batch, train_step)
 from model import Block, Encoder, build_config, build_model, drop_path
-from train import lr_at
+from train import choose_precision, lr_at
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +360,27 @@ def test_bench_counts_flops_and_memory(capsys):
     out = capsys.readouterr().out
     assert "GFLOP per training clip" in out and "estimated memory per GPU at --batch_size 2" in out
     assert "ms CPU per 8x256x340 clip" in out
+
+
+def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
+    """--precision fp16 (what auto picks on GPUs without bf16, forced here on CPU): the loss is scaled before
+    backward, the logged gradient norm is the unscaled one, and a step whose scaled fp16 gradients overflow leaves
+    the weights alone and halves the scale (unscaled fp16 gradients below 6e-8 would flush to zero instead)."""
+    precision, autocast, scaler = choose_precision(SimpleNamespace(precision="fp16"), torch.device("cpu"))
+    assert precision == "fp16" and scaler.is_enabled()
+    torch.manual_seed(0)
+    net = torch.nn.Linear(16, 3)
+    run = SimpleNamespace(model=net, raw_model=net, scaler=scaler,
+                          optimizer=torch.optim.AdamW([dict(params=list(net.parameters()), lr_scale=1.0)]))
+    targets = F.one_hot(torch.arange(8) % 3, 3).float()
+    big = 1e3 * torch.randn(8, 16)  # x 65536 (the initial scale): weight gradients far past fp16's 65504
+    before = net.weight.detach().clone()
+    loss, _ = train_step(run, big, targets, 1e-2, 1, autocast)
+    assert math.isfinite(loss) and torch.equal(net.weight, before) and scaler.get_scale() == 2.0 ** 15
+    small = torch.randn(8, 16)
+    true = torch.func.grad(lambda w, b: F.cross_entropy(small @ w.T + b, targets), argnums=(0, 1))(
+        net.weight.detach(), net.bias.detach())
+    loss, grad_norm = train_step(run, small, targets, 1e-2, 1, autocast)
+    true_norm = torch.cat([g.flatten() for g in true]).norm().item()
+    assert grad_norm == pytest.approx(true_norm, rel=0.02)  # the true gradient's norm, not x 32768
+    assert not torch.equal(net.weight, before)  # this step was taken
