@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 # 6 epochs of 2000 clips, batch 32, lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
 # train.py's built-in "fashion" recipe is the same (python train.py runs the sigma arm of seed 0).
 EPOCHS = 6
-EPOCHS_CEILING = 40  # the supervised reference (CEILING below)
+EPOCHS_CEILING = 40  # the supervised reference: the CEILING recipe (below) from random init
 TRAIN = ["--dataset", "fashion", "--arch", "tiny", "--batch_size", "32", "--micro_batch", "32",
          "--warmup_epochs", "1", "--lr", "8e-3", "--min_lr", "1e-4", "--weight_decay", "0.05", "--mask_ratio", "0.9",
          "--stride", "2", "--sk_eps", "0.05", "--num_prototypes", "256", "--temperature", "0.1",
@@ -77,7 +77,8 @@ HEADLINE, SEMANTIC = "vos_clustering", "knn"
 VOS = ["--sampling", "consecutive", "--features", "l2"]
 LINEAR = ["--probes", "linear_converged,knn"]
 COLUMNS = {"vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU",
-           "knn": "20-NN top-1", "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
+           "knn": "20-NN top-1", "finetune": "fine-tuned top-1",
+           "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
 # The code each step runs (imported modules included): its bytes are part of the cache key.
 TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py"]
 EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py"]
@@ -124,10 +125,10 @@ def run(cmd, log, threads=None):
     return (usage.ru_utime + usage.ru_stime) / 60
 
 
-def measure(arm, flags, seed, root, params, out, threads=None):
+def measure(arm, flags, seed, root, params, out, threads=None, finetune_epochs=0):
     """Pretrain (unless flags is None) and read out one arm at one seed -> its results.json row (percent),
-    with the per-clip VOS scores under "clips" (for clip-level pairing). The scripts' output goes to the run
-    folder's run.log."""
+    with the per-clip VOS scores under "clips" (for clip-level pairing); finetune_epochs > 0: also fine-tune
+    its encoder with the labels (fine_tune). The scripts' output goes to the run folder's run.log."""
     py = sys.executable
     folder = Path(out) / f"{arm}-{run_key(flags, params)}" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,8 +154,12 @@ def measure(arm, flags, seed, root, params, out, threads=None):
     if not linear.exists():
         cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
                              *LINEAR, "--out", str(linear)], log, threads)
+    tuned = folder / f"finetune-{fine_tune_key(finetune_epochs)}.json"
+    if finetune_epochs and not tuned.exists():
+        cpu["finetune"] = run_fine_tune(ckpt[1], root, seed, finetune_epochs, tuned, log, threads)
     (folder / "cpu.json").write_text(json.dumps(cpu))
-    return make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
+    row = make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
+    return {**row, "finetune": json.loads(tuned.read_text())["top1"]} if finetune_epochs else row
 
 
 def make_row(arm, seed, seg, lin, folder, cpu):
@@ -175,7 +180,7 @@ def make_row(arm, seed, seg, lin, folder, cpu):
 # (25% after 4 epochs), at lr 3e-4 it creeps (35% after 8 epochs, 1.7 CPU-minutes an epoch). Training on a random
 # quarter of each clip's tokens (FLIP's token dropping; tested on all of them) makes a step ~4x cheaper and, at
 # lr 2e-4, reaches 68% after 20 epochs (docs/study.md has the curves).
-CEILING = dict(epochs=EPOCHS_CEILING, lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
+CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
 
 
 def decoded(root, split, cfg):
@@ -194,17 +199,14 @@ def augment(clips, g, shift):
     return clips.roll((dy, dx), (-2, -1))
 
 
-def supervised(root, seed, epochs, folder):
-    """Tiny encoder + mean pool + LayerNorm + Linear trained end to end with cross-entropy on the arms' 2000
-    train clips (CEILING: AdamW, a random quarter of the tokens per clip, warmup then cosine), tested on the 500
-    val clips with every token. Writes <folder>/ckpt.pth (the encoder, for the same frozen read-outs as the
-    arms) and <folder>/supervised.json (top-1, and the val top-1 every 5 epochs)."""
-    folder, c = Path(folder), CEILING
-    torch.manual_seed(seed)
+def train_classifier(encoder, root, seed, epochs):
+    """Train `encoder` + mean pool + LayerNorm + Linear end to end with cross-entropy on the arms' 2000 train
+    clips (CEILING: AdamW, a random quarter of the tokens per clip, warmup then cosine); test on the 500 val
+    clips with every token -> (val top-1 %, {epoch: val top-1} every 5 epochs)."""
+    c = CEILING
     g = torch.Generator().manual_seed(seed)
-    cfg = model.build_config("tiny", target="pixel", loss="pixel")
+    cfg = encoder.cfg
     (x, y), (val_x, val_y) = decoded(root, "train", cfg), decoded(root, "val", cfg)
-    encoder = model.Encoder(cfg)
     head = nn.Sequential(MeanPool(), nn.LayerNorm(cfg.enc_dim), nn.Linear(cfg.enc_dim, int(y.max()) + 1))
     opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=c["lr"], betas=(0.9, 0.95),
                             weight_decay=0.05)
@@ -220,6 +222,7 @@ def supervised(root, seed, epochs, folder):
         encoder.train()
         return 100 * hits / len(val_x)
 
+    encoder.train()
     curve = {}
     for step in range(total):
         if step % per_epoch == 0:
@@ -237,9 +240,20 @@ def supervised(root, seed, epochs, folder):
         opt.step()
         if (step + 1) % (5 * per_epoch) == 0:
             curve[(step + 1) // per_epoch] = top1()
-    torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, folder / "ckpt.pth")
-    result = {**c, "top1": top1(), "epochs": epochs, "seed": seed, "curve": curve}
-    (folder / "supervised.json").write_text(json.dumps(result))
+    return top1(), curve
+
+
+def fine_tune(ckpt, root, seed, epochs, out, save_encoder=False):
+    """train_classifier from an encoder (one of our checkpoints, or 'random': the seed's initial encoder, which
+    every arm of that seed started from) -> <out> json (top-1, curve, recipe); save_encoder: the fine-tuned
+    encoder too, as <out>.pth (the supervised reference's frozen read-outs use it)."""
+    torch.manual_seed(seed)  # 'random': the same initial weights as train.py builds at this seed
+    encoder, _ = model.load_encoder(ckpt, "tiny")
+    top1, curve = train_classifier(encoder, root, seed, epochs)
+    out = Path(out)
+    if save_encoder:
+        torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, out.with_suffix(".pth"))
+    out.write_text(json.dumps({**CEILING, "epochs": epochs, "top1": top1, "seed": seed, "curve": curve}))
 
 
 class MeanPool(nn.Module):
@@ -247,26 +261,40 @@ class MeanPool(nn.Module):
         return x.mean(1)
 
 
+def run_fine_tune(ckpt, root, seed, epochs, out, log, threads, save_encoder=False):
+    """fine_tune in its own process, like the arms' scripts (its CPU minutes are its own) -> CPU minutes."""
+    code = ("import sys, study; a = sys.argv[1:]; "
+            "study.fine_tune(a[0], a[1], int(a[2]), int(a[3]), a[4], save_encoder=a[5] == 'save')")
+    return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(epochs), str(out),
+                "save" if save_encoder else "-"], log, threads)
+
+
+def fine_tune_key(epochs):
+    """What a fine-tuning result depends on besides the encoder: the recipe and its code."""
+    return digest(epochs, CEILING, [inspect.getsource(f) for f in (fine_tune, train_classifier, decoded, augment)])
+
+
 def ceiling(root, params, seed, epochs, out, threads=None):
-    """The supervised reference's frozen read-outs and its own end-to-end top-1 -> {metric: value}."""
-    recipe = [inspect.getsource(f) for f in (supervised, decoded, augment, MeanPool)]  # its code, not the file's
-    key = digest(epochs, CEILING, params, recipe, code_digest(TRAIN_CODE))
-    folder = Path(out) / f"supervised-{key}" / f"seed{seed}"
+    """The supervised reference (fine_tune from the seed's initial encoder for `epochs`): its frozen read-outs
+    and its own top-1 -> {metric: value}."""
+    folder = Path(out) / f"supervised-{digest(fine_tune_key(epochs), params, code_digest(TRAIN_CODE))}" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
-    if not (folder / "supervised.json").exists():  # in its own process, like the arms (its CPU is its own)
-        code = "import sys, study; study.supervised(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])"
-        run([sys.executable, "-c", code, str(root), str(seed), str(epochs), str(folder)], log, threads)
+    cpu = json.loads((folder / "cpu.json").read_text()) if (folder / "cpu.json").exists() else {}
+    if not (folder / "supervised.json").exists():
+        cpu["train"] = run_fine_tune("random", root, seed, epochs, folder / "supervised.json", log, threads,
+                                     save_encoder=True)
     ekey, py = eval_key(), sys.executable
     vos, linear = folder / f"vos-{ekey}.json", folder / f"linear-{ekey}.json"
-    ckpt = ["--ckpt", str(folder / "ckpt.pth"), "--arch", "tiny"]
+    ckpt = ["--ckpt", str(folder / "supervised.pth"), "--arch", "tiny"]
     if not vos.exists():
-        run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"), *VOS,
-             "--out", str(vos)], log, threads)
+        cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
+                          *VOS, "--out", str(vos)], log, threads)
     if not linear.exists():
-        run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root), *LINEAR,
-             "--out", str(linear)], log, threads)
-    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, {})
+        cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
+                             *LINEAR, "--out", str(linear)], log, threads)
+    (folder / "cpu.json").write_text(json.dumps(cpu))
+    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
     return {k: row[k] for k in COLUMNS if k in row} | {
         "supervised_top1": json.loads((folder / "supervised.json").read_text())["top1"]}
 
@@ -312,10 +340,11 @@ def table(rows, note):
             return "-"
         return f"{values[0]:.1f}" if len(values) == 1 else f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    lines = [note, "", "| arm | flags | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    keys = [k for k in COLUMNS if any(k in r for r in rows)]
+    lines = [note, "", "| arm | flags | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for arm in dict.fromkeys(r["method"] for r in rows):
         flags = next(r["flags"] for r in rows if r["method"] == arm)
-        lines.append(f"| {arm} | {flags or '(not trained)'} | " + " | ".join(cell(arm, k) for k in COLUMNS) + " |")
+        lines.append(f"| {arm} | {flags or '(not trained)'} | " + " | ".join(cell(arm, k) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -342,6 +371,8 @@ def get_args(argv=None):
     p.add_argument("--ceiling_epochs", type=int, default=None, help="train the supervised reference for this "
                    "many epochs on the first seed and report its read-outs as results.json's ceiling (default: "
                    f"{EPOCHS_CEILING} in the full default study, none with --quick, --arms, --compare or --arm)")
+    p.add_argument("--finetune_epochs", type=int, default=0, help="also fine-tune every arm's encoder with the "
+                   "labels for this many epochs (the supervised reference's recipe, CEILING) and report its top-1")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--out", default="out/study", help="per-arm, per-seed folders, each with its run.log")
@@ -362,6 +393,8 @@ def get_args(argv=None):
                     f"--arm {arm}=\"--loss sigma ...\"")
     if args.compare and set(args.compare) - set(args.arms):
         p.error("--compare A B: both arms must be among --arms")
+    if args.finetune_epochs < 0:
+        p.error("--finetune_epochs: 0 (none) or more, e.g. --finetune_epochs 6")
     if args.jobs < 1:
         p.error("--jobs: 1 or more, e.g. --jobs 2")
     if any(s < 0 for s in args.seeds):
@@ -383,8 +416,8 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads) \
             if args.ceiling_epochs else None  # the longest job: first
-        futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, params, args.out, threads)
-                   for arm, seed in tasks]
+        futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, params, args.out, threads,
+                               args.finetune_epochs) for arm, seed in tasks]
         rows = []
         for (arm, seed), future in zip(tasks, futures):
             row = future.result()

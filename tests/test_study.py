@@ -1,5 +1,6 @@
 """study.py: paired differences and their standard errors, cache keys, arms, and the pairing premise (one seed
 gives every arm the same initial encoder). No training here: seconds."""
+import json
 import math
 import shutil
 import sys
@@ -109,3 +110,21 @@ def test_one_seed_gives_every_arm_the_same_initial_encoder():
     for other in (encoder_at_init(loss="pixel", target="pixel"), encoder_at_init(loss="l2", target="mlp"),
                   encoder_at_init(loss="sigma", target="mlp", num_prototypes=64), random_arm):
         assert other.keys() == sigma.keys() and all(torch.equal(other[k], sigma[k]) for k in sigma)
+
+
+def test_fine_tune_starts_from_the_seeds_initial_encoder_and_trains_all_of_it(tiny_synthetic, tmp_path, monkeypatch):
+    """The supervised reference is fine_tune('random'): at 0 epochs it saves exactly the encoder every arm of that
+    seed starts from; after training, every encoder weight has moved (token dropping leaves none without a
+    gradient) and the result file holds the recipe and a top-1."""
+    monkeypatch.setitem(study.CEILING, "batch_size", 4)  # 16 train clips: 4 steps an epoch
+    study.fine_tune("random", tiny_synthetic, 3, 0, tmp_path / "start.json", save_encoder=True)
+    torch.manual_seed(3)
+    init, _ = model.load_encoder("random", "tiny")
+    start, _ = model.load_encoder(str(tmp_path / "start.pth"), "tiny")
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), start.state_dict().values()))
+    study.fine_tune("random", tiny_synthetic, 3, 2, tmp_path / "tuned.json", save_encoder=True)
+    tuned, _ = model.load_encoder(str(tmp_path / "tuned.pth"), "tiny")
+    moved = {k: not torch.equal(v, tuned.state_dict()[k]) for k, v in init.named_parameters()}
+    assert all(moved.values()), [k for k, m in moved.items() if not m]
+    result = json.loads((tmp_path / "tuned.json").read_text())
+    assert result["epochs"] == 2 and result["keep"] == study.CEILING["keep"] and 0 <= result["top1"] <= 100
