@@ -7,23 +7,27 @@ Every arm is pretrained once per seed, then its frozen encoder is read out:
   headline  vos_clustering   unsupervised segmentation of 200 val clips (eval_vos.py: k-means on the tokens,
                              clusters matched to the objects; "chance" = calling every pixel background)
   semantic  knn              20-NN top-1 over the 4 garment categories (eval_linear.py, unseen items)
-  also      vos_overclustering, linear_converged (an L-BFGS logistic regression), linear (Table 9's head)
-The arm "random" is not trained: it is the encoder every other arm starts from.
+  also      vos_overclustering, linear_converged (an L-BFGS logistic regression), linear (Table 9's head),
+            finetune (with --finetune_epochs: the encoder fine-tuned with the labels, top-1)
+The arm "random" is not trained: it is the encoder every other arm starts from. The supervised reference
+("ceiling": the same encoder trained with the labels from that start, EPOCHS_CEILING epochs) is read out the
+same way, to show how much of each metric a category-aware encoder reaches.
 
 Arms are *paired*: one seed gives every arm the same initial encoder (train.py seeds before building the
 model), the same clip order and augmentation, and the same tube masks, and every arm is scored on the same
 clips. A comparison A - B is therefore taken seed by seed (and clip by clip), which removes the variance the
 arms share; its standard error comes from the spread of the per-seed differences (`pairs` in results.json).
 
-    python study.py                          # Table 7b + Table 6 arms, seeds 0 1 2
+    python study.py                          # Table 7b + Table 6 arms, seeds 0 1 2, and the supervised reference
     python study.py --quick                  # random / pixel / sigma, seed 0 (SE from the 200 clips)
     python study.py --arm deep="--loss sigma --proj_hidden 1024 1024 1024" --arms random sigma deep
     python study.py --compare sigma deep     # paired difference +- SE on every metric
 
-Results are cached per arm and seed under --out, in a folder named by a key of everything that produced them:
-the arm's flags, the recipe, the dataset's parameters and the bytes of the code involved (TRAIN_CODE for
-pretraining, EVAL_CODE for the read-outs). Editing model.py retrains; editing eval_vos.py only re-evaluates;
-nothing computed by other code is reused. Writes results.json (--results).
+Runs are independent and go --jobs at a time (default 2), one CPU core each. Results are cached per arm and
+seed under --out, in a folder named by a key of everything that produced them: the arm's flags, the recipe,
+the dataset's parameters and the bytes of the code involved (TRAIN_CODE for pretraining, EVAL_CODE for the
+read-outs). Editing model.py retrains; editing eval_vos.py only re-evaluates; nothing computed by other code is
+reused. Writes results.json (--results).
 """
 import argparse
 import hashlib
@@ -176,10 +180,10 @@ def make_row(arm, seed, seg, lin, folder, cpu):
 
 
 # ============ the ceiling: the same encoder, trained with the labels ============
-# A ViT trained from scratch on 2000 clips is slow to start: with all 256 tokens at lr 1e-3 it sits at chance
-# (25% after 4 epochs), at lr 3e-4 it creeps (35% after 8 epochs, 1.7 CPU-minutes an epoch). Training on a random
-# quarter of each clip's tokens (FLIP's token dropping; tested on all of them) makes a step ~4x cheaper and, at
-# lr 2e-4, reaches 68% after 20 epochs (docs/study.md has the curves).
+# A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with every token it does not leave it
+# in 4 epochs. Training on a random quarter of each clip's tokens (FLIP's token dropping; the test sees them all)
+# makes a step ~4x cheaper, and at lr 2e-4 the same CPU time buys enough steps to learn the categories
+# (docs/study.md: the learning curves).
 CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
 
 
