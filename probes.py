@@ -211,6 +211,10 @@ def dense_probe(train_tokens, train_labels, test_tokens, test_labels, class_name
 # V-JEPA's protocol: the frozen tokens are pooled by one learned query through a cross-attention block
 # (pre-LayerNorm on the tokens, multi-head attention, residual, then a pre-norm MLP, as its AttentivePooler),
 # then a Linear head. Unlike mean pooling it can read a feature that only some tokens carry. AdamW, cosine.
+# Before the probe every channel is standardised with the train tokens' mean and SD (as the converged linear
+# probe standardises its inputs, and MAE's linear probe puts a BatchNorm before its head): a pretrained
+# encoder's last block without its final norm emits tokens ~10x the norm of random init's, with channels of
+# very different scales, and per-token LayerNorm alone leaves a first-order probe badly conditioned.
 ATTENTIVE = dict(epochs=50, lr=1e-3, weight_decay=0.05, batch_size=64)  # ours: V-JEPA's K400 run is 20 epochs
 
 
@@ -242,10 +246,13 @@ class AttentiveProbe(nn.Module):
 def attentive_probe(train_tokens, train_labels, test_tokens, test_labels, num_classes, heads, seed=0,
                     device="cpu", epochs=ATTENTIVE["epochs"], lr=ATTENTIVE["lr"],
                     weight_decay=ATTENTIVE["weight_decay"], batch_size=ATTENTIVE["batch_size"]):
-    """Train an AttentiveProbe on cached tokens (N, n, D) fp16 -> results dict (percent)."""
+    """Train an AttentiveProbe on cached tokens (N, n, D) fp16 -> results dict (percent), with the tokens'
+    variance shares (token_variance_shares of the train tokens)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the query's init
     N, n, D = train_tokens.shape
+    mean, std = channel_stats(train_tokens)  # (D,), (D,)
+    standard = lambda t: ((t.to(device).float() - mean.to(device)) / std.to(device))  # noqa: E731
     probe = AttentiveProbe(D, num_classes, heads).to(device)
     decay = [p for p in probe.parameters() if p.ndim > 1]  # matrices and the query; not biases or norms
     rest = [p for p in probe.parameters() if p.ndim <= 1]
@@ -259,14 +266,38 @@ def attentive_probe(train_tokens, train_labels, test_tokens, test_labels, num_cl
         order = torch.randperm(N, generator=g)
         for i in range(N // bs):  # the last partial batch is dropped, as in train_head
             idx = order[i * bs:(i + 1) * bs]
-            loss = F.cross_entropy(probe(train_tokens[idx].to(device).float()), train_labels[idx].to(device))
+            loss = F.cross_entropy(probe(standard(train_tokens[idx])), train_labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     probe.eval()
     with torch.no_grad():
-        top1 = lambda t, y: topk_accuracy(torch.cat([probe(c.to(device).float()).cpu()  # noqa: E731
+        top1 = lambda t, y: topk_accuracy(torch.cat([probe(standard(c)).cpu()  # noqa: E731
                                                      for c in t.split(256)]), y)["top1"]
         return dict(top1=top1(test_tokens, test_labels), train_top1=top1(train_tokens, train_labels),
-                    epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=bs, heads=heads)
+                    epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=bs, heads=heads,
+                    token_variance=token_variance_shares(train_tokens))
+
+
+def channel_stats(tokens, chunk=256):
+    """Per-channel mean and SD over every clip and position of tokens (N, n, D), in fp32 chunks -> (D,), (D,)."""
+    total = sum(c.float().sum((0, 1), dtype=torch.float64) for c in tokens.split(chunk))  # (D,)
+    count = tokens.shape[0] * tokens.shape[1]
+    mean = total / count
+    var = sum((c.double() - mean).pow(2).sum((0, 1)) for c in tokens.split(chunk)) / count
+    return mean.float(), var.sqrt().clamp_min(1e-6).float()
+
+
+def token_variance_shares(tokens, chunk=256):
+    """How much of the tokens' variance (about their mean over all clips and positions) is shared by every token
+    of a clip (the clip's mean token) and by every clip at one position (the position's mean token): (N, n, D)
+    -> {'clip': share, 'position': share}. A clip share near 1 means a clip's tokens are nearly one vector,
+    which leaves an attentive probe little to choose between."""
+    mean, _ = channel_stats(tokens, chunk)
+    mean = mean.double()
+    total = sum((c.double() - mean).pow(2).sum().item() for c in tokens.split(chunk))
+    clip = sum((c.double().mean(1) - mean).pow(2).sum().item() * tokens.shape[1] for c in tokens.split(chunk))
+    position_mean = sum(c.double().sum(0) for c in tokens.split(chunk)) / tokens.shape[0]  # (n, D)
+    position = (position_mean - mean).pow(2).sum().item() * tokens.shape[0]
+    return dict(clip=clip / total, position=position / total)

@@ -524,3 +524,28 @@ def test_checkpoint_with_pickled_code_is_refused_as_such(tmp_path, capsys):
     message = str(info.value.code)
     assert "refusing to load" in message and "pickled code" in message and "truncated" not in message
     assert "payload executed" not in capsys.readouterr().out
+
+
+def test_attentive_probe_is_blind_to_the_scale_of_each_channel():
+    """The attentive probe standardises every channel with the train tokens' statistics, so rescaling channels by
+    powers of two (exact in floating point) changes nothing -- the last block of a pretrained encoder has channels
+    of very different scales. Per-token LayerNorm alone would not make it so."""
+    (xtr, ytr), (xte, yte) = marker_tokens(0, 256), marker_tokens(1, 64)
+    scale = 2.0 ** torch.randint(-4, 8, (xtr.shape[-1],), generator=torch.Generator().manual_seed(0))  # (D,)
+    with probes.one_cpu_thread("cpu"):
+        a = probes.attentive_probe(xtr, ytr, xte, yte, 2, heads=2, epochs=5)
+        b = probes.attentive_probe((xtr.float() * scale).half(), ytr, (xte.float() * scale).half(), yte, 2,
+                                   heads=2, epochs=5)
+    assert (a["top1"], a["train_top1"]) == (b["top1"], b["train_top1"])
+
+
+def test_token_variance_shares_against_the_decomposition():
+    """tokens = clip part + position part (each centred): the shares are their sums of squares over the total."""
+    g = torch.Generator().manual_seed(0)
+    clip, position = torch.randn(40, 1, 8, generator=g), 0.5 * torch.randn(1, 16, 8, generator=g)
+    clip, position = clip - clip.mean(0), position - position.mean(1)
+    tokens = clip + position  # (40, 16, 8)
+    a, b = 16 * clip.pow(2).sum(), 40 * position.pow(2).sum()  # each summed over all 40 x 16 tokens
+    shares = probes.token_variance_shares(tokens + 3.0, chunk=7)  # an offset and uneven chunks change nothing
+    assert shares["clip"] == pytest.approx((a / (a + b)).item(), rel=1e-4)
+    assert shares["position"] == pytest.approx((b / (a + b)).item(), rel=1e-4)
