@@ -325,12 +325,15 @@ class VideoClips(torch.utils.data.Dataset):
     batching train.py uses clips.flatten(0, 1) -> (B*V, 3, T, S, S) and labels.flatten(); eval averages the
     V predictions of a video: logits.view(B, V, -1).mean(1).
 
-    Bad input: a file that cannot be opened or has no decodable frame is reported once on stderr with its path
-    and replaced by the next sample (deterministic: index + 1, usually the same class in sorted layouts).
-    Once BAD_CHECK_AFTER distinct videos (or the whole set) were tried, more than max_bad_fraction of them
-    unreadable raises RuntimeError. Counts are per process: each DataLoader worker judges the videos it read.
-    Randomness comes from torch's global RNG, which make_loader seeds per worker and per rank. decode_threads:
-    FFmpeg threads per video, 1 for DataLoader workers (they fill the cores), 0 = all cores for num_workers=0.
+    Bad input: a file that cannot be opened, has no decodable frame or cannot be cropped (a 1-pixel-high video)
+    is reported once on stderr with its path and replaced by the next sample (deterministic: index + 1, usually
+    the same class in sorted layouts). Once BAD_CHECK_AFTER distinct videos (or the whole set) were tried, more
+    than max_bad_fraction of them unreadable raises RuntimeError. Counts are per process: each DataLoader worker
+    judges the videos it read. Videos listed in `bad_list` are skipped without a retry.
+    Randomness (starts, segment positions, crops, flips) comes from a generator seeded by (seed, epoch, index)
+    (_generator): an item is the same whichever process or DataLoader worker reads it, so the clips of an epoch
+    do not depend on num_workers. make_loader sets `seed`, set_epoch() sets `epoch`. decode_threads: FFmpeg
+    threads per video, 1 for DataLoader workers (they fill the cores), 0 = all cores for num_workers=0.
     """
 
     def __init__(self, samples, classes=None, num_frames=16, stride=4, size=224, train=True, flip=False,
@@ -349,11 +352,45 @@ class VideoClips(torch.utils.data.Dataset):
         self.num_clips, self.num_crops, self.decode_threads = num_clips, num_crops, decode_threads
         self.views = repeats if train else num_clips * num_crops
         self.span = (num_frames - 1) * stride + 1  # frames covered by one clip
-        self.max_bad_fraction, self.bad, self.seen = max_bad_fraction, set(), set()
-        self.bad_list = None  # optional path: each skipped video's path is appended (train.py's run summary)
+        self.max_bad_fraction, self.bad, self.seen = max_bad_fraction, set(), set()  # this process's judgement
+        self.listed = set()  # indices of the videos listed in bad_list (found unreadable by any process)
+        self.bad_list = None
         # Optional: callable(frames uint8 (V, T, H, W, 3), index, epoch) -> frames, applied before the crop, e.g.
         # synthetic.MotionObjects; `epoch` is set by set_epoch(), so its randomness is (seed, epoch, index).
-        self.overlay, self.epoch = None, 0
+        self.overlay, self.epoch, self.seed = None, 0, 0
+
+    @property
+    def bad_list(self):
+        """Optional path of the run's list of skipped videos, one path a line (train.py: <out>/bad_videos.txt).
+        Every process appends the videos it finds unreadable. The listed ones (by an earlier run, or by the
+        workers of an earlier epoch) are read when the path or the epoch is set and skipped silently."""
+        return self._bad_list
+
+    @bad_list.setter
+    def bad_list(self, path):
+        self._bad_list = path
+        self._read_bad_list()
+
+    @property
+    def epoch(self):
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch):
+        # set_epoch() sets it in the main process before the epoch's workers start as copies of this object: the
+        # list is re-read now so that they skip what the previous epoch's workers listed.
+        self._epoch = epoch
+        self._read_bad_list()
+
+    def _read_bad_list(self):
+        if self._bad_list and Path(self._bad_list).is_file():
+            listed = set(Path(self._bad_list).read_text().splitlines())  # a line being written does not match
+            self.listed = {i for i, (path, _) in enumerate(self.samples) if path in listed}
+
+    def _generator(self, index):
+        """The random stream of item `index` in this epoch, seeded by (seed, epoch, index) only."""
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
 
     @property
     def num_classes(self):
@@ -364,7 +401,7 @@ class VideoClips(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         for _ in range(len(self)):
-            if index not in self.bad:
+            if index not in self.bad and index not in self.listed:
                 self.seen.add(index)
                 try:
                     clips = self._load(self.samples[index][0], index)  # (V, 3, T, S, S)
@@ -394,38 +431,44 @@ class VideoClips(torch.utils.data.Dataset):
                 f"max_bad_fraction={self.max_bad_fraction}); see the warnings above. Check --data_root and the "
                 f"download, or raise max_bad_fraction.")
 
-    def _positions(self, num_frames):
-        """Frame positions of every view of a video with num_frames frames -> LongTensor (V, T)."""
+    def _positions(self, num_frames, generator=None):
+        """Frame positions of every view of a video with num_frames frames -> LongTensor (V, T). generator: the
+        item's random stream (_generator; None = torch's global RNG)."""
         if self.sampling == "segments":  # the released SSv2 loader (segment_positions)
             if self.train:
-                return torch.cat([segment_positions(num_frames, self.num_frames, True) for _ in range(self.views)])
+                return torch.cat([segment_positions(num_frames, self.num_frames, True, generator=generator)
+                                  for _ in range(self.views)])
             return segment_positions(num_frames, self.num_frames, False, self.num_clips).repeat_interleave(
                 self.num_crops, 0)  # (num_clips * num_crops, T)
         room = max(num_frames - self.span, 0)  # the last start at which a whole stride clip fits
         if self.train:
-            starts = torch.randint(0, room + 1, (self.views,))  # (V,)
+            starts = torch.randint(0, room + 1, (self.views,), generator=generator)  # (V,)
         else:
             starts = _evenly_spaced(self.num_clips, room).repeat_interleave(self.num_crops)  # (V,)
         return starts[:, None] + self.stride * torch.arange(self.num_frames)  # (V, T)
 
     def _load(self, path, index=0):
+        generator = self._generator(index)  # the loaded video's index: a replacement draws as its own item does
         with open_video(path, self.decode_threads) as video:
-            positions = self._positions(video.num_frames)  # (V, T); clamped in read()
+            positions = self._positions(video.num_frames, generator)  # (V, T); clamped in read()
             frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views
         frames = frames.view(self.views, self.num_frames, *frames.shape[1:])  # (V, T, H, W, 3)
         if self.overlay is not None:
             frames = self.overlay(frames, index, self.epoch)  # (V, T, H, W, 3), before crop and masking
         height, width = frames.shape[2:4]
         if self.train:
-            boxes = [multiscale_crop_box(height, width, self.size) for _ in range(self.views)]
-            flips = [self.flip and bool(torch.rand(()) < 0.5) for _ in range(self.views)]
+            boxes = [multiscale_crop_box(height, width, self.size, generator=generator) for _ in range(self.views)]
+            flips = [self.flip and bool(torch.rand((), generator=generator) < 0.5) for _ in range(self.views)]
         else:
             short = min(height, width)
             offsets = _evenly_spaced(self.num_crops, max(height, width) - short).tolist()
             crops = [(o, 0, short, short) if height > width else (0, o, short, short) for o in offsets]
             boxes, flips = crops * self.num_clips, [False] * self.views
-        return torch.stack([crop_resize(f, b, self.size, flip)
-                            for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S) uint8
+        try:
+            return torch.stack([crop_resize(f, b, self.size, flip)
+                                for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S) uint8
+        except RuntimeError as err:  # e.g. a 1-pixel side: the multi-scale crop is empty and the resize refuses it
+            raise ValueError(f"{path}: its {width}x{height} frames cannot be cropped to {self.size} ({err})") from err
 
 
 # ============ dataset layouts ============
@@ -600,12 +643,13 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
 
     Randomness, for exact resumption: call set_epoch(loader, epoch) before each epoch. It reseeds the loader's
     generator from (seed, epoch, rank); that generator draws the shuffle order and each worker's base seed
-    (worker torch / `random` seed = base seed + worker id), so augmentations differ per worker, rank and epoch,
-    and an epoch replays identically after a restart. Workers are therefore started afresh every epoch (not
-    persistent: a persistent worker would carry its RNG state over from the previous epoch); on Linux that
-    costs a fork per worker per epoch. With num_workers=0 augmentations use the main process RNG (train.py
-    reseeds it per epoch too). Memory is pinned only when CUDA is there to use it. timeout (seconds, 0 = wait
-    forever): with workers, a batch that takes longer raises RuntimeError("DataLoader timed out ...").
+    (worker torch / `random` seed = base seed + worker id). A VideoClips draws its augmentations from (seed,
+    epoch, index) instead (VideoClips._generator; `dataset.seed` is set here), so its batches are the same for
+    any num_workers and an epoch replays identically after a restart, even with other workers. Workers are
+    started afresh every epoch (not persistent: a persistent worker would carry its RNG state over from the
+    previous epoch, and its copy of the dataset would miss the epoch); on Linux that costs a fork per worker per
+    epoch. Memory is pinned only when CUDA is there to use it. timeout (seconds, 0 = wait forever): with
+    workers, a batch that takes longer raises RuntimeError("DataLoader timed out ...").
     """
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
@@ -615,6 +659,7 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
         generator=torch.Generator(), timeout=timeout if num_workers > 0 else 0)
     loader.seed, loader.rank = seed, dist.get_rank() if distributed else 0
+    dataset.seed = seed  # VideoClips: each item's randomness is (seed, epoch, index)
     set_epoch(loader, 0)
     return loader
 
@@ -658,11 +703,12 @@ def prefetch(batches, device):
 
 
 def set_epoch(loader, epoch):
-    """Start `epoch`: a new shuffle (also across ranks) and randomness derived from (seed, epoch, rank)."""
+    """Start `epoch`: a new shuffle (also across ranks), randomness derived from (seed, epoch, rank) for the
+    loader and from (seed, epoch, index) for each VideoClips item."""
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         loader.sampler.set_epoch(epoch)
     loader.generator.manual_seed((loader.seed * 1_000_003 + epoch) * 1009 + loader.rank)
-    loader.dataset.epoch = epoch  # read by VideoClips.overlay (workers start afresh each epoch and copy it)
+    loader.dataset.epoch = epoch  # read by VideoClips (workers start afresh each epoch and copy it)
 
 
 # ============ video object segmentation ============

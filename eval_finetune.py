@@ -42,10 +42,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import ranks
 from data import VideoClips, make_loader, normalize, open_video, set_epoch
 from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
 from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
-from train import choose_precision, git_hash, lr_at, save_checkpoint, seed_everything, setup_distributed
+from train import (CheckpointWriter, choose_precision, git_hash, lr_at, relative_samples, seed_everything,
+                   setup_distributed)
 
 # ============ defaults: the released fine-tuning recipe ============
 # One block: COMMON for every dataset, then per-dataset changes; every value can be overridden on the command
@@ -164,6 +166,8 @@ def build_parser():
     a("--num_workers", type=int, default=None, help="decoding processes per GPU")
     a("--save_every", type=int, default=None, help="epochs between checkpoints (always one at the end)")
     a("--max_epochs_this_run", type=int, default=0, help="stop after this many epochs (checkpointed); rerun to go on")
+    a("--log_every", type=int, default=10, help="steps between reads of the loss from the GPU (each read waits for "
+      "the GPU to finish; a non-finite loss is found at the next read, always before a checkpoint)")
     a("--seed", type=int, default=0)
     a("--bench", action="store_true", help="print FLOPs per clip and the estimated memory per GPU of a training "
       "step of --arch at --batch_size, then exit (no data needed)")
@@ -226,6 +230,7 @@ def check_options(args):
         (args.img_size is None or args.img_size >= 1, f"--img_size {args.img_size} must be >= 1, e.g. 224"),
         (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0, e.g. 8"),
         (args.save_every >= 1, f"--save_every {args.save_every} must be >= 1, e.g. 1"),
+        (args.log_every >= 1, f"--log_every {args.log_every} must be >= 1, e.g. 10"),
         (args.max_epochs_this_run >= 0, f"--max_epochs_this_run {args.max_epochs_this_run} must be >= 0 (0 = all)"),
         (args.seed >= 0, f"--seed {args.seed} must be >= 0, e.g. 0")]
     return [message for ok, message in checks if not ok]
@@ -491,7 +496,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, rank=0, 
     views = max(1, getattr(dataset, "views", 1))
     loader = make_loader(shard, max(1, batch_size // views), num_workers, shuffle=False, drop_last=False,
                          distributed=False)
-    scores, labels = [], []
+    scores, labels = [], []  # per batch: (B, C) scores averaged over the views, (B,) labels
     for clips, y in tqdm(loader, desc=desc, disable=None if rank == 0 else True, leave=False, dynamic_ncols=True):
         if clips.dim() == 5:
             clips, y = clips[:, None], y[:, None]  # one view: (B, 1, 3, T, S, S)
@@ -500,11 +505,13 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, rank=0, 
             logits = model(normalize(clips.flatten(0, 1).to(device, non_blocking=True)))  # (B*V, C)
         scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())  # (B, C)
         labels.append(y[:, 0])
-    scores, labels = torch.cat(scores), torch.cat(labels).long()
     if world > 1:
+        # The lists of batches travel, not one tensor per rank: with fewer test videos than ranks a rank has no
+        # batch at all (nothing to concatenate), and its empty list adds nothing to the others'.
         parts = [None] * world
         dist.all_gather_object(parts, (scores, labels))
-        scores, labels = torch.cat([s for s, _ in parts]), torch.cat([y for _, y in parts])
+        scores, labels = [s for part, _ in parts for s in part], [y for _, part in parts for y in part]
+    scores, labels = torch.cat(scores), torch.cat(labels).long()  # (N, C), (N,)
     return dict(topk_accuracy(scores, labels), num_test=len(labels))
 
 # ============ the run: data, model and optimizer, resume, training, test ============
@@ -536,19 +543,27 @@ def finetune(args, rank, world, device):
     if world > 1:
         run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
-    t_train = time.perf_counter()
+    # Rank 0 writes checkpoints in the background (train.py's CheckpointWriter): no rank waits for the disk. An
+    # epoch's checkpoint is written only after its steps were read and found finite (StepLog.flush).
+    writer, t_train = CheckpointWriter(), time.perf_counter()
     with open(run.log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
         for epoch in range(start_epoch, end_epoch):
-            step = train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log, say)
-            if step is None:
+            steps = StepLog(log, world, run.total_batch)
+            step = train_epoch(args, data, run, epoch, step, rank, device, autocast, steps, say)
+            if step is None:  # on every rank at the same step: each read the loss averaged over ranks
+                writer.wait()  # the last good checkpoint, complete on disk
+                last_good = run.ckpt_path if os.path.exists(run.ckpt_path) else "none"
+                say(f"\nloss is {steps.last['loss']} at step {steps.last['step']} (epoch {epoch}); stopping. The last "
+                    f"good checkpoint is {last_good}. Try a lower --lr or --precision fp32.", file=sys.stderr)
                 return 1
             if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == end_epoch):
-                save_checkpoint(run.ckpt_path, dict(model=run.raw_model.state_dict(),
-                                                    optimizer=run.optimizer.state_dict(),
-                                                    scaler=run.scaler.state_dict(), epoch=epoch + 1, step=step,
-                                                    config=run.config, model_config=dataclasses.asdict(data.cfg)))
-            if world > 1:
-                dist.barrier()  # nobody goes on (or exits) before the checkpoint exists
+                writer.save(run.ckpt_path, dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                                                scaler=run.scaler.state_dict(), epoch=epoch + 1, step=step,
+                                                config=run.config, model_config=dataclasses.asdict(data.cfg)))
+    # Nobody goes on to the test (or exits) before the last checkpoint is on disk, and a failed write stops every
+    # rank with its message (ranks.together: one exchange, which is also the barrier).
+    with ranks.together(f"writing the checkpoint {run.ckpt_path}"):
+        writer.wait()
     if end_epoch < args.epochs:
         say(f"stopped after epoch {end_epoch}/{args.epochs} (--max_epochs_this_run); rerun the same command to go on")
         return 0
@@ -564,9 +579,16 @@ def build_data(args, world):
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
     source, cfg = load_encoder(args.ckpt, args.arch, **overrides)  # the architecture; a misfit fails here
     parsed = build_dataset(args, cfg, args.train_split, train=True, repeats=args.repeats)
+    test_set = build_dataset(args, cfg, args.test_split, clips=args.test_clips, crops=args.test_crops)
+    # Each rank lists the videos of its own file system (a node-local copy of the dataset): the samplers' indices
+    # mean the same clips on every rank, and every rank runs the same number of steps and test batches, only if
+    # the lists are identical. Compared as train.py does: relative to the dataset folder, labels included.
+    if world > 1:
+        for split, clips in (("train", parsed), ("test", test_set)):
+            ranks.agree(f"the {split} videos", f"{len(clips.samples):,} videos", relative_samples(clips.samples),
+                        fix="Give every node the same dataset (the same files under --data_root).")
     train_set = AugmentedClips(parsed, ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio,
                                                      args.flip))
-    test_set = build_dataset(args, cfg, args.test_split, clips=args.test_clips, crops=args.test_crops)
     if train_set.num_classes != test_set.num_classes:
         raise ValueError(f"train split has {train_set.num_classes} classes, test split {test_set.num_classes}")
     loader = make_loader(train_set, args.batch_size // args.repeats, args.num_workers, shuffle=True,
@@ -616,15 +638,30 @@ def report(args, data, run, say):
 
 def resume(args, run, say):
     """(start_epoch, step): 0, 0 for a new run folder; else the state of <out>/ckpt.pth, loaded into the model
-    and optimizer, refused if it was trained with other RESUME_MUST_MATCH settings."""
+    and optimizer, refused if it was trained with other RESUME_MUST_MATCH settings.
+
+    Every rank reads <out>/ckpt.pth itself, and only rank 0 writes it: on a node-local disk the other nodes find
+    none (or an old one) and would train from another epoch with another optimizer state until the ranks' steps
+    no longer pair up and they wait for each other forever. So the ranks first compare what they found, and a
+    refusal or a disagreement on any rank stops all of them before any state is loaded.
+    """
     os.makedirs(args.out, exist_ok=True)
-    if not os.path.exists(run.ckpt_path):
-        return 0, 0
-    ckpt = load_checkpoint(run.ckpt_path)
-    changed = {k: (ckpt["config"].get(k), run.config[k]) for k in RESUME_MUST_MATCH
-               if ckpt["config"].get(k) != run.config[k]}
-    if changed:
-        raise ValueError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use another --out")
+    ckpt = None
+    with ranks.together(f"reading {run.ckpt_path}"):
+        if os.path.exists(run.ckpt_path):
+            ckpt = load_checkpoint(run.ckpt_path)
+            changed = {k: (ckpt["config"].get(k), run.config[k]) for k in RESUME_MUST_MATCH
+                       if ckpt["config"].get(k) != run.config[k]}
+            if changed:
+                raise ValueError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use "
+                                 f"another --out")
+    found = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)  # a checkpoint holds at least one epoch
+    ranks.agree("the checkpoint to resume from",
+                f"epoch {found[0]}, step {found[1]} in {run.ckpt_path}" if ckpt else f"no {run.ckpt_path}", found,
+                fix="Put --out on storage that every node sees (the cluster's shared file system, not a node-local "
+                    "disk): only rank 0 writes checkpoints.")
+    if ckpt is None:
+        return found
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):  # empty unless saved by an fp16 run
@@ -633,8 +670,9 @@ def resume(args, run, say):
     return ckpt["epoch"], ckpt["step"]
 
 
-def train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log, say):
-    """One epoch of steps -> the step count after it, or None if the loss stopped being finite."""
+def train_epoch(args, data, run, epoch, step, rank, device, autocast, steps, say):
+    """One epoch of steps, logged by `steps` (a StepLog) -> the step count after it, or None if the loss stopped
+    being finite (steps.last is then the first such step)."""
     # Randomness (shuffle, augmentation, erasing, mixing, drop path) from (seed, epoch, rank) only: a run
     # resumed from an end-of-epoch checkpoint replays the uninterrupted one exactly.
     seed_everything(args.seed, epoch, rank)
@@ -652,27 +690,27 @@ def train_epoch(args, data, run, epoch, step, rank, world, device, autocast, log
         videos = erase_clips(videos, run.eraser)  # (B, 3, T, S, S), after normalisation as released
         videos, targets = mix_batch(videos, labels.long(), run.mixer, data.num_classes, args.smoothing)  # (B, C)
         rate = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
-        loss, grad_norm = train_step(run, videos, targets, rate, world, autocast)
-        if not math.isfinite(loss):
-            last_good = run.ckpt_path if os.path.exists(run.ckpt_path) else "none"
-            say(f"\nloss is {loss} at step {step} (epoch {epoch}); stopping. The last good checkpoint is "
-                f"{last_good}. Try a lower --lr or --precision fp32.", file=sys.stderr)
-            return None
+        loss, grad_norm = train_step(run, videos, targets, rate, autocast)  # 0-d device tensors
         step += 1
-        dt = time.perf_counter() - t0
-        last = dict(step=step, epoch=epoch + (i + 1) / run.steps_per_epoch, lr=rate, loss=round(loss, 5),
-                    grad_norm=grad_norm, clips_per_s=run.total_batch / dt, data_wait=t_data / dt)
-        log.write(json.dumps(last) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rate:.1e}", data=f"{last['data_wait']:.0%}")
+        # No .item() per step: a read makes the host wait until the GPU has finished this step, so the next one
+        # could not be queued behind it. The values are read every --log_every steps.
+        steps.record(step, epoch + (i + 1) / run.steps_per_epoch, rate, loss, grad_norm, t_data)
+        if step % args.log_every == 0:
+            if not steps.flush():
+                return None
+            bar.set_postfix(loss=f"{steps.last['loss']:.3f}", lr=f"{rate:.1e}", data=f"{steps.last['data_wait']:.0%}")
         t0 = time.perf_counter()
-    say(f"epoch {epoch + 1}/{args.epochs}: loss {last['loss']:.4f}, lr {rate:.2e}, {last['clips_per_s']:.1f} clips/s")
+    if not steps.flush():  # the epoch's last steps, always read: a checkpoint may follow
+        return None
+    say(f"epoch {epoch + 1}/{args.epochs}: loss {steps.last['loss']:.4f}, lr {rate:.2e}, "
+        f"{steps.last['clips_per_s']:.1f} clips/s")
     return step
 
 
-def train_step(run, videos, targets, rate, world, autocast):
-    """One optimizer step at lr `rate` (scaled per layer) -> (mean loss over ranks, gradient norm). The
-    parameters are not updated when the loss is not finite on some rank (all ranks then stop together). Under
+def train_step(run, videos, targets, rate, autocast):
+    """One optimizer step at lr `rate` (scaled per layer) -> (this rank's loss, gradient norm), 0-d device tensors
+    (read later by StepLog, so the host need not wait for the step). The step is taken whatever the loss: a
+    non-finite one is found at the next read, which stops every rank before the next checkpoint is written. Under
     fp16 the loss is scaled before backward (run.scaler; disabled otherwise) and a step whose scaled gradients
     overflow is skipped while the scale backs off, as in the released fine-tuning loop."""
     for g in run.optimizer.param_groups:  # per-step cosine, scaled per layer
@@ -684,15 +722,46 @@ def train_step(run, videos, targets, rate, world, autocast):
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # the logged norm is of the true gradients
     # No clipping in the released recipe; max_norm=inf only measures the norm for the log.
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), float("inf")).item()
-    loss_mean = loss.detach().double().reshape(1)  # every rank sees the mean loss
-    if world > 1:
-        dist.all_reduce(loss_mean)
-        loss_mean /= world
-    if math.isfinite(loss_mean.item()):
-        run.scaler.step(run.optimizer)  # = optimizer.step() unless fp16 gradients overflowed
-        run.scaler.update()
-    return loss_mean.item(), grad_norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), float("inf"))
+    run.scaler.step(run.optimizer)  # = optimizer.step() unless fp16 gradients overflowed
+    run.scaler.update()
+    return loss.detach(), grad_norm
+
+
+class StepLog:
+    """log.jsonl, one line per step, without a host sync per step: record() keeps each step's loss and gradient
+    norm as device tensors; flush() averages the pending ones over ranks (one all-reduce), reads them in one
+    transfer and writes their lines. Every rank reads the same averages, so every rank finds a non-finite loss
+    at the same step. clips_per_s and data_wait are over the interval since the last flush (per-step host times
+    mean little while the GPU runs behind the host)."""
+
+    def __init__(self, file, world, total_batch):
+        self.file, self.world, self.total_batch = file, world, total_batch
+        self.pending, self.last, self.data_time, self.t0 = [], {}, 0.0, time.perf_counter()
+
+    def record(self, step, epoch, lr, loss, grad_norm, data_time):
+        self.pending.append((step, epoch, lr, torch.stack([loss.double(), grad_norm.double()])))  # (2,)
+        self.data_time += data_time
+
+    def flush(self):
+        """Write the pending steps -> False if a loss was not finite (self.last is then that step, logged last)."""
+        if not self.pending:
+            return True
+        values = torch.stack([v for *_, v in self.pending])  # (steps, 2): loss, grad_norm
+        if self.world > 1:
+            dist.all_reduce(values)  # the mean loss over ranks (the gradient norm is the same on every rank)
+            values /= self.world
+        rows = values.tolist()  # the one host sync of the interval
+        dt = time.perf_counter() - self.t0
+        timing = dict(clips_per_s=len(rows) * self.total_batch / dt, data_wait=self.data_time / dt)
+        for (step, epoch, lr, _), (loss, grad_norm) in zip(self.pending, rows):
+            self.last = dict(step=step, epoch=epoch, lr=lr, loss=round(loss, 5), grad_norm=grad_norm, **timing)
+            self.file.write(json.dumps(self.last) + "\n")
+            if not math.isfinite(loss):
+                break
+        self.file.flush()
+        self.pending, self.data_time, self.t0 = [], 0.0, time.perf_counter()
+        return math.isfinite(self.last["loss"])
 
 
 def write_results(args, data, run, acc, train_seconds):

@@ -27,7 +27,8 @@ Prints top-1 / top-5 on the test split and writes them as JSON next to the check
 split and view set, named by a hash of everything they depend on (checkpoint path, size and
 mtime; dataset, root, split, views; frames, size, stride): a rerun with other head settings
 skips the backbone; touching the checkpoint or changing the data recomputes.
-Under torchrun every rank encodes its share of the clips; rank 0 gathers them and trains the head.
+Under torchrun every rank encodes its share of the clips; rank 0 gathers them (through the process group),
+trains the head and alone reads and writes the cache, so --cache_dir may sit on rank 0's local disk.
 """
 import argparse
 import hashlib
@@ -46,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import ranks
 from data import Video, VideoClips, build_video_dataset, make_loader, normalize
 from model import PRESETS, describe_state_dict, inference_autocast, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
@@ -186,17 +188,26 @@ class FrameClips(torch.utils.data.Dataset):
     """An image dataset as clips of one repeated frame (the paper's Table 9 evaluates IN-1K / CIFAR-100 so).
 
     Items: (clip (3, T, S, S), label), or with repeats R > 1 (random crops, each drawn anew)
-    (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips.
+    (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips, whose randomness it shares
+    too: item i's crops are drawn from (seed, i) alone, whichever rank or DataLoader worker reads it.
     """
 
     def __init__(self, images, num_frames, num_classes, repeats=1):
         self.images, self.num_frames, self.num_classes, self.repeats = images, num_frames, num_classes, repeats
+        self.seed = 0
 
     def __len__(self):
         return len(self.images)
 
+    @property
+    def samples(self):
+        """(path, label) per image (ImageFolder), or (index, label) (CIFAR-100: one file holds every image)."""
+        return getattr(self.images, "samples", None) or list(enumerate(self.images.targets))
+
     def __getitem__(self, i):
-        views = [self.images[i] for _ in range(self.repeats)]  # R x ((3, S, S), label)
+        with torch.random.fork_rng(devices=[]):  # torchvision's random crops draw from the global CPU RNG
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            views = [self.images[i] for _ in range(self.repeats)]  # R x ((3, S, S), label)
         clips = torch.stack([img[:, None].expand(-1, self.num_frames, -1, -1) for img, _ in views])  # (R, 3, T, S, S)
         label = views[0][1]
         return (clips[0], label) if self.repeats == 1 else (clips, torch.full((self.repeats,), label))
@@ -235,6 +246,16 @@ def build_dataset(args, cfg, split, train=False, repeats=1, clips=1, crops=1):
     if args.stride:
         kwargs["stride"] = args.stride
     return build_video_dataset(args.dataset, args.data_root, split, fold=args.fold, **kwargs)
+
+
+def agree_on_samples(name, dataset, data_root):
+    """Stop every rank unless all of them list the same (path, label) items in the same order: clip i of a
+    rank with another copy of the data is another video, and its features would land in another clip's
+    row. Paths are compared relative to --data_root, so nodes may mount the same copy at different places."""
+    where = lambda p: os.path.relpath(p, data_root) if data_root and isinstance(p, str) else p
+    kind = "videos" if isinstance(dataset, VideoClips) else "images"
+    ranks.agree(f"the {name} {kind}", f"{len(dataset)} {kind}", [(where(p), y) for p, y in dataset.samples],
+                fix="Give every node the same dataset (--data_root).")
 
 # ============ feature cache ============
 
@@ -303,11 +324,15 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
 def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     """Features of one split and view set, from the cache or extracted (sharded over ranks).
 
-    Returns (feats (N, V, D), labels (N,), passes, seconds spent extracting) on rank 0, None elsewhere.
+    The cache is rank 0's: it alone reads and writes it, and every rank follows its decision (extract or
+    not), so all ranks issue the same collectives even where --cache_dir is a node-local folder that holds
+    the file on one node only. Returns (feats (N, V, D), labels (N,), passes, seconds spent extracting) on
+    rank 0, None elsewhere.
     """
     path = cache_path(args.cache_dir, key)
-    entry = None if args.bench else load_features(path, key)
-    if entry is not None:
+    with ranks.together(f"reading the feature cache {path}"):
+        entry = load_features(path, key) if rank == 0 and not args.bench else None
+    if from_rank0(entry is not None, world):
         return (entry["feats"], entry["labels"], entry["passes"], 0.0) if rank == 0 else None
     t0 = time.perf_counter()
     V = key["views_per_item"]
@@ -315,26 +340,42 @@ def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = make_loader(shard, max(1, args.extract_batch // V), args.num_workers, shuffle=False,
                          drop_last=False, seed=args.seed, distributed=False)
-    feats, labels, passes = extract(encoder, loader, device, key["flip"], show=rank == 0,
-                                    desc=f"{desc} ({len(dataset)} clips x {V * (1 + key['flip'])} views)")
-    if world > 1:  # gather through the cache folder: plain files work with gloo and nccl, for any size
-        os.makedirs(args.cache_dir, exist_ok=True)
-        torch.save(dict(feats=feats, labels=labels, passes=passes), f"{path}.part{rank}")
-        dist.barrier()
-        if rank != 0:
-            return None
-        parts = [torch.load(f"{path}.part{r}", weights_only=True) for r in range(world)]
-        feats = torch.empty(len(dataset), *parts[0]["feats"].shape[1:])  # (N, V, D)
-        labels = torch.empty(len(dataset), dtype=torch.long)
-        for r, part in enumerate(parts):
-            feats[r::world], labels[r::world] = part["feats"], part["labels"]  # undo the strided sharding
-            os.remove(f"{path}.part{r}")
-        passes = sum(part["passes"] for part in parts)
+    # A rank past the last clip (fewer clips than ranks) has nothing to encode, but still joins the gather.
+    part = extract(encoder, loader, device, key["flip"], show=rank == 0,
+                   desc=f"{desc} ({len(dataset)} clips x {V * (1 + key['flip'])} views)") if len(shard) else None
+    parts = gather_to_rank0(part, rank, world)  # [(feats (N_r, V, D), labels (N_r,), passes) or None] per rank
+    if rank != 0:
+        return None
+    row = parts[0][0].shape[1:]  # (V, D); rank 0 always holds clip 0
+    feats, labels = torch.empty(len(dataset), *row), torch.empty(len(dataset), dtype=torch.long)  # (N, V, D), (N,)
+    for r, part in enumerate(parts):
+        if part is not None:
+            feats[r::world], labels[r::world] = part[0], part[1]  # undo the strided sharding
+    passes = sum(part[2] for part in parts if part is not None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     save_features(path, key, feats, labels, passes)
     return feats, labels, passes, seconds
+
+
+def from_rank0(value, world):
+    """rank 0's `value` on every rank (one broadcast; `value` itself in a single process)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_rank0(value, rank, world):
+    """Every rank's `value` (CPU tensors), as a list in rank order on rank 0, None elsewhere. Through the process
+    group, not through files: rank 0 may not see the other ranks' disks."""
+    if world == 1:
+        return [value]
+    everyone = [None] * world if rank == 0 else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone
 
 # ============ the linear head (trained on cached features) ============
 
@@ -664,9 +705,12 @@ def build_view_sets(args, cfg, say):
     view_sets = [("train", "centre", 1, args.flip, build_dataset(args, cfg, args.train_split)),
                  ("test", f"{clips}x{crops}", clips * crops, False,
                   build_dataset(args, cfg, args.test_split, clips=clips, crops=crops))]
-    if args.aug_views:  # random crops (mirrored at random if --flip), drawn once and cached like the rest
-        view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False,
-                             build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)))
+    if args.aug_views:  # random crops (mirrored at random if --flip), drawn once per clip and cached like the rest
+        augmented = build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)
+        # Each clip's crops are drawn from (seed, clip index) alone (data.VideoClips, FrameClips), so they are the
+        # same for any world size, --num_workers and --extract_batch: the cache key needs none of them.
+        augmented.seed = args.seed
+        view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False, augmented))
     train, test = view_sets[0][-1], view_sets[-1][-1]
     if train.num_classes != test.num_classes:
         raise ValueError(f"train split has {train.num_classes} classes, test split {test.num_classes}")
@@ -730,10 +774,13 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the 'random' encoder's init
     encoder, cfg, missing, unexpected = frozen_encoder(args, device, world, say)
-    view_sets, test_views = build_view_sets(args, cfg, say)
-    datasets = {name: ds for name, _, _, _, ds in view_sets}
+    with ranks.together("reading the datasets"):  # a rank that cannot read its copy stops every rank
+        view_sets, test_views = build_view_sets(args, cfg, say)
+        datasets = {name: ds for name, _, _, _, ds in view_sets}
+        probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)  # before any encoding
+    for name in ("train", "test"):  # train_aug lists the train split's items again
+        agree_on_samples(name, datasets[name], args.data_root)
     num_classes = datasets["test"].num_classes
-    probes = usable_probes(args, cfg, datasets["train"], datasets["test"], say)  # before any encoding
     say("settings: " + json.dumps(vars(args)))
 
     # ---- features of every view set: extracted once, then cached (the key says what they depend on) ----

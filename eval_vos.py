@@ -58,6 +58,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm import tqdm
 
+import ranks
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
 from model import PRESETS, SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
 from synthetic import synthetic_dataset, vos_chance
@@ -380,6 +381,18 @@ def load_sigma(path, overrides):
     return sigma.eval(), ""
 
 
+def prototype_model(args, overrides):
+    """The model behind the prototype view (--vis), with --protos checked against its prototypes: (SIGMA or
+    None, why not). Every rank calls it before any clip: an error here stops all of them, not only the ranks
+    whose clips are drawn (the others would wait for them in the gather of results)."""
+    with ranks.together("loading the prototypes for --vis"):
+        sigma, why = load_sigma(args.ckpt, overrides)
+        K = len(sigma.prototypes) if sigma is not None else None
+        if K is not None and not all(p < K for p in args.protos):
+            raise ValueError(f"--protos {' '.join(map(str, args.protos))}: {args.ckpt} has prototypes 0..{K - 1}")
+    return sigma, why
+
+
 @torch.no_grad()
 def draw_prototypes(path, sigma, videos, protos, frac):
     """Fig. 4: for each prototype, the clip's tubes that phi scores highest on it, lit up (the
@@ -391,8 +404,6 @@ def draw_prototypes(path, sigma, videos, protos, frac):
     scores = z @ F.normalize(sigma.prototypes.float(), dim=-1).t()  # (N, K) cosine, as the loss scores them (sinkhorn.py)
     usage = scores.argmax(1).bincount(minlength=scores.shape[1])  # (K,) tubes choosing each prototype
     protos = protos or [p for p in usage.topk(min(3, len(usage))).indices.tolist() if usage[p] > 0]
-    if not all(0 <= p < len(usage) for p in protos):
-        raise ValueError(f"--protos {protos}: this model has prototypes 0..{len(usage) - 1}")
     n_top = max(1, round(frac * len(z)))
     rgb = to_rgb(videos, cfg.tubelet_size)  # (t, 3, S, S)
     rows, info = [], []
@@ -446,14 +457,18 @@ def protocol_line(args):
 
 
 def setup_distributed(args):
-    """Launched by torchrun: each rank takes every world-th clip. -> (ddp, rank, world); sets args.device."""
-    if "RANK" not in os.environ:
-        return False, 0, 1
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    """Each rank takes every world-th clip. Launched by torchrun (RANK set), main() starts the process group and
+    ends it; called inside a process that has one already (train.py's first look under torchrun), it uses that
+    group and leaves it as it is. -> (rank, world, whether main() started a group); sets args.device."""
+    started = not (dist.is_available() and dist.is_initialized())
+    if started and "RANK" not in os.environ:
+        return 0, 1, False
+    if started:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     if args.device == "cuda":
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
-    return True, dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), started
 
 
 def frozen_encoder(args):
@@ -566,12 +581,16 @@ def main(argv=None):
     args = get_args(argv)  # every option checked before anything is read
     if args.bench:
         return bench(args)
-    ddp, rank, world = setup_distributed(args)
+    rank, world, started = setup_distributed(args)
     encoder, cfg, arch, overrides = frozen_encoder(args)
     feat_size = args.feat_size or 2 * cfg.grid[1]  # scoring maps: twice the token grid (28 for 224 / 16)
 
     # ============ data: this rank's clips ============
-    dataset = build_dataset(args, cfg.num_frames, cfg.img_size)
+    with ranks.together("reading the dataset"):  # a rank that cannot read its copy stops every rank
+        dataset = build_dataset(args, cfg.num_frames, cfg.img_size)
+    # Clip i must be the same clip on every rank: results are gathered by index.
+    ranks.agree(f"the {args.dataset} clips", f"{len(dataset)} clips of {len({c[0] for c in dataset.clips})} sequences",
+                dataset.clips, fix="Give every node the same dataset (--data_root).")
     n_clips = min(len(dataset), args.max_clips or len(dataset))
     indices = list(range(rank, n_clips, world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
@@ -588,18 +607,19 @@ def main(argv=None):
     sigma = None
     if args.vis:
         vis_dir.mkdir(parents=True, exist_ok=True)
-        sigma, why = load_sigma(args.ckpt, overrides)
+        sigma, why = prototype_model(args, overrides)
         sigma = sigma.to(args.device) if sigma is not None else None
         if sigma is None and rank == 0:
             print(f"prototype view (Fig. 4) skipped: {why}")
     results = evaluate_clips(encoder, cfg, loader, indices, args, feat_size, vis_dir, sigma, show=rank == 0)
-    if ddp:
+    if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = sorted(itertools.chain(*gathered), key=lambda r: r["index"])
+    if started:  # a group this process had before main() stays for its owner (train.py's first look)
         dist.destroy_process_group()
-        if rank:
-            return None
+    if rank:
+        return None
 
     # ============ report ============
     report = write_report(out, results, args, cfg, feat_size, world)

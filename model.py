@@ -210,7 +210,12 @@ class TubeEmbed(nn.Module):
     the Conv3d's, so checkpoints are unchanged; but since the kernels do not overlap, the convolution is one
     matmul of each tube's values with the flattened kernel, and that is how it is computed: a plain GEMM that
     runs on bf16 tensor cores, where a cuDNN Conv3d of this shape is a slow path (tests/test_model.py checks
-    forward and backward against the Conv3d in fp64)."""
+    forward and backward against the Conv3d in fp64).
+
+    forward(videos, index=None) -> (B, N, D); given index (B, M) token indices, those tubes only: (B, M, D). The
+    encoder passes its visible tokens: at 90% masking the matmul and the tube values it saves for backward are a
+    tenth of those of embedding every tube, with the same result for the visible ones.
+    """
 
     def __init__(self, dim, tubelet, patch, in_chans=3):
         super().__init__()
@@ -218,10 +223,12 @@ class TubeEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
                               stride=(tubelet, patch, patch))
 
-    def forward(self, videos):
+    def forward(self, videos, index=None):
         tubes = patchify(videos, self.tubelet, self.patch).flatten(2)  # (B, N, tubelet*patch*patch*C), (p0 p1 p2 c)
+        if index is not None:
+            tubes = gather_tokens(tubes, index)  # (B, M, tubelet*patch*patch*C): raw values of the chosen tubes
         kernel = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, C, p0, p1, p2) -> (D, p0*p1*p2*C)
-        return F.linear(tubes, kernel, self.proj.bias)  # (B, N, D)
+        return F.linear(tubes, kernel, self.proj.bias)  # (B, N or M, D)
 
 
 def mask_order(mask, n_masked=None):
@@ -367,9 +374,11 @@ class Encoder(nn.Module):
         if videos.shape[1:] != (3, cfg.num_frames, cfg.img_size, cfg.img_size):
             raise ValueError(f"expected videos (B, 3, {cfg.num_frames}, {cfg.img_size}, {cfg.img_size}) "
                              f"for this model, got {tuple(videos.shape)}")
-        x = self.patch_embed(videos) + self.pos_embed  # (B, N, D): positions added before dropping
-        if mask is not None:
-            x = gather_tokens(x, mask_order(mask, n_masked)[0])  # (B, N_vis, D), visible tokens in ascending order
+        if mask is None:
+            x = self.patch_embed(videos) + self.pos_embed  # (B, N, D)
+        else:  # only the visible tubes are embedded, each with the position of its own token
+            visible = mask_order(mask, n_masked)[0]  # (B, N_vis) token indices, ascending
+            x = self.patch_embed(videos, visible) + gather_tokens(self.pos_embed, visible)  # (B, N_vis, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -753,14 +762,24 @@ def count_params(module):
 
 
 def train_step_flops(model, batch=1):
-    """Forward + backward FLOPs of one training step on `batch` clips, counted by torch."""
+    """Forward + backward FLOPs of one training step on `batch` clips, counted by torch on 1 and 2 clips.
+
+    Every counted op grows linearly with the clips (attention is quadratic in a clip's tokens, not in the batch),
+    so the count is a + b * batch and the line through the two counts is exact; an fp32 step on `batch` clips,
+    which may not fit in memory at a large batch, is never run.
+    """
     cfg, device = model.cfg, model.mask_token.device
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
-    mask = tube_mask(batch, cfg.grid, 0.9).to(device)
-    with FlopCounterMode(display=False) as counter:
-        model(videos, mask)["loss"].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+
+    def count(clips):
+        videos = torch.randn(clips, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+        mask = tube_mask(clips, cfg.grid, 0.9).to(device)  # (clips, N)
+        with FlopCounterMode(display=False) as counter:
+            model(videos, mask)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    one = count(1)
+    return one if batch == 1 else one + (batch - 1) * (count(2) - one)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,33 @@ solved approximately by Sinkhorn-Knopp), and makes each side predict the other's
 
 Conventions: scores are (N, K) = (tokens, prototypes) cosine similarities in [-1, 1].
 Under torch.distributed every rank holds its own N tokens; the equipartition is over the
-*global* batch (all ranks), exactly as if the scores had been concatenated on one process.
+*global* batch (all ranks), exactly as if the scores had been concatenated on one process; inside
+local_only() over this process's tokens alone.
 """
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+_local_only = False  # set by local_only(): every _all_reduce is skipped
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside, no all-reduce: for code that one rank runs alone (an estimate, a picture), where one would hang."""
+    global _local_only
+    before, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = before
+
 
 def _all_reduce(x, op=dist.ReduceOp.SUM):
-    """Reduce a tensor over all ranks in place (a no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Reduce a tensor over all ranks in place (a no-op when not distributed, and inside local_only())."""
+    if not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=op)
     return x
 

@@ -24,6 +24,7 @@ the end (--bench, the matmul ceiling, the memory estimate) are not part of a run
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -43,6 +44,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import ranks
+import sinkhorn
 from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
 from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
                    train_step_flops)
@@ -80,6 +83,10 @@ RECIPES["noise"] = {**RECIPES["synthetic"], "motion_objects": 2}  # SMILE's no-n
 COLLAPSE_ENTROPY = 0.1
 # --loss l2 with a jointly trained phi collapses by design (Eq. 2): phi's spread across tokens below this.
 L2_COLLAPSED_STD = 1e-3
+# Data-bound check: over these steps of a run (counted from its start or restart), the share of the time the
+# loop waits for the DataLoader; above DATA_BOUND_SHARE on any rank, one line says so, with the remedies.
+DATA_BOUND_STEPS = (20, 100)
+DATA_BOUND_SHARE = 0.2
 
 
 # ============ command line: options, then every value checked before anything is built or read ============
@@ -248,7 +255,7 @@ def setup_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    ranks.init_process_group(backend, device_id=device if backend == "nccl" else None)  # restart-safe (ranks.py)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -326,14 +333,27 @@ RESUME_MAY_CHANGE = ("out", "data_root", "workers", "loader_timeout", "precision
 
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file, fsync, then rename: a kill -9 at any moment leaves either the
-    previous checkpoint or the new one, never a torn file."""
+    """Write to a temporary file, fsync, rename, fsync the folder: a kill -9 (or a power cut) at any moment
+    leaves either the previous checkpoint or the new one, never a torn file. The folder's fsync makes the
+    rename itself durable (without it the folder entry may still name the old file after a crash)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def remove_stale_temporaries(path):
+    """Delete <path>.tmp.<pid> files left by a write that was killed (a full checkpoint's size each)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for stale in Path(folder).glob(f"{name}.tmp.*"):
+        stale.unlink(missing_ok=True)
 
 
 def host_copy(obj):
@@ -354,7 +374,8 @@ class CheckpointWriter:
     save(path, obj) first copies every tensor to host memory (a snapshot: the next steps change the weights in
     place), then save_checkpoint writes the copy in a thread: the file still appears atomically, and a kill during
     the write leaves the previous checkpoint. One write at a time (save waits for the previous one). wait()
-    returns once the last write is on disk and re-raises its error (e.g. a full disk), if any.
+    returns once the last write is on disk and re-raises its error (e.g. a full disk), if any; `failed` tells
+    without waiting, so the loop reports a failed write at its next log interval (Run.flush), on every rank.
     """
 
     def __init__(self):
@@ -372,6 +393,10 @@ class CheckpointWriter:
 
         self.thread = threading.Thread(target=write, name="checkpoint-writer")
         self.thread.start()
+
+    @property
+    def failed(self):
+        return self.error is not None
 
     def wait(self):
         if self.thread is not None:
@@ -462,7 +487,15 @@ def train(args, rank, world, device):
     # ============ preparing data ============
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
+    if master:
+        remove_stale_temporaries(paths["ckpt.pth"])  # a write killed mid-way left a full-size temporary
     dataset, loader = build_loader(args, cfg, paths)
+    # Each rank lists the videos from its own file system (a node-local copy of the dataset): the sampler's
+    # indices mean the same clips on every rank, and every rank runs the same number of steps, only if the lists
+    # are identical. Compared by content, relative to the dataset folder, so nodes may mount it elsewhere.
+    if world > 1:
+        ranks.agree("the training videos", f"{len(dataset):,} videos", relative_samples(dataset.samples),
+                    fix="Give every node the same dataset (the same files, or the same prepared store).")
     # len(loader) = micro-batches per rank and epoch (the DistributedSampler pads ranks to equal shares).
     steps_per_epoch = len(loader) // accum  # every rank runs the same number (drop_last)
     if steps_per_epoch == 0:
@@ -487,15 +520,15 @@ def train(args, rank, world, device):
               f"videos; {world} x {args.micro_batch} clips x {accum} accum = {args.batch_size} clips/step; "
               f"{steps_per_epoch} steps/epoch; device {device}, {precision}"
               + (f"; resumed from {paths['ckpt.pth']}: epoch {start_epoch}, step {step}" if step else ""))
-        if accum > 1 and device.type == "cuda":
-            gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-            print(accumulation_note(model, cfg, args, world, autocast, gpu_gib))
+        if accum > 1:  # on every device, so that a CPU rehearsal of a GPU recipe takes this branch too
+            print(accumulation_note(model, cfg, args, world, autocast, device_memory_gib(device)))
 
     # ============ training ============
     # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
     # rank at once (the values it checks are averaged over ranks first), so no rank is left waiting.
     # Checkpoints are written by rank 0 in the background (CheckpointWriter): no rank waits for the disk.
-    run, writer = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum), CheckpointWriter()
+    run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
+    writer = run.writer
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
         # This epoch's randomness (augmentation, shuffle, masks) depends on (seed, epoch, rank) only,
@@ -516,9 +549,11 @@ def train(args, rank, world, device):
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "config": config,
                     "model_config": dataclasses.asdict(cfg)})
-    writer.wait()
+    # Nobody exits before the last checkpoint is on disk, and a failed write stops every rank with its message
+    # (ranks.together: one exchange, which is also the barrier).
+    with ranks.together(f"writing the checkpoint {paths['ckpt.pth']}"):
+        writer.wait()
     if world > 1:
-        dist.barrier()  # nobody exits before the last checkpoint is on disk
         check_ranks_agree(model, master)
     if master:
         run.summary(end_epoch)
@@ -548,19 +583,26 @@ def build_loader(args, cfg, paths):
     return dataset, loader
 
 
-def accumulation_note(model, cfg, args, world, autocast, gpu_gib):
+def relative_samples(samples):
+    """[(path, label)] with the paths relative to the folder they share: what ranks compare (ranks.agree)."""
+    paths = [str(p) for p, _ in samples]
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    return [(os.path.relpath(p, root), y) for p, (_, y) in zip(paths, samples)]
+
+
+def accumulation_note(model, cfg, args, world, autocast, memory_gib):
     """The start-up note of a run that accumulates gradients: Sinkhorn's equipartition then covers each forward's
     world x micro_batch clips, not the whole step's batch_size as in the released run (K400: 16 GPUs x 40 = 640
     clips at once; 8 GPUs x 40 x 2 accumulation steps balance 320 at a time). Says whether batch_size / world
-    clips per forward fit this GPU by the memory estimate (+20% allocator slack), and the option that uses them.
+    clips per forward fit this device by the memory estimate (+20% allocator slack), and the option that uses them.
     The micro-batch is not changed automatically: it is part of the recipe (a restart on another GPU model must
     not change the result), so the choice stays on the command line."""
     full, accum = args.batch_size // world, args.batch_size // (world * args.micro_batch)
     need = sum(estimate_memory_gb(model, cfg, full, autocast, args.mask_ratio))
-    fits = 1.2 * need <= gpu_gib
+    fits = 1.2 * need <= memory_gib
     return (f"note: {accum} accumulation steps, so Sinkhorn balances {world * args.micro_batch} clips at a time; the "
             f"released run balanced all {args.batch_size} at once. {full} clips per GPU need ~{need:.0f} GiB "
-            f"(estimate) of this GPU's {gpu_gib:.0f} GiB: "
+            f"(estimate) of this device's {memory_gib:.0f} GiB: "
             + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
                f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
                f"{args.micro_batch}."))
@@ -630,7 +672,9 @@ def next_batch(batches, run):
             f"are listed in {run.paths['bad_videos.txt']}. Re-encode or remove the file (try decoding the dataset "
             f"with `python store.py --prepare`, which lists the unreadable ones), or raise --loader_timeout if decoding is "
             f"merely slow.") from None
-    run.data_time += time.perf_counter() - t0
+    waited = time.perf_counter() - t0
+    run.data_time += waited
+    run.data_total += waited
     return videos
 
 
@@ -651,18 +695,52 @@ class Run:
         self.collapsed_steps, self.l2_collapse_noted = 0, False
         self.data_time, self.t0 = 0.0, time.perf_counter()
         self.log = open(paths["log.jsonl"], "a") if master else None
+        self.writer = CheckpointWriter()  # rank 0's background checkpoint writes; a failure stops every rank
+        self.steps_here, self.data_total, self.window_start = 0, 0.0, None  # the data-bound check
 
     def record(self, step, epoch, lr, stats):
         self.pending.append((step, epoch, lr, stats))
+        self.steps_here += 1
+        first, last = DATA_BOUND_STEPS
+        if self.steps_here == first:
+            self.window_start = (time.perf_counter(), self.data_total)
+        elif self.steps_here == last and self.window_start:
+            self.check_data_bound()
+
+    def check_data_bound(self):
+        """One line when the loop waited for the DataLoader more than DATA_BOUND_SHARE of the time over
+        DATA_BOUND_STEPS, on the slowest rank. Every rank takes part in the reduction (at the same step)."""
+        t0, data0 = self.window_start
+        share = torch.tensor([(self.data_total - data0) / (time.perf_counter() - t0), self.rank], dtype=torch.float64,
+                             device=self.device)  # NCCL gathers device tensors
+        if self.world > 1:
+            everyone = [torch.zeros_like(share) for _ in range(self.world)]
+            dist.all_gather(everyone, share)
+            share = max(everyone, key=lambda s: s[0].item())
+        worst, rank = share.tolist()
+        if worst > DATA_BOUND_SHARE:
+            first, last = DATA_BOUND_STEPS
+            self.say(f"data-bound: over steps {first}-{last} of this run the loop waited for the DataLoader "
+                     f"{worst:.0%} of the time (rank {rank:.0f}, the slowest); the {self.device.type.upper()}s sit "
+                     f"idle that long. Faster input: decode the dataset once into a clip store (python store.py "
+                     f"--prepare --dataset {self.args.dataset} --data_root <videos> --out <store>, then --data_root "
+                     f"<store>; docs/store.md), several clips per decoded video (--repeats 2, now "
+                     f"{self.args.repeats}), or more DataLoader workers per rank (--workers, now {self.args.workers}).")
 
     def flush(self, bar):
         """Read, log and check the pending steps; returns True when the run must stop."""
         keys = list(self.pending[0][3])  # loss, its terms, monitors, grad_norm
         values = torch.stack([torch.stack([s[k].double() for k in keys]) for *_, s in self.pending])  # (steps, keys)
+        # One more value travels with them: did rank 0's background checkpoint write fail? Every rank then stops
+        # here, at the next log interval, instead of at the next save (rank 0) or in an all-reduce (the others).
+        write_failed = values.new_full((1, len(keys)), float(self.writer.failed))
+        values = torch.cat([values, write_failed])  # (steps + 1, keys)
         if self.world > 1:  # loss terms are per rank: average them (the monitors are already global)
             dist.all_reduce(values)
             values /= self.world
-        rows = values.tolist()  # the one host sync of the interval
+        *rows, failed = values.tolist()  # the one host sync of the interval
+        if failed[0] > 0:
+            return self.stop_on_failed_write()
         # Throughput over the interval: per-step host times mean little while the GPU runs behind the host.
         dt = time.perf_counter() - self.t0
         timing = {"clips_per_s": len(rows) * self.args.batch_size / dt, "data_wait": self.data_time / dt,
@@ -686,6 +764,15 @@ class Run:
                             lr=f"{self.last['lr']:.1e}", clips_s=f"{timing['clips_per_s']:.0f}",
                             data=f"{timing['data_wait']:.0%}")
         return False
+
+    def stop_on_failed_write(self):
+        ckpt = self.paths["ckpt.pth"]
+        try:
+            self.writer.wait()  # rank 0 re-raises the write's error here
+        except Exception as err:  # noqa: BLE001 -- reported, then the run stops on every rank
+            self.say(f"could not write the checkpoint {ckpt} ({type(err).__name__}: {err}); stopping. The previous "
+                     f"checkpoint, if any, is intact: free space or fix --out, then re-run the same command.")
+        return True
 
     def alarm(self):
         """Checks one logged step. A NaN stops at once; a collapse stops after --collapse_patience steps."""
@@ -774,6 +861,14 @@ def check_ranks_agree(model, master):
         raise RuntimeError(f"model weights differ across ranks: {digests}")
     if master:
         print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
+
+
+def device_memory_gib(device):
+    """Memory of the device a rank trains on: the GPU's, or on CPU the host's RAM (the value the start-up note
+    compares the memory estimate with)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
 
 
 def peak_memory_gb(device):
@@ -892,9 +987,15 @@ def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
       in `saved`; the backward's (N, K) gradients (at most 2 at a time: of the log-probabilities and of the
       logits) are freed before the encoder's, so the forward peak is the larger one.
     Allocator slack and kernel workspaces are not included (add ~10-20%).
+
+    Safe on one rank alone (train.py prints it from rank 0 only): the forwards run on a copy of the model (the
+    real one's prototypes would be renormalised in place) with Sinkhorn's all-reduces switched off, so it issues
+    no collective and leaves every parameter of `model` bit-identical.
     """
-    one, n_masked = saved_for_backward_bytes(model, cfg, 1, autocast, mask_ratio)
-    two, _ = saved_for_backward_bytes(model, cfg, 2, autocast, mask_ratio)
+    model = copy.deepcopy(model)
+    with sinkhorn.local_only():
+        one, n_masked = saved_for_backward_bytes(model, cfg, 1, autocast, mask_ratio)
+        two, _ = saved_for_backward_bytes(model, cfg, 2, autocast, mask_ratio)
     per_clip, fixed = two - one, 2 * one - two
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -906,5 +1007,5 @@ def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (UsageError, FileNotFoundError) as e:  # the user's to fix: the message says how
+    except (UsageError, FileNotFoundError, ranks.RanksDisagree) as e:  # the user's to fix: the message says how
         sys.exit(f"train.py: error: {e}")

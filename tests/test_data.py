@@ -18,6 +18,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import train  # noqa: E402
+from test_train import tiny_args, weights  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 K400 = DATA / "videos" / "R6llTwEh07w.mp4"  # H.264 + AAC, keyframes at frames 0 and 250
@@ -183,6 +185,51 @@ def test_too_many_bad_files_raise(tmp_path, bad_first):
             ds[i]
 
 
+def test_listed_bad_videos_are_not_retried_by_the_next_epochs_workers(tmp_path, capfd):
+    """A broken file is tried, reported and listed once per run: the workers of the next epoch (fresh copies of
+    the dataset) and a restarted run skip what bad_list holds."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    good = gray_video(tmp_path / "good.mp4", [0, 50, 100, 150], size=16)
+    samples = [(good, 0), (broken, 1), (good, 2), (good, 3)]
+    listing = tmp_path / "bad_videos.txt"
+
+    def run(epochs):
+        ds = data.VideoClips(samples, num_frames=2, stride=1, size=16, train=True, max_bad_fraction=0.9)
+        ds.bad_list = str(listing)  # as train.py sets it
+        loader = data.make_loader(ds, batch_size=2, num_workers=1, shuffle=False)
+        for epoch in epochs:
+            data.set_epoch(loader, epoch)
+            assert [y.tolist() for _, y in loader] == [[0, 2], [2, 3]]  # the broken one replaced by the next
+
+    run([0, 1])
+    assert listing.read_text() == f"{broken}\n"  # once, not once per epoch
+    assert capfd.readouterr().err.count(f"unreadable video {broken} (") == 1
+    run([2])  # a restarted run
+    assert listing.read_text() == f"{broken}\n" and "unreadable video" not in capfd.readouterr().err
+
+
+def test_video_too_small_to_crop_is_skipped(tmp_path):
+    """A real 1-pixel-high video decodes, but the multi-scale crop of its 1-pixel short side is empty and the
+    resize raises RuntimeError: it is skipped like an unreadable file. VideoClips' own RuntimeErrors still rise."""
+    thin = tmp_path / "thin.mkv"
+    frames = np.random.default_rng(0).integers(0, 256, (8, 1, 64, 3), dtype=np.uint8)  # (T, H=1, W, 3)
+    with av.open(str(thin), "w") as out:  # FFV1 stores odd sizes (x264's 4:2:0 needs even ones)
+        stream = out.add_stream("ffv1", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 1, 64, "yuv444p"
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+    with pytest.raises(RuntimeError, match="sizes should be greater than 0"):  # what the crop does to it
+        data.crop_resize(torch.from_numpy(frames), data.multiscale_crop_box(1, 64, 16, scales=(0.75,)), 16)
+    good = gray_video(tmp_path / "good.mp4", [0, 50, 100, 150], size=16)
+    ds = data.VideoClips([(thin, 0), (good, 1)], num_frames=4, size=16, train=True, repeats=4, max_bad_fraction=0.9)
+    clips, labels = ds[0]
+    assert clips.shape == (4, 3, 4, 16, 16) and labels.tolist() == [1] * 4 and ds.bad == {0}
+    with pytest.raises(RuntimeError, match="no readable video"):
+        data.VideoClips([(thin, 0)], num_frames=4, size=16, train=True, repeats=4)[0]
+
+
 def test_partially_truncated_avi_still_loads(tmp_path):
     path = tmp_path / "half.avi"
     path.write_bytes(UCF.read_bytes()[:250_000])  # first half: fewer frames, all decodable
@@ -203,8 +250,10 @@ def test_short_video_repeats_last_frame(tmp_path):
 def test_train_start_uniform_and_eval_centered(tmp_path):
     path = gray_video(tmp_path / "ramp.mp4", np.arange(0, 250, 10))  # 25 frames, frame i has level 10 i
     ds = data.VideoClips([(path, 0)], num_frames=4, stride=3, size=16, train=True)  # span 10 -> starts 0..15
-    torch.manual_seed(0)
-    starts = [round(unnormalize(ds[0][0])[:, 0].mean().item() / 10) for _ in range(200)]
+    starts = []
+    for epoch in range(200):  # an item's draws are fixed by (seed, epoch, index): a new epoch, a new start
+        ds.epoch = epoch
+        starts.append(round(unnormalize(ds[0][0])[:, 0].mean().item() / 10))
     assert set(starts) == set(range(16))  # every fitting start occurs, nothing else
     eval_ds = data.VideoClips([(path, 0)], num_frames=4, stride=3, size=16, train=False)
     first = unnormalize(eval_ds[0][0]).mean(dim=(0, 2, 3)) / 10
@@ -575,8 +624,10 @@ def test_segments_sampling_on_real_and_ramp_videos(tmp_path):
             torch.testing.assert_close(a[k * 3 + j], ref)
     path = gray_video(tmp_path / "ramp.mp4", np.arange(48) * 5)  # 48 frames, frame i has level 5 i
     ds = data.VideoClips([(path, 0)], num_frames=8, size=16, train=True, sampling="segments")
-    torch.manual_seed(0)
-    frames = [torch.round(unnormalize(ds[0][0]).mean(dim=(0, 2, 3)) / 5).long() for _ in range(60)]  # (T,) each
+    frames = []
+    for epoch in range(60):
+        ds.epoch = epoch
+        frames.append(torch.round(unnormalize(ds[0][0]).mean(dim=(0, 2, 3)) / 5).long())  # (T,)
     frames = torch.stack(frames)  # (60, 8) frame positions
     assert ((frames // 6) == torch.arange(8)).all()  # segment x = frames 6x .. 6x+5
     assert len(frames.unique()) > 40  # random within the segments
@@ -603,6 +654,49 @@ def test_loader_seeding_differs_per_worker_and_repeats_per_seed():
     a, b, c = draws(0), draws(0), draws(1)
     assert a == b and a != c
     assert len(set(a)) == 8  # workers do not repeat each other's draws
+
+
+def random_clips(tiny_synthetic, **kwargs):
+    """The tiny synthetic train set as flipped, multi-scale-cropped training clips."""
+    return data.build_video_dataset("synthetic", tiny_synthetic, "train", num_frames=4, size=32, flip=True, **kwargs)
+
+
+def test_clips_do_not_depend_on_the_number_of_workers(tiny_synthetic):
+    """An item's starts, crops and flips come from (seed, epoch, index): a loader without workers and one with 2
+    give the same batches, so a run may be resumed with another --workers."""
+    def batches(workers, epoch, seed=0):
+        loader = data.make_loader(random_clips(tiny_synthetic), batch_size=4, num_workers=workers, seed=seed)
+        data.set_epoch(loader, epoch)
+        return [clips for clips, _ in loader]
+
+    torch.manual_seed(1)  # the global RNG is not what the clips depend on
+    a = batches(0, 1)
+    torch.manual_seed(2)
+    b = batches(2, 1)
+    assert len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
+    c = batches(0, 2)
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))  # another epoch, other clips
+    assert not any(torch.equal(x, y) for x, y in zip(a, batches(0, 1, seed=1)))  # another seed, other clips
+
+
+@pytest.mark.parametrize("sampling", data.SAMPLINGS)
+def test_an_item_read_twice_is_the_same_clip(tiny_synthetic, sampling):
+    ds = random_clips(tiny_synthetic, repeats=2, sampling=sampling)
+    clips, _ = ds[3]
+    assert not torch.equal(clips[0], clips[1])  # the views of an item draw independently
+    assert torch.equal(ds[3][0], clips)
+    ds.epoch = 1
+    assert not torch.equal(ds[3][0], clips)
+
+
+def test_resume_with_other_workers_equals_uninterrupted(tiny_synthetic, tmp_path):
+    """train.py lets --workers change on resume: the clips (and so the weights) must not depend on it."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train.main(tiny_args(tiny_synthetic, full, "--workers", "0")) == 0
+    assert train.main(tiny_args(tiny_synthetic, split, "--workers", "0", "--max_epochs_this_run", "1")) == 0
+    assert train.main(tiny_args(tiny_synthetic, split, "--workers", "2")) == 0  # resumed after epoch 1
+    a, b = weights(full), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distributed_loader_and_set_epoch():

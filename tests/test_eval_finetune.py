@@ -3,11 +3,16 @@ decay and weight-decay groups against the released formula; MixUp / CutMix targe
 (rows sum to 1, with smoothing); the release's augmentation (one crop, flip, RandAugment draw and erased box per
 clip; crop and erasing boxes distributed as the release's samplers; RandAugment's op set, levels, per-op
 probability); the presets against the released scripts' values; the released head init; bad settings stop at
-start naming the option; end to end on tiny synthetic videos; a resumed run equals an uninterrupted one bitwise."""
+start naming the option; end to end on tiny synthetic videos; a resumed run equals an uninterrupted one bitwise;
+the loss is read from the device once per --log_every steps and a non-finite one still stops before a checkpoint;
+under torchrun (2 gloo ranks) ranks that see different checkpoints or different videos stop with one message
+instead of hanging, and fewer test videos than ranks give the 1-process result."""
 import json
 import math
 import os
 import random
+import shutil
+import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
+import launch
 from data import DEFAULT_STRIDE, build_video_dataset, open_video
 from eval_finetune import (AugmentedClips, Classifier, ClipErasing, ClipRandAugment, ClipTransform, build_mixer,
                            erase_clips, finetune_param_groups, get_args, main, mix_batch, train_step)
@@ -375,12 +381,127 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
     targets = F.one_hot(torch.arange(8) % 3, 3).float()
     big = 1e3 * torch.randn(8, 16)  # x 65536 (the initial scale): weight gradients far past fp16's 65504
     before = net.weight.detach().clone()
-    loss, _ = train_step(run, big, targets, 1e-2, 1, autocast)
-    assert math.isfinite(loss) and torch.equal(net.weight, before) and scaler.get_scale() == 2.0 ** 15
+    loss, _ = train_step(run, big, targets, 1e-2, autocast)
+    assert math.isfinite(loss.item()) and torch.equal(net.weight, before) and scaler.get_scale() == 2.0 ** 15
     small = torch.randn(8, 16)
     true = torch.func.grad(lambda w, b: F.cross_entropy(small @ w.T + b, targets), argnums=(0, 1))(
         net.weight.detach(), net.bias.detach())
-    loss, grad_norm = train_step(run, small, targets, 1e-2, 1, autocast)
+    loss, grad_norm = train_step(run, small, targets, 1e-2, autocast)
     true_norm = torch.cat([g.flatten() for g in true]).norm().item()
-    assert grad_norm == pytest.approx(true_norm, rel=0.02)  # the true gradient's norm, not x 32768
+    assert grad_norm.item() == pytest.approx(true_norm, rel=0.02)  # the true gradient's norm, not x 32768
     assert not torch.equal(net.weight, before)  # this step was taken
+
+
+# ============ host syncs, the NaN stop ============
+
+
+def test_training_reads_the_loss_from_the_device_once_per_log_interval(tiny_synthetic, tmp_path, monkeypatch):
+    """Each read of a device value (.item(), float(), .tolist()) makes the host wait until the GPU has finished,
+    so that no further step is queued meanwhile: one read per step (loss, then gradient norm) costs a stall per
+    step. The training loop reads only in StepLog.flush: 4 steps at --log_every 2 -> 2 reads."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name)):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith("eval_finetune.py"):
+                reads.append(caller.co_name)
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    # No augmentation drawn in eval_finetune.py (its RandAugment / erasing draw on the host, not from the GPU).
+    out = run("random", tiny_synthetic, tmp_path / "reads", "--arch", "tiny", "--epochs", "1", "--warmup_epochs",
+              "0", "--log_every", "2", "--randaug", "0", "0", "0", "--reprob", "0")
+    assert reads == ["flush", "flush"]
+    log = [json.loads(line) for line in (tmp_path / "reads" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(math.isfinite(e["loss"]) for e in log)
+    assert out["num_test"] == 8
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_synthetic, tmp_path, monkeypatch,
+                                                                       capsys):
+    """The loss is read every --log_every steps, so the weights may go on changing for a few steps after a
+    non-finite loss: the run must still report the first bad step and stop before writing another checkpoint."""
+    forward, calls = Classifier.forward, []
+
+    def nan_from_step_6(self, videos):
+        calls.append(1)
+        logits = forward(self, videos)
+        return logits * float("nan") if len(calls) >= 6 else logits
+
+    monkeypatch.setattr(Classifier, "forward", nan_from_step_6)
+    out = tmp_path / "nan"
+    assert run("random", tiny_synthetic, out, "--arch", "tiny") == 1  # 4 steps per epoch, read at steps 4 and 8
+    assert "loss is nan at step 6 (epoch 1); stopping. The last good checkpoint is " + str(out / "ckpt.pth") in \
+        capsys.readouterr().err
+    ckpt = torch.load(out / "ckpt.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6] and math.isnan(log[-1]["loss"])
+
+# ============ under torchrun: ranks that read different files ============
+
+
+def torchrun_args(out, data, *extra):
+    """eval_finetune.py on 2 ranks: 4 clips per rank and step, 2 steps per epoch on the 16 tiny videos."""
+    return [launch.ROOT / "eval_finetune.py", "--ckpt", "random", "--arch", "tiny", "--dataset", "synthetic",
+            "--data_root", data, "--out", out, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4",
+            "--num_workers", "0", *extra]
+
+
+def test_ranks_that_see_different_checkpoints_stop_instead_of_hanging(tiny_synthetic, tmp_path):
+    # Each rank gets its own --out (<out>/<RANK>), as nodes with node-local disks would: after one epoch only rank
+    # 0's folder holds a checkpoint. Resuming, rank 0 would train from epoch 1 and rank 1 from epoch 0, with
+    # other optimizer states, until their collectives no longer pair up; instead both stop before any step.
+    args = torchrun_args(tmp_path / "out", tiny_synthetic)
+    r = launch.run([*args, "--max_epochs_this_run", "1"], timeout=240, log_dir=tmp_path, env={"PER_RANK": "--out"})
+    assert r.code == 0 and r.first_mismatch() is None, r.tail()
+    assert (tmp_path / "out" / "0" / "ckpt.pth").exists() and not (tmp_path / "out" / "1" / "ckpt.pth").exists()
+    r = launch.run(args, timeout=240, log_dir=tmp_path, env={"PER_RANK": "--out"})
+    assert r.code != 0, r.tail()
+    assert ("ranks disagree on the checkpoint to resume from" in r.err and "every node sees" in r.err
+            and f"rank 0 sees epoch 1, step 2 in {tmp_path / 'out' / '0' / 'ckpt.pth'}" in r.err
+            and f"rank 1 sees no {tmp_path / 'out' / '1' / 'ckpt.pth'}" in r.err), r.tail()
+
+
+def test_ranks_that_see_different_videos_stop_with_one_message(tiny_synthetic, tmp_path):
+    # Node-local copies of the dataset (<root>/<RANK>); rank 1's copy lacks one training video. Both ranks would
+    # otherwise train, each on its own list (the sampler's index i meaning different clips on the two ranks).
+    for rank in (0, 1):
+        shutil.copytree(tiny_synthetic, tmp_path / "data" / str(rank), copy_function=os.link)
+    next((tmp_path / "data" / "1" / "train").rglob("*.mp4")).unlink()
+    r = launch.run(torchrun_args(tmp_path / "out", tmp_path / "data"), timeout=240, log_dir=tmp_path,
+                   env={"PER_RANK": "--data_root"})
+    assert r.code != 0, r.tail()
+    assert ("ranks disagree on the train videos: " in r.err and "rank 1 sees 15 videos" in r.err
+            and "rank 0 sees 16 videos" in r.err and "Give every node the same dataset" in r.err), r.tail()
+    assert not (tmp_path / "out" / "ckpt.pth").exists()
+
+
+EVALUATE_ONE_VIDEO = """
+import contextlib, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from eval_finetune import evaluate
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 4 * 4, 5))  # the same on both ranks
+videos = [(torch.randint(0, 256, (3, 2, 4, 4), dtype=torch.uint8), 3)]  # one test video (3, T, H, W)
+alone = evaluate(model, videos, 4, 0, torch.device("cpu"), contextlib.nullcontext)
+shared = evaluate(model, videos, 4, 0, torch.device("cpu"), contextlib.nullcontext, dist.get_rank(), 2)
+print(f"rank {{dist.get_rank()}}: alone {{alone}}, shared {{shared}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_fewer_test_videos_than_ranks_give_the_one_process_result(tmp_path):
+    # Rank r tests videos r, r + 2, ...: with one video rank 1 has none, and must add nothing instead of failing
+    # on an empty concatenation while rank 0 waits for its share.
+    script = tmp_path / "evaluate_one_video.py"
+    script.write_text(EVALUATE_ONE_VIDEO.format(root=str(launch.ROOT)))
+    r = launch.run([script], timeout=120, log_dir=tmp_path)
+    assert r.code == 0 and r.first_mismatch() is None, r.tail()
+    lines = sorted(line for line in r.out.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, r.tail()
+    for line in lines:
+        alone, shared = line.split(": alone ")[1].split(", shared ")
+        assert alone == shared and "'num_test': 1" in shared, line

@@ -108,15 +108,28 @@ def test_swapped_prediction_hard_and_soft():
     y_psi, y_phi = sinkhorn(s_psi).argmax(1), sinkhorn(s_phi).argmax(1)
     assert torch.allclose(l_phi, F.cross_entropy(s_phi / 0.1, y_psi))
     assert torch.allclose(l_psi, F.cross_entropy(s_psi / 0.1, y_phi))
-    assert torch.allclose(loss, l_phi + l_psi)
     # Soft codes (paper's equations): expected log-likelihood under the other side's codes.
     soft = swapped_prediction_loss(s_phi, s_psi, hard=False)
     assert torch.allclose(soft["loss_phi"], -(sinkhorn(s_psi) * F.log_softmax(s_phi / 0.1, 1)).sum(1).mean())
-    # Codes are targets: the phi term's gradient reaches only phi's scores (and vice versa).
-    torch.autograd.backward(F.cross_entropy(s_phi / 0.1, y_psi))
-    assert s_phi.grad.abs().sum() > 0 and s_psi.grad is None
-    loss.backward()
-    assert s_psi.grad.abs().sum() > 0
+    assert torch.allclose(soft["loss_psi"], -(sinkhorn(s_phi) * F.log_softmax(s_psi / 0.1, 1)).sum(1).mean())
+    # The gradient is the reference's: codes are targets (no gradient through them), each term trains its own
+    # side, neither term is dropped or detached.
+    reference = F.cross_entropy(s_phi / 0.1, y_psi) + F.cross_entropy(s_psi / 0.1, y_phi)
+    grads, ref_grads = torch.autograd.grad(loss, [s_phi, s_psi]), torch.autograd.grad(reference, [s_phi, s_psi])
+    assert torch.allclose(loss, reference) and all(g.abs().sum() > 0 for g in grads)
+    assert all(torch.allclose(g, r, rtol=1e-5, atol=1e-9) for g, r in zip(grads, ref_grads))
+
+
+def test_collapse_monitor_describes_phi_side():
+    # phi's tokens take 3 distinct score rows, psi's are spread: the monitor counts phi's distinct codes (3, since
+    # identical rows get identical codes) and the entropy of phi's mean softmax, not psi's.
+    s_psi = random_scores(400, 30, seed=2)
+    s_phi = random_scores(3, 30, seed=1)[torch.arange(400) % 3]
+    out = swapped_prediction_loss(s_phi, s_psi, eps=0.05, temperature=0.1)
+    mean_p = F.softmax(s_phi / 0.1, dim=1).mean(0)
+    assert out["protos_used"] == len(sinkhorn(s_phi).argmax(1).unique()) == 3
+    assert len(sinkhorn(s_psi).argmax(1).unique()) > 20
+    assert torch.allclose(out["assign_entropy"], -(mean_p * mean_p.log()).sum())
 
 
 def test_assignment_stats_detects_collapse():
@@ -142,3 +155,23 @@ def test_both_sides_in_one_loop_share_the_all_reduces(monkeypatch):
     for q, s in zip(both, (a, b)):
         assert torch.allclose(q, sinkhorn(s, 0.05, 10), atol=1e-6, rtol=0)
         assert torch.allclose(q, reference_sinkhorn(s, 0.05, 10).float(), atol=1e-6, rtol=0)
+
+
+def test_local_only_skips_every_all_reduce(monkeypatch):
+    # A fake world of 2 ranks that records the all-reduces: Sinkhorn and the loss issue them normally, none inside
+    # local_only() (code that one rank runs alone would otherwise wait forever), and they are back after it.
+    import sinkhorn as sk
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **kw: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda x, op=None, **kw: calls.append(op))
+    a, b = random_scores(100, 16, seed=1), random_scores(100, 16, seed=2)
+    sinkhorn(a, 0.05, 10)
+    assert len(calls) == 2 + 10
+    calls.clear()
+    with sk.local_only():
+        q = sinkhorn(a, 0.05, 10)
+        swapped_prediction_loss(a, b)
+    assert calls == [] and torch.allclose(q, reference_sinkhorn(a, 0.05, 10).float(), atol=1e-6)
+    swapped_prediction_loss(a, b)
+    assert len(calls) == 2 + 10 + 1  # the loop's, and the monitor's one
