@@ -188,8 +188,8 @@ class FrameClips(torch.utils.data.Dataset):
     """An image dataset as clips of one repeated frame (the paper's Table 9 evaluates IN-1K / CIFAR-100 so).
 
     Items: (clip (3, T, S, S), label), or with repeats R > 1 (random crops, each drawn anew)
-    (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips, whose randomness it shares
-    too: item i's crops are drawn from (seed, i) alone, whichever rank or DataLoader worker reads it.
+    (clips (R, 3, T, S, S), labels (R,)) -- the same contract as data.VideoClips. As there, item i's random
+    crops depend on (seed, i) alone, not on the rank or DataLoader worker that reads it.
     """
 
     def __init__(self, images, num_frames, num_classes, repeats=1):

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import launch
 import train
 from model import SIGMA, config_from_dict, load_checkpoint
 
@@ -80,15 +81,50 @@ def test_resume_refuses_changed_settings(tiny_synthetic, tmp_path, capsys):
     assert "done: epoch 2/2" in capsys.readouterr().out
 
 
-def test_gradient_accumulation_equals_big_batch(tiny_synthetic, tmp_path):
-    # With the pixel loss the target of a clip does not depend on the rest of its batch, so two
-    # micro-batches of 4 must give the update of one batch of 8 (same clips, same masks).
+def step_gradients(monkeypatch):
+    """Records every parameter's gradient at each AdamW step of train.py (the accumulated one)."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    return seen
+
+
+def test_gradient_accumulation_equals_big_batch(tiny_synthetic, tmp_path, monkeypatch):
+    # With the pixel loss the target of a clip does not depend on the rest of its batch, so two micro-batches of
+    # 4 must give the gradient of one batch of 8 (same clips, same masks). The gradients are compared, not the
+    # weights after AdamW, which hardly react to a gradient's scale (a missing / accum would pass that check).
     common = ["--loss", "pixel", "--epochs", "1", "--warmup_epochs", "0"]
+    seen = step_gradients(monkeypatch)
     assert train.main(tiny_args(tiny_synthetic, tmp_path / "big", *common)) == 0
+    big = seen[:]
+    seen.clear()
     assert train.main(tiny_args(tiny_synthetic, tmp_path / "acc", *common, "--micro_batch", "4")) == 0
+    acc = seen
     assert load_checkpoint(str(tmp_path / "acc" / "ckpt.pth"))["config"]["accum"] == 2
-    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # equal up to summation order
+    assert len(big) == len(acc) == 2 and len(big[0]) == len(acc[0]) > 0
+    for a, b in zip(big[0], acc[0]):  # the first step: the same initial weights, so the gradients must agree
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+def test_the_model_is_trained_on_masks_that_hide_mask_ratio_of_each_slice(tiny_synthetic, tmp_path, monkeypatch):
+    # The loop draws the masks (True = hidden from the encoder, predicted): 90% of the 8 x 8 positions of every
+    # tube slice, int(0.9 * 64) = 57, the same positions in every slice of a clip (tube masking), different clips.
+    seen, forward = [], SIGMA.forward
+
+    def spy(self, videos, mask, **kwargs):
+        seen.append((mask.clone(), kwargs.get("n_masked")))
+        return forward(self, videos, mask, **kwargs)
+    monkeypatch.setattr(SIGMA, "forward", spy)
+    assert train.main(tiny_args(tiny_synthetic, tmp_path, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    assert len(seen) == 2
+    for mask, n_masked in seen:
+        slices = mask.view(len(mask), 4, 64)  # (B, t, h*w) on the tiny grid (4, 8, 8)
+        assert (slices.sum(-1) == 57).all() and n_masked == 4 * 57
+        assert (slices == slices[:, :1]).all()  # a tube: one spatial mask for all slices
+        assert len({tuple(m.tolist()) for m in slices[:, 0]}) > 1  # not one mask for the whole batch
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
@@ -154,13 +190,11 @@ def test_missing_data_root_fails_clearly(tmp_path):
 
 def test_torchrun_two_processes_stay_in_sync(tiny_synthetic, tmp_path):
     # Compiled (aot_eager) under DDP, as GPU runs use it: Sinkhorn's all-reduces inside the compiled forward.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *tiny_args(tiny_synthetic, tmp_path, "--epochs", "1", "--warmup_epochs", "0",
-                                                            "--micro_batch", "4", "--compile", "aot_eager")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in result.stdout
+    code, out, err = run_torchrun([os.path.join(ROOT, "train.py"), *tiny_args(
+        tiny_synthetic, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--micro_batch", "4", "--compile",
+        "aot_eager")], timeout=300)
+    assert code == 0, err[-3000:]
+    assert "weights identical on all 2 ranks" in out
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pth"))
     # 8 clips per step = 2 ranks x 4: each rank sees half of the 16 videos -> 2 steps in the epoch.
     assert ckpt["config"]["world_size"] == 2 and ckpt["config"]["accum"] == 1 and ckpt["step"] == 2
@@ -249,19 +283,10 @@ def test_unreadable_videos_are_listed_in_the_summary(tiny_synthetic, tmp_path, c
 
 
 def run_torchrun(args, timeout):
-    """torchrun with 2 CPU processes; the whole process group is killed if it runs past `timeout`, so a hang
-    fails the test instead of blocking CI."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        pytest.fail(f"torchrun still running after {timeout} s: a hang")
-    return proc.returncode, out, err
+    """torchrun with 2 CPU processes (tests/launch.py: the ranks are killed too if it runs past `timeout`, so a
+    hang fails the test instead of blocking CI). -> (exit code, stdout, stderr)."""
+    r = launch.run(args, nproc=2, timeout=timeout)
+    return r.code, r.out, r.err
 
 
 def test_ranks_that_see_different_checkpoints_stop_instead_of_hanging(tiny_synthetic, tmp_path):
@@ -347,10 +372,84 @@ def test_accumulation_note_says_whether_the_released_batch_fits():
     from model import build_model
     model = build_model("tiny", num_prototypes=32)
     args = train.get_args(["--dataset", "k400", "--arch", "tiny", "--batch_size", "640", "--micro_batch", "40"])
-    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=80)
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=80)
     assert "balances 320 clips" in note and "all 640" in note and "--micro_batch 80" in note
-    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, gpu_gib=0.1)
+    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=0.1)
     assert "do not fit" in note and "16 GPUs" in note
+
+
+def test_memory_estimate_runs_on_one_rank_alone_without_collectives_or_changes(monkeypatch):
+    # Rank 0 alone prints the estimate: two forwards of the model whose Sinkhorn would all-reduce (~13 calls per
+    # forward) with partners that never come, and whose prototypes are renormalised in place. Here the process
+    # poses as one of 2 ranks; the estimate must issue no collective and leave every weight bit-identical.
+    import torch.distributed as dist
+    from model import build_model
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append("all_reduce"))
+    torch.manual_seed(0)
+    model = build_model("tiny", num_prototypes=32)
+    with torch.no_grad():
+        model.prototypes.mul_(3.0)  # off the unit sphere, as after an optimizer step: a forward renormalises them
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    static, saved, scores = train.estimate_memory_gb(model, model.cfg, 4, contextlib.nullcontext, 0.9)
+    assert calls == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert static > 0 and saved > 0 and scores > 0
+
+
+def test_a_data_bound_run_says_so_with_the_remedies(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    # A loader that takes 0.3 s per video against a ~0.1 s step: waiting for data dominates the steps of the
+    # window (here steps 1-3 instead of 20-100), and the run says so once, naming the store, --repeats, --workers.
+    import time as clock
+    build = train.build_video_dataset
+
+    class SlowVideos(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset, self.samples = dataset, dataset.samples
+        def __len__(self):
+            return len(self.dataset)
+        def __getitem__(self, i):
+            clock.sleep(0.3)
+            return self.dataset[i]
+    monkeypatch.setattr(train, "build_video_dataset", lambda *a, **k: SlowVideos(build(*a, **k)))
+    monkeypatch.setattr(train, "DATA_BOUND_STEPS", (1, 3))
+    assert train.main(tiny_args(tiny_synthetic, tmp_path, "--micro_batch", "4", "--batch_size", "4",
+                                "--epochs", "1", "--warmup_epochs", "0")) == 0
+    err = capsys.readouterr().err
+    assert err.count("data-bound: over steps 1-3") == 1, err
+    assert "store.py --prepare" in err and "--repeats" in err and "--workers" in err
+
+
+def test_a_failed_checkpoint_write_stops_the_run_at_the_next_log_interval(tiny_synthetic, tmp_path, monkeypatch,
+                                                                          capsys):
+    # The background write of epoch 1's checkpoint fails (a full disk). The run stops at step 3, the first log
+    # interval after it -- not at the next save one epoch later, which on other ranks would meet an all-reduce.
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    assert train.main(tiny_args(tiny_synthetic, tmp_path, "--epochs", "3", "--save_every", "1",
+                                "--log_every", "1")) == 1
+    assert "could not write the checkpoint" in capsys.readouterr().err
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [1, 2]
+
+
+def test_checkpoint_write_syncs_the_folder_and_a_run_removes_stale_temporaries(tiny_synthetic, tmp_path,
+                                                                               monkeypatch):
+    import stat
+    synced, fsync = [], os.fsync
+    def record(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", record)
+    train.save_checkpoint(str(tmp_path / "ckpt.pth"), {"w": torch.ones(3)})
+    assert synced == ["file", "folder"]  # the data, then the rename itself
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pth.tmp.4242").write_bytes(b"half of a checkpoint from a killed write")
+    assert train.main(tiny_args(tiny_synthetic, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt.pth"]
 
 
 # ------------------------------------------------------------------ checkpoints written in the background
