@@ -224,7 +224,10 @@ def check_args(args, world):
          "--target dino or drop --dino_weights")
     if problems:
         raise UsageError("invalid options:\n  - " + "\n  - ".join(problems))
-    cfg = build_config(args.arch, **model_options(args))  # the model's own checks (Config.validate)
+    try:
+        cfg = build_config(args.arch, **model_options(args))  # the model's own checks (Config.validate)
+    except ValueError as err:  # e.g. --img_size not a multiple of the patch: the message names it
+        raise UsageError(str(err)) from None
     positions = cfg.grid[1] * cfg.grid[2]
     if not 1 <= int(args.mask_ratio * positions) < positions:
         raise UsageError(f"--mask_ratio {args.mask_ratio} masks {int(args.mask_ratio * positions)} of {positions} "
@@ -422,9 +425,14 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
     that cannot see rank 0's file would otherwise start from epoch 0 and hang later in an all-reduce. Refusals
     (changed settings) go through the same exchange, so every rank stops together instead of some waiting.
     """
-    epoch, step, problem = 0, 0, None
+    epoch, step, problem, ckpt = 0, 0, None, None
     if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except RuntimeError as err:  # truncated, corrupt, or pickled code: model.load_checkpoint says which
+            problem = (f"{err}\n  Move it away to start this run afresh in --out, or restore an earlier copy of "
+                       f"it (a backup, or the checkpoint of an earlier epoch if you keep one) as {ckpt_path}.")
+    if ckpt is not None:
         same = lambda v: json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
         changed = {k: (ckpt["config"].get(k), v) for k, v in run_config.items()
                    if k not in RESUME_MAY_CHANGE and same(ckpt["config"].get(k)) != same(v)}
@@ -446,7 +454,7 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
         if refused and problem is None:
             problem = "another rank refused to resume (see its message above)"
         elif not problem and (hi_epoch, hi_step) != (-lo_epoch, -lo_step):
-            raise RuntimeError(
+            raise ranks.RanksDisagree(
                 f"rank {dist.get_rank()} would resume from epoch {epoch}, step {step} ({ckpt_path}), but other ranks "
                 f"found epochs {-lo_epoch}..{hi_epoch}: every rank must read the same checkpoint. Put --out on a "
                 f"file system that every node sees (e.g. the cluster's shared storage, not a node-local disk).")
@@ -1008,4 +1016,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (UsageError, FileNotFoundError, ranks.RanksDisagree) as e:  # the user's to fix: the message says how
-        sys.exit(f"train.py: error: {e}")
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -182,6 +182,25 @@ def test_bad_option_from_the_command_line_prints_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--img_size", "60"], "img_size 60 is not a multiple of patch_size 8"),  # only the model's own check sees it
+    (["--target", "dino", "--dino_weights", "/no/such/dino.pth"], "does not exist"),
+])
+def test_options_rejected_by_the_model_config_stop_without_a_traceback(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--arch", "tiny", *flags, "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_corrupt_checkpoint_in_out_stops_with_the_choices_and_no_traceback(tiny_synthetic, tmp_path):
+    (tmp_path / "ckpt.pth").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *tiny_args(tiny_synthetic, tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "truncated or corrupt" in done.stderr and "Move it away" in done.stderr
+    assert (tmp_path / "ckpt.pth").read_bytes().startswith(b"PK")  # nothing was overwritten
+
+
 def test_missing_data_root_fails_clearly(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="does not exist"):
         train.main(["--dataset", "k400", "--arch", "tiny", "--data_root", str(tmp_path / "nope"),
