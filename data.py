@@ -362,8 +362,8 @@ class VideoClips(torch.utils.data.Dataset):
     @property
     def bad_list(self):
         """Optional path of the run's list of skipped videos, one path a line (train.py: <out>/bad_videos.txt).
-        Every process appends the videos it finds unreadable. The listed ones (by an earlier run, or by the
-        workers of an earlier epoch) are read when the path or the epoch is set and skipped silently."""
+        Every process appends the videos it finds unreadable. The listed ones (before a restart, or by the
+        workers of a previous epoch) are read when the path or the epoch is set and skipped silently."""
         return self._bad_list
 
     @bad_list.setter

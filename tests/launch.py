@@ -2,7 +2,7 @@
 
 run(script_args, nproc) starts `python -m torch.distributed.run` with the script under log_collectives.py, so
 each rank appends every Python-level collective it issues (op, dtype, shape) to its own file, flushed per
-call. On a timeout the launcher *and its ranks* (which torchrun starts in sessions of their own) are killed,
+call. On a timeout the launcher *and its ranks* (which torchrun starts in process groups of their own) are killed,
 and the logs are compared: a mismatch is reported as the first call where two ranks differ, not a bare hang.
 DDP's gradient buckets are issued from C++ and are not in these logs.
 """

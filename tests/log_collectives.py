@@ -18,8 +18,12 @@ OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object"
 
 
 def describe(op, args, kwargs):
-    """op name, then dtype and shape of each tensor argument (lists of tensors: their count), the reduce op."""
+    """op name, then dtype and shape of each tensor argument (lists of tensors: their count), the reduce op.
+    Object collectives: the name alone (their lists legitimately differ: gather_object's exists on the
+    destination rank only, and the objects' sizes are the ranks' own)."""
     parts = [op]
+    if "object" in op:
+        return op
     for a in [*args, *kwargs.values()]:
         if torch.is_tensor(a):
             parts.append(f"{str(a.dtype).replace('torch.', '')}{tuple(a.shape)}")
