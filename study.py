@@ -21,15 +21,21 @@ arms share; its standard error comes from the spread of the per-seed differences
     python study.py                          # Table 7b + Table 6 arms, seeds 0 1 2, and the supervised reference
     python study.py --quick                  # random / pixel / sigma, seed 0 (SE from the 200 clips)
     python study.py --arm deep="--loss sigma --proj_hidden 1024 1024 1024" --arms random sigma deep
-    python study.py --compare sigma deep     # paired difference +- SE on every metric
+    python study.py --compare sigma deep     # paired difference +- SE on every metric (any arm run before)
+    python study.py --list                   # the cached arms, their seeds and flags
 
 Runs are independent and go --jobs at a time (default 2), one CPU core each. Results are cached per arm and
-seed under --out, in a folder named by a key of everything that produced them: the arm's flags, the recipe,
-the dataset's parameters and the bytes of the code involved (TRAIN_CODE for pretraining, EVAL_CODE for the
-read-outs). Editing model.py retrains; editing eval_vos.py only re-evaluates; nothing computed by other code is
-reused. Writes results.json (--results).
+seed under --out, in a folder named by a key of everything that produced them: the arm's train.py settings as
+train.py resolves them, the dataset's parameters and the code involved (TRAIN_CODE for pretraining, EVAL_CODE
+for the read-outs), hashed as syntax trees without docstrings, so comments, docstrings and formatting do not
+count. Changing model.py's code retrains; changing eval_vos.py's only re-evaluates; nothing computed by other
+code is reused. Each arm's folder keeps arm.json: its flags (what --compare and --list read), settings, code
+digest and a behavioural fingerprint (a few seconds of training on fixed clips). With --reuse_same_behaviour a
+cached arm whose fingerprint and settings match is reused although its code differs (docs/study.md: what the
+fingerprint cannot see). Writes results.json (--results).
 """
 import argparse
+import ast
 import hashlib
 import inspect
 import json
@@ -40,6 +46,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,7 +59,8 @@ import torch.nn.functional as F
 
 import data
 import model
-from synthetic import fashion_dataset, vos_chance
+import train
+from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,32 +92,167 @@ LINEAR = ["--probes", "linear_converged,knn"]
 COLUMNS = {"vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU",
            "knn": "20-NN top-1", "finetune": "fine-tuned top-1",
            "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
-# The code each step runs (imported modules included): its bytes are part of the cache key.
-TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py"]
-EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py"]
+# The code each step runs (imported modules included): its syntax trees are part of the cache key.
+TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py", "ranks.py"]
+EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py",
+             "ranks.py"]
+# The behavioural fingerprint (--reuse_same_behaviour): train.py on 12 fixed synthetic videos, 3 steps of 4 clips
+# in one process at one thread; the data pipeline's clips of 3 of those videos; the arm's lr schedule at 8 steps
+# of its epochs (at a nominal 100 steps an epoch).
+FINGERPRINT_VIDEOS = dict(num_train=12, num_val=1, num_frames=16, size=64, num_vos=0)
+FINGERPRINT_RUN = ["--dataset", "synthetic", "--batch_size", "4", "--micro_batch", "4", "--epochs", "1",
+                   "--warmup_epochs", "0", "--workers", "0", "--seed", "0", "--save_every", "1", "--log_every", "1",
+                   "--no-first_look"]
+FINGERPRINT_CLIPS = (0, 5, 11)
+FINGERPRINT_LR_STEPS = 8
 
 
 # ============ cache keys ============
 
 def digest(*parts):
-    """A short stable hash of JSON-able parts and file contents."""
+    """A short stable hash of JSON-able parts."""
     h = hashlib.sha256()
     for part in parts:
         h.update(json.dumps(part, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
+def source_digest(text):
+    """sha256 of Python source as its syntax tree without docstrings: comments, docstrings and formatting leave it
+    unchanged, any other edit changes it."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]  # the docstring
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def read_source(name):
+    return (HERE / name).read_text()
+
+
 def code_digest(files):
-    return digest({f: hashlib.sha256((HERE / f).read_bytes()).hexdigest() for f in files})
+    return digest({f: source_digest(read_source(f)) for f in files})
+
+
+def settings(flags):
+    """An arm's train.py options as train.py resolves them (TRAIN + flags + the recipe's defaults), without where
+    its files go and its seed (the folder below the key) -> dict, or None for the untrained arm."""
+    if flags is None:
+        return None
+    resolved = vars(train.get_args([*TRAIN, *shlex.split(flags)]))
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in ("out", "data_root", "seed")}))
 
 
 def run_key(flags, dataset_params):
     """Everything a pretrained checkpoint depends on (the seed is the folder below it)."""
-    return digest(flags, TRAIN, dataset_params, code_digest(TRAIN_CODE))
+    return digest(settings(flags), dataset_params, code_digest(TRAIN_CODE))
 
 
 def eval_key():
     return digest(VOS, LINEAR, code_digest(EVAL_CODE))
+
+
+def arm_folder(arm, flags, params, out, reuse=False):
+    """The folder of an arm's runs (one seed<s> folder each) -> Path. Its arm.json holds the arm's name, flags,
+    settings, dataset and code digest, and the fingerprint of the code that trained it (computed when the folder
+    is first used). By default the folder is the one keyed by run_key. reuse (--reuse_same_behaviour): when that
+    one does not exist yet, an existing folder of this arm whose fingerprint, dataset and settings match."""
+    record = dict(arm=arm, flags=flags, settings=settings(flags), dataset=params, code=code_digest(TRAIN_CODE))
+    folder = Path(out) / f"{arm}-{run_key(flags, params)}"
+    if (folder / "arm.json").exists():
+        return folder
+    if flags is not None:  # the untrained arm has no training to fingerprint
+        record["fingerprint"] = behaviour(flags, out)
+        for other, stored in reversed(cached_arms(out) if reuse else []):  # the newest first
+            if stored["arm"] == arm and same_behaviour(stored, record):
+                print(f"{arm}: reusing {other} (same behaviour, other code)", flush=True)
+                return other
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "arm.json").write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def same_behaviour(stored, record):
+    """--reuse_same_behaviour: a cached arm trains like this one if its fingerprint and dataset are the same, and so
+    is every train.py setting both know (an option added or removed since is no difference by itself: what it
+    changes shows in the fingerprint)."""
+    if stored.get("fingerprint") != record["fingerprint"] or stored["dataset"] != record["dataset"]:
+        return False
+    both = stored["settings"].keys() & record["settings"].keys()
+    return all(stored["settings"][k] == record["settings"][k] for k in both)
+
+
+def cached_arms(out):
+    """Every arm folder under `out` -> [(folder, its arm.json)], the oldest first."""
+    files = sorted(Path(out).glob("*/arm.json"), key=lambda f: f.stat().st_mtime)
+    return [(f.parent, json.loads(f.read_text())) for f in files]
+
+
+def list_cache(out):
+    """--list: one line per cached arm folder: name, the seeds with results, flags, folder, and whether it was
+    trained by the current code."""
+    code, lines = code_digest(TRAIN_CODE), []
+    for folder, arm in cached_arms(out):
+        done = "done" if arm["flags"] is not None else "vos-*.json"  # trained, or (random) read out
+        seeds = sorted(int(s.name.removeprefix("seed")) for s in folder.glob("seed*") if any(s.glob(done)))
+        lines.append(f"{arm['arm']:10s} seeds {' '.join(map(str, seeds)) or '-':8s} {arm['flags'] or '(not trained)'}"
+                     f"   [{folder.name}{'' if arm['code'] == code else ', other code'}]")
+    return "\n".join(lines) or f"no arms cached in {out}"
+
+
+# ============ behavioural fingerprint ============
+
+def fingerprint(flags, work):
+    """What the code does for an arm with these flags, in a few seconds, in folder `work` -> dict: the logged losses
+    and a checksum of the weights after FINGERPRINT_RUN (3 steps of train.py on 12 fixed synthetic videos), a
+    checksum of the clips the data pipeline makes of 3 of them, and the arm's lr schedule at a few steps. At one
+    thread, so that the same code gives the same bits on one machine."""
+    work = Path(work)
+    videos = synthetic_dataset(work / "videos", seed=0, **FINGERPRINT_VIDEOS)
+    argv = [*TRAIN, *shlex.split(flags), *FINGERPRINT_RUN, "--data_root", str(videos), "--out", str(work / "run")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if train.main(argv):
+            raise RuntimeError(f"the fingerprint run stopped early (NaN loss or collapse): see {work / 'run'}")
+        args = train.get_args(argv)
+        dataset, _ = train.build_loader(args, train.check_args(args, 1), {"bad_videos.txt": work / "bad_videos.txt"})
+        clips = [(str(i), dataset[i][0]) for i in FINGERPRINT_CLIPS]  # uint8 (3, T, S, S) each
+    finally:
+        torch.set_num_threads(threads)
+    weights = model.load_checkpoint(work / "run" / "ckpt.pth")["model"]
+    log = (work / "run" / "log.jsonl").read_text().splitlines()
+    arm = train.get_args([*TRAIN, *shlex.split(flags)])
+    total, warmup = 100 * arm.epochs, 100 * arm.warmup_epochs
+    return dict(losses=[{k: v for k, v in json.loads(line).items() if k.startswith("loss")} for line in log],
+                weights=tensor_digest(sorted(weights.items())), data=tensor_digest(clips),
+                lr=[train.lr_at(s, total, warmup, arm.lr, arm.min_lr)
+                    for s in range(0, total, total // FINGERPRINT_LR_STEPS)])
+
+
+def tensor_digest(named):
+    """sha256 (16 hex digits) of [(name, tensor)]: names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def behaviour(flags, out):
+    """fingerprint() in a process of its own at one thread, importing the code in HERE as a run does -> dict.
+    Its output is appended to <out>/fingerprint.log."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        code = ("import json, sys, study; a = sys.argv[1:]; "
+                "open(a[1] + '/fingerprint.json', 'w').write(json.dumps(study.fingerprint(a[0], a[1])))")
+        run([sys.executable, "-c", code, flags, work], out / "fingerprint.log", threads=1)
+        return json.loads((Path(work) / "fingerprint.json").read_text())
 
 
 # ============ one arm, one seed ============
@@ -129,15 +273,15 @@ def run(cmd, log, threads=None):
     return (usage.ru_utime + usage.ru_stime) / 60
 
 
-def measure(arm, flags, seed, root, params, out, threads=None, finetune_epochs=0):
-    """Pretrain (unless flags is None) and read out one arm at one seed -> its results.json row (percent),
-    with the per-clip VOS scores under "clips" (for clip-level pairing); finetune_epochs > 0: also fine-tune
-    its encoder with the labels (fine_tune). The scripts' output goes to the run folder's run.log."""
+def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0):
+    """Pretrain (unless flags is None) and read out one arm at one seed in <arm_dir>/seed<seed> (arm_folder) -> its
+    results.json row (percent), with the per-clip VOS scores under "clips" (for clip-level pairing);
+    finetune_epochs > 0: also fine-tune its encoder with the labels (fine_tune). The scripts' output goes to the
+    run folder's run.log."""
     py = sys.executable
-    folder = Path(out) / f"{arm}-{run_key(flags, params)}" / f"seed{seed}"
+    folder = Path(arm_dir) / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
-    (folder.parent / "flags.txt").write_text(f"{flags}\n")
     cpu = json.loads((folder / "cpu.json").read_text()) if (folder / "cpu.json").exists() else {}
     if flags is None:
         ckpt = ["--ckpt", "random", "--arch", "tiny", "--seed", str(seed)]
@@ -275,7 +419,8 @@ def run_fine_tune(ckpt, root, seed, epochs, out, log, threads, save_encoder=Fals
 
 def fine_tune_key(epochs):
     """What a fine-tuning result depends on besides the encoder: the recipe and its code."""
-    return digest(epochs, CEILING, [inspect.getsource(f) for f in (fine_tune, train_classifier, decoded, augment)])
+    return digest(epochs, CEILING, [source_digest(textwrap.dedent(inspect.getsource(f)))
+                                    for f in (fine_tune, train_classifier, decoded, augment)])
 
 
 def ceiling(root, params, seed, epochs, out, threads=None):
@@ -371,7 +516,12 @@ def get_args(argv=None):
                    f"{' '.join(QUICK)}; with --arm: random, sigma and the new arms)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                   help="run (or read from the cache) arms A and B only, then print A - B on every metric")
+                   help="run (or read from the cache) arms A and B only, then print A - B on every metric; an arm "
+                   "run before in --out needs no --arm (its flags are in its arm.json)")
+    p.add_argument("--list", action="store_true", help="list the arms cached in --out (seeds, flags) and exit")
+    p.add_argument("--reuse_same_behaviour", action="store_true", help="reuse a cached arm trained by other code "
+                   "when its behavioural fingerprint and settings match (a few seconds per arm; docs/study.md: what "
+                   "it cannot see); default: only runs of code with the same syntax tree are reused")
     p.add_argument("--ceiling_epochs", type=int, default=None, help="train the supervised reference for this "
                    "many epochs on the first seed and report its read-outs as results.json's ceiling (default: "
                    f"{EPOCHS_CEILING} in the full default study, none with --quick, --arms, --compare or --arm)")
@@ -382,7 +532,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/study", help="per-arm, per-seed folders, each with its run.log")
     p.add_argument("--results", default="results.json", help="where the table's numbers go")
     args = p.parse_args(argv)
-    args.arm_flags = {**ARMS, **dict(args.arm)}
+    # Arms run before in --out (the newest definition of a name), then the built-in ones, then --arm.
+    args.arm_flags = {**{a["arm"]: a["flags"] for _, a in cached_arms(args.out)}, **ARMS, **dict(args.arm)}
     if args.ceiling_epochs is None:  # the supervised reference only with the full default study
         args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms) else EPOCHS_CEILING
     if args.arms is None:
@@ -393,8 +544,8 @@ def get_args(argv=None):
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     for arm in args.arms + list(args.compare or []):
         if arm not in args.arm_flags:
-            p.error(f"unknown arm {arm!r}: choose from {', '.join(args.arm_flags)} or define it with "
-                    f"--arm {arm}=\"--loss sigma ...\"")
+            p.error(f"unknown arm {arm!r}: choose from {', '.join(args.arm_flags)} (built in or cached in "
+                    f"{args.out}) or define it with --arm {arm}=\"--loss sigma ...\"")
     if args.compare and set(args.compare) - set(args.arms):
         p.error("--compare A B: both arms must be among --arms")
     if args.finetune_epochs < 0:
@@ -408,19 +559,25 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.list:
+        print(list_cache(args.out))
+        return None
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     root = fashion_dataset()  # generated once (~30 s), cached in $SIGMA_CACHE
     params = json.loads((root / "meta.json").read_text())
     print(f"[{(time.time() - t0) / 60:5.1f} min] moving Fashion-MNIST at {root}", flush=True)
-    # Every (arm, seed) is independent: up to --jobs of them run at once, one core each (threads=1), and the
-    # supervised reference beside them. Rows come back in a fixed order whatever finishes first.
+    # Each arm's folder first (a few seconds of fingerprint for an arm new to the cache). Then every (arm, seed)
+    # is independent: up to --jobs of them run at once, one core each (threads=1), and the supervised reference
+    # beside them. Rows come back in a fixed order whatever finishes first.
+    folders = {arm: arm_folder(arm, args.arm_flags[arm], params, args.out, args.reuse_same_behaviour)
+               for arm in args.arms}
     threads = 1 if args.jobs > 1 else None
     tasks = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.jobs) as pool:
         top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads) \
             if args.ceiling_epochs else None  # the longest job: first
-        futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, params, args.out, threads,
+        futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, folders[arm], threads,
                                args.finetune_epochs) for arm, seed in tasks]
         rows = []
         for (arm, seed), future in zip(tasks, futures):

@@ -1,5 +1,7 @@
-"""study.py: paired differences and their standard errors, cache keys, arms, and the pairing premise (one seed
-gives every arm the same initial encoder). No training here: seconds."""
+"""study.py: paired differences and their standard errors, cache keys, remembered arms, the behavioural
+fingerprint, and the pairing premise (one seed gives every arm the same initial encoder). No arm is trained here:
+the fingerprint test runs three 3-step trainings of 4 clips (~15 s), the rest takes seconds."""
+import importlib.util
 import json
 import math
 import shutil
@@ -50,22 +52,133 @@ def test_paired_one_seed_uses_clip_level_se():
     assert study.paired(rows, "sigma", "random", "knn")["se"] is None
 
 
-def test_cache_keys_follow_flags_data_and_code(tmp_path, monkeypatch):
+def edit(path, old, new):
+    """Replace the one occurrence of `old` in a copied source file."""
+    text = path.read_text()
+    assert text.count(old) == 1, f"{path.name}: {old!r} not found once"
+    path.write_text(text.replace(old, new))
+
+
+def use_copy(monkeypatch, folder):
+    """study reads its code from `folder` and resolves the arms' options with the train.py there."""
+    monkeypatch.setattr(study, "HERE", folder)
+    spec = importlib.util.spec_from_file_location("train_copy", folder / "train.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    monkeypatch.setattr(study, "train", copy)
+
+
+def test_cache_keys_follow_settings_data_and_code_not_comments(tmp_path, monkeypatch):
     for f in set(study.TRAIN_CODE + study.EVAL_CODE):
         shutil.copy(study.HERE / f, tmp_path / f)
-    monkeypatch.setattr(study, "HERE", tmp_path)
+    use_copy(monkeypatch, tmp_path)
     params = {"version": 2, "seed": 0, "num_train": 2000}
     key, ekey = study.run_key("--loss sigma", params), study.eval_key()
     assert study.run_key("--loss sigma", params) == key  # stable
-    assert study.run_key("--loss pixel", params) != key  # the arm's flags
+    assert study.run_key("--loss pixel", params) != key  # the arm's settings...
+    assert study.run_key("--loss sigma --num_prototypes 256", params) == key  # ... as resolved (256 is the recipe's)
     assert study.run_key("--loss sigma", {**params, "num_train": 1000}) != key  # the dataset
-    with open(tmp_path / "model.py", "a") as f:  # the code that trains
-        f.write("\n# edited\n")
+    # Comments, docstrings and formatting are not code: nothing retrains or re-evaluates.
+    with open(tmp_path / "model.py", "a") as f:
+        f.write("\n# a comment\n")
+    edit(tmp_path / "model.py", '"""\nSIGMA:', '"""\nAn edited docstring.\nSIGMA:')
+    edit(tmp_path / "model.py", "def patchify(videos, tubelet, patch):", "def patchify(videos,\n  tubelet, patch) :")
+    assert study.run_key("--loss sigma", params) == key and study.eval_key() == ekey
+    with open(tmp_path / "model.py", "a") as f:  # the code that trains and reads out
+        f.write("\nUNUSED = 1\n")
     key2, ekey2 = study.run_key("--loss sigma", params), study.eval_key()
     assert key2 != key and ekey2 != ekey  # model.py is part of both
     with open(tmp_path / "eval_vos.py", "a") as f:  # evaluation-only code: re-evaluate, don't retrain
-        f.write("\n# edited\n")
+        f.write("\nUNUSED = 1\n")
     assert study.run_key("--loss sigma", params) == key2 and study.eval_key() != ekey2
+    with open(tmp_path / "ranks.py", "a") as f:  # train.py imports ranks.py
+        f.write("\nUNUSED = 1\n")
+    assert study.run_key("--loss sigma", params) != key2
+
+
+def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, monkeypatch):
+    """A default-off option changes the code but not what it computes: --reuse_same_behaviour finds the cached
+    run by its fingerprint (3 steps of train.py in a process of its own, on the edited copy). A change of the
+    numbers -- Sinkhorn at twice the eps, or another default for an option the recipe leaves unset -- retrains
+    in both modes."""
+    code = tmp_path / "code"
+    code.mkdir()
+    for f in set(study.TRAIN_CODE) | {"study.py"}:
+        shutil.copy(study.HERE / f, code / f)
+    use_copy(monkeypatch, code)
+    out, params, flags = tmp_path / "out", {"version": 2, "num_train": 2000}, "--loss sigma"
+    cached = study.arm_folder("sigma", flags, params, out)
+    record = json.loads((cached / "arm.json").read_text())
+    assert record["flags"] == flags and len(record["fingerprint"]["losses"]) == 3
+
+    edit(code / "train.py", "    args = p.parse_args(argv)", '    a("--extra", action="store_true", help="off by '
+         'default")\n    args = p.parse_args(argv)')
+    use_copy(monkeypatch, code)
+    assert study.settings(flags)["extra"] is False
+    assert f"sigma-{study.run_key(flags, params)}" != cached.name  # the default: other code, retrain
+    assert study.arm_folder("sigma", flags, params, out, reuse=True) == cached  # same behaviour: reused
+
+    edit(code / "sinkhorn.py", "P.div_(eps).exp_()", "P.div_(2 * eps).exp_()")
+    use_copy(monkeypatch, code)
+    changed = study.arm_folder("sigma", flags, params, out, reuse=True)
+    assert changed != cached and changed.name == f"sigma-{study.run_key(flags, params)}"
+    assert json.loads((changed / "arm.json").read_text())["fingerprint"]["weights"] != record["fingerprint"]["weights"]
+
+    # A default the recipe leaves unset is a setting: another value retrains even if the fingerprint missed it.
+    edit(code / "train.py", 'a("--sk_iters", type=int, default=10)', 'a("--sk_iters", type=int, default=5)')
+    use_copy(monkeypatch, code)
+    assert not study.same_behaviour(record, {**record, "settings": study.settings(flags)})
+    assert study.same_behaviour(record, {**record, "settings": {**study.settings(flags), "sk_iters": 10}})
+
+
+def fake_results(folder, value, trained):
+    """A seed folder as measure() leaves it, with made-up scores: no training, no evaluation."""
+    folder.mkdir(parents=True)
+    ekey = study.eval_key()
+    clips = [{"clustering": value / 100 + d, "overclustering": value / 100} for d in (-0.01, 0.01)]
+    (folder / f"vos-{ekey}.json").write_text(json.dumps({"mean": {"clustering": value / 100,
+                                                                  "overclustering": value / 100}, "clips": clips}))
+    (folder / f"linear-{ekey}.json").write_text(json.dumps({"top1": value / 2, "probes": {"knn": {"top1": value}}}))
+    if trained:
+        (folder / "done").touch()
+
+
+def test_arms_are_remembered_by_list_and_compare(tmp_path, monkeypatch, capsys):
+    """Each arm's flags are stored beside its runs (arm.json): --list shows them with the seeds, and --compare
+    reads an arm defined by a past command without --arm, from the cache, running nothing."""
+    out, deep = tmp_path / "out", "--loss sigma --proj_hidden 64 64"
+    params = dict(num_train=2000, num_val=500, num_vos=200, dense_classes=["background", "a", "b", "c", "d"])
+    monkeypatch.setattr(study, "behaviour", lambda flags, out: {"flags": flags})
+    for arm, flags, values in (("random", None, (50.0,)), ("sigma", "--loss sigma", (75.0, 77.0)),
+                               ("deep", deep, (74.0, 75.0))):
+        folder = study.arm_folder(arm, flags, params, out)
+        for seed, value in enumerate(values):
+            fake_results(folder / f"seed{seed}", value, trained=flags is not None)
+    (out / "deep-0123456789ab").mkdir()  # a folder without arm.json is not an arm
+
+    study.main(["--list", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    listed = {line.split()[0]: line for line in lines}
+    assert "seeds 0 1" in listed["deep"] and deep in listed["deep"] and "other code" not in listed["deep"]
+    assert "seeds 0 " in listed["random"] and "(not trained)" in listed["random"]
+
+    with pytest.raises(SystemExit):  # another cache folder does not know "deep"
+        study.get_args(["--compare", "sigma", "deep", "--out", str(tmp_path / "elsewhere")])
+    assert "unknown arm 'deep'" in capsys.readouterr().err
+    root = tmp_path / "fashion"
+    root.mkdir()
+    (root / "meta.json").write_text(json.dumps(params))
+    monkeypatch.setattr(study, "fashion_dataset", lambda: root)
+    monkeypatch.setattr(study, "vos_chance", lambda root: 40.0)
+    for name in ("run", "behaviour"):  # everything comes from the cache
+        monkeypatch.setattr(study, name, lambda *a, **k: pytest.fail("computed instead of read from the cache"))
+    results = study.main(["--compare", "sigma", "deep", "--seeds", "0", "1", "--out", str(out),
+                          "--results", str(tmp_path / "r.json")])
+    assert {r["method"]: r["flags"] for r in results["rows"]} == {"sigma": "--loss sigma", "deep": deep}
+    pair = next(p for p in results["pairs"] if p["metric"] == "vos_clustering")
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("sigma", "deep", [0, 1])
+    assert pair["diff"] == pytest.approx(1.5) and pair["se"] == pytest.approx(0.5)
 
 
 def test_arms_and_bad_options(capsys):
