@@ -156,6 +156,8 @@ def get_args(argv=None):
       "waits for the GPU; every step still gets its log line)")
     a("--collapse_patience", type=int, default=100, help="stop when phi's assignments stay collapsed for this many "
       "steps in a row (--loss sigma); 0 = never stop")
+    a("--dry_run", action="store_true", help="print the resolved configuration, the batch arithmetic, steps per "
+      "epoch and the memory estimate, then exit without training (lists the dataset, decodes nothing)")
     a("--bench", action="store_true", help="time --bench_steps steps on random input and exit")
     a("--bench_steps", type=int, default=10)
     a("--bench_batch", type=int, default=None, help="clips per timed step (default: --micro_batch on GPU, 2 on "
@@ -332,7 +334,7 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
 # rounding, not the recipe.
 RESUME_MAY_CHANGE = ("out", "data_root", "workers", "loader_timeout", "precision", "compile", "save_every",
                      "max_epochs_this_run", "log_every", "collapse_patience", "bench", "bench_steps",
-                     "bench_batch", "git")
+                     "bench_batch", "dry_run", "git")
 
 
 def save_checkpoint(path, obj):
@@ -493,10 +495,11 @@ def train(args, rank, world, device):
     lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
-    os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
-    if master:
-        remove_stale_temporaries(paths["ckpt.pth"])  # a write killed mid-way left a full-size temporary
+    if not args.dry_run:
+        os.makedirs(args.out, exist_ok=True)
+        if master:
+            remove_stale_temporaries(paths["ckpt.pth"])  # a write killed mid-way left a full-size temporary
     dataset, loader = build_loader(args, cfg, paths)
     # Each rank lists the videos from its own file system (a node-local copy of the dataset): the sampler's
     # indices mean the same clips on every rank, and every rank runs the same number of steps, only if the lists
@@ -509,6 +512,10 @@ def train(args, rank, world, device):
     if steps_per_epoch == 0:
         raise UsageError(f"{len(dataset)} videos give no full step of {args.batch_size} clips on {world} GPUs: "
                          f"lower --batch_size")
+    if args.dry_run:
+        if master:
+            print(plan(args, cfg, model, world, accum, steps_per_epoch, len(dataset), device, autocast, precision))
+        return 0
 
     # ============ optimizer, resume ============
     # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor. The run's config (all
@@ -589,6 +596,27 @@ def build_loader(args, cfg, paths):
     loader = make_loader(dataset, batch_size=args.micro_batch // args.repeats, num_workers=args.workers,
                          shuffle=True, drop_last=True, seed=args.seed, timeout=args.loader_timeout)
     return dataset, loader
+
+
+def plan(args, cfg, model, world, accum, steps_per_epoch, num_videos, device, autocast, precision):
+    """What --dry_run prints: the resolved run, without training it."""
+    lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
+    static, saved, scores = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
+    lines = [f"config: {json.dumps({**vars(args), 'world_size': world, 'accum': accum}, default=str)}",
+             f"model: {args.arch} target={cfg.target} loss={cfg.loss}, "
+             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters; {device}, "
+             f"{precision}",
+             f"batch: {world} ranks x {args.micro_batch} clips x {accum} accumulation = {args.batch_size} clips per "
+             f"step; Sinkhorn balances {world * args.micro_batch} clips at a time",
+             f"data: {num_videos:,} videos -> {steps_per_epoch:,} steps per epoch, {steps_per_epoch * args.epochs:,} "
+             f"steps in {args.epochs} epochs ({args.warmup_epochs} of warmup); lr {lr:.3g} -> {min_lr:.3g} "
+             f"(--lr {args.lr:g} x {args.batch_size} / 256)",
+             f"memory per rank for {args.micro_batch} clips per forward: ~{static + saved + scores:.1f} GiB = "
+             f"{static:.1f} weights+grads+AdamW + {saved:.1f} saved for backward + {scores:.1f} score/Sinkhorn "
+             f"temporaries (+10-20% allocator slack), of this device's {device_memory_gib(device):.0f} GiB"]
+    if accum > 1:
+        lines.append(accumulation_note(model, cfg, args, world, autocast, device_memory_gib(device)))
+    return "\n".join(lines)
 
 
 def relative_samples(samples):

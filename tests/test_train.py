@@ -201,6 +201,17 @@ def test_a_corrupt_checkpoint_in_out_stops_with_the_choices_and_no_traceback(tin
     assert (tmp_path / "ckpt.pth").read_bytes().startswith(b"PK")  # nothing was overwritten
 
 
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_synthetic, tmp_path, capsys):
+    args = tiny_args(tiny_synthetic, tmp_path / "out", "--micro_batch", "4", "--epochs", "3", "--dry_run")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    # 16 videos, 8 clips per step from 1 rank x 4 clips x 2 accumulation steps: 2 steps per epoch, 6 in 3 epochs.
+    assert "batch: 1 ranks x 4 clips x 2 accumulation = 8 clips per step" in out
+    assert "data: 16 videos -> 2 steps per epoch, 6 steps in 3 epochs" in out
+    assert "memory per rank for 4 clips per forward" in out and "note: 2 accumulation steps" in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_root_fails_clearly(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="does not exist"):
         train.main(["--dataset", "k400", "--arch", "tiny", "--data_root", str(tmp_path / "nope"),
