@@ -448,6 +448,7 @@ def torchrun_args(out, data, *extra):
             "--num_workers", "0", *extra]
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_ranks_that_see_different_checkpoints_stop_instead_of_hanging(tiny_synthetic, tmp_path):
     # Each rank gets its own --out (<out>/<RANK>), as nodes with node-local disks would: after one epoch only rank
     # 0's folder holds a checkpoint. Resuming, rank 0 would train from epoch 1 and rank 1 from epoch 0, with
@@ -463,6 +464,7 @@ def test_ranks_that_see_different_checkpoints_stop_instead_of_hanging(tiny_synth
             and f"rank 1 sees no {tmp_path / 'out' / '1' / 'ckpt.pth'}" in r.err), r.tail()
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_ranks_that_see_different_videos_stop_with_one_message(tiny_synthetic, tmp_path):
     # Node-local copies of the dataset (<root>/<RANK>); rank 1's copy lacks one training video. Both ranks would
     # otherwise train, each on its own list (the sampler's index i meaning different clips on the two ranks).
@@ -493,6 +495,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_fewer_test_videos_than_ranks_give_the_one_process_result(tmp_path):
     # Rank r tests videos r, r + 2, ...: with one video rank 1 has none, and must add nothing instead of failing
     # on an empty concatenation while rank 0 waits for its share.

@@ -265,6 +265,7 @@ def same_caches(single, multi):
         torch.testing.assert_close(a["feats"], b["feats"], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_with_a_cache_folder_per_node_equals_one_process(tiny_synthetic, tmp_path):
     """Each rank gets its own --cache_dir, as on node-local disks. The features must reach rank 0 through the
     process group (rank 1's shard files would never appear in rank 0's folder) and rank 0 alone writes the
@@ -282,6 +283,7 @@ def test_torchrun_with_a_cache_folder_per_node_equals_one_process(tiny_synthetic
     assert multi["extract_seconds"] == {"train": 0.0, "test": 0.0}  # the second run encoded nothing
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_aug_views_and_fewer_test_videos_than_ranks_equal_one_process(tiny_synthetic, tmp_path):
     """--aug_views: each clip's random crops are drawn from (seed, clip index), so the cached crops do not
     depend on the world size (ranks drawing from their own RNG would give rank 1's first clip rank 0's first
@@ -302,6 +304,7 @@ def test_torchrun_aug_views_and_fewer_test_videos_than_ranks_equal_one_process(t
     assert (multi["top1"], multi["top5"]) == (single["top1"], single["top5"])
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_ranks_that_see_different_videos_stop_before_encoding(tiny_synthetic, tmp_path):
     """Rank 1's copy of the data lacks a training video: clip i would be another video on each rank, and rank
     0 would put rank 1's features in the wrong rows. Both ranks must stop, naming what differs."""

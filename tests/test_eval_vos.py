@@ -438,6 +438,7 @@ def torchrun(tmp_path, args, timeout=180):
     return proc.returncode, err
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_shards_clips_and_gathers_the_same_report(tmp_path):
     """Two gloo ranks on the CPU, each taking every other clip, must write what one process writes
     (k-means is seeded per clip index, not per rank)."""
@@ -450,6 +451,7 @@ def test_torchrun_shards_clips_and_gathers_the_same_report(tmp_path):
     assert ddp["config"]["world_size"] == 2 and ddp["clips"] == single["clips"] and ddp["mean"] == single["mean"]
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_ranks_that_see_different_sequences_stop_before_any_clip(tmp_path):
     """Rank 1's copy of DAVIS lists one sequence: clip 1 would not exist there (or be another clip). Both
     ranks must stop before any clip, naming what differs."""
@@ -466,6 +468,7 @@ def test_torchrun_ranks_that_see_different_sequences_stop_before_any_clip(tmp_pa
     assert not (tmp_path / "r_vis").exists()  # stopped before any clip
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_bad_protos_on_one_rank_stop_every_rank_before_any_clip(tmp_path):
     """--protos 9 with rank 0's checkpoint holding 8 prototypes (rank 1's: 16): rank 0 holds clip 0, the one
     drawn. The check must run on every rank before any clip, and rank 1 must stop with rank 0's message
