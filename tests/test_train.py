@@ -218,6 +218,7 @@ def test_missing_data_root_fails_clearly(tmp_path):
                     "--out", str(tmp_path / "out"), "--micro_batch", "8", "--batch_size", "8"])
 
 
+@pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
 def test_torchrun_two_processes_stay_in_sync(tiny_synthetic, tmp_path):
     # Compiled (aot_eager) under DDP, as GPU runs use it: Sinkhorn's all-reduces inside the compiled forward.
     code, out, err = run_torchrun([os.path.join(ROOT, "train.py"), *tiny_args(
