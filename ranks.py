@@ -13,13 +13,15 @@ either wait for each other forever or train on silently different data. The rule
 `agree` compares a value (one all_gather_object of a short summary and a digest); `together` runs a block
 that may fail on some ranks only and turns a failure anywhere into the same error everywhere. Both are
 no-ops in a single process. Code that runs on one rank alone (notes, pictures, summaries, checkpoint
-writes) must issue no collective at all: it uses neither.
+writes) must issue no collective at all: it uses neither. `init_process_group` sets up the process group so
+that torchrun's restarts of a failed run find their peers.
 """
 import contextlib
 import hashlib
 import os
 
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 def init_process_group(backend, device_id=None):
@@ -35,7 +37,7 @@ def init_process_group(backend, device_id=None):
     # Under torchrun the agent serves the store and every rank is a client; otherwise rank 0 serves it.
     agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
-                          is_master=rank == 0 and not agent_serves)
+                          is_master=rank == 0 and not agent_serves, timeout=default_pg_timeout)  # torch's default
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=size,
                             device_id=device_id)
