@@ -699,8 +699,8 @@ def test_resume_with_other_workers_equals_uninterrupted(tiny_synthetic, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distributed_loader_and_set_epoch():
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+def test_distributed_loader_and_set_epoch(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         ds = data.VideoClips([(UCF, i) for i in range(10)], num_frames=2, size=16)
         loader = data.make_loader(ds, batch_size=4, num_workers=0, shuffle=True, drop_last=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import eval_linear
+import launch
 import probes
 from data import SYNTHETIC_CLASSES, build_video_dataset, normalize, tube_mask
 from eval_linear import cache_path, extract, load_features, main, predict, save_features, topk_accuracy, train_head
@@ -250,8 +251,7 @@ def torchrun(tmp_path, args, timeout=240):
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
+        launch.kill_all([proc])  # the launcher and its ranks (torchrun starts them in process groups of their own)
         pytest.fail(f"torchrun still running after {timeout} s: a hang")
     return proc.returncode, err
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_vos
+import launch
 from data import VOSDataset, build_video_dataset, normalize, tube_mask
 from synthetic import synthetic_dataset
 from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
@@ -432,8 +433,7 @@ def torchrun(tmp_path, args, timeout=180):
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
+        launch.kill_all([proc])  # the launcher and its ranks (torchrun starts them in process groups of their own)
         pytest.fail(f"torchrun still running after {timeout} s: a hang")
     return proc.returncode, err
 
