@@ -41,7 +41,6 @@ import inspect
 import json
 import math
 import os
-import resource
 import shlex
 import statistics
 import subprocess

@@ -7,6 +7,7 @@ and the logs are compared: a mismatch is reported as the first call where two ra
 DDP's gradient buckets are issued from C++ and are not in these logs.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,6 +122,14 @@ def read_logs(log_dir):
     return logs
 
 
+def link_or_copy(src, dst):
+    """A hard link (no bytes copied), or a copy where src and dst are on different file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def k400_tree(root, videos_per_class=8, classes=4, broken=1):
     """A Kinetics-400 folder in the official layout -- annotations/train.csv (label,youtube_id,time_start,
     time_end,split) and train/<label>/<youtube_id>_<start:06d>_<end:06d>.<ext> -- made of the real K400 / UCF101 /
@@ -138,7 +147,7 @@ def k400_tree(root, videos_per_class=8, classes=4, broken=1):
                 dst = dst.with_suffix(".mp4")
                 dst.write_bytes(b"\x00\x00\x00\x18ftypmp42 -- truncated download")
             else:
-                os.link(src, dst)
+                link_or_copy(src, dst)
             rows.append(f"{label},{youtube_id},10,20,train")
     (root / "annotations").mkdir()
     (root / "annotations" / "train.csv").write_text("\n".join(rows) + "\n")

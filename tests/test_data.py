@@ -2,7 +2,6 @@
 
     python -m pytest -q tests/test_data.py      # CPU, ~30 s
 """
-import math
 import json
 import os
 import random

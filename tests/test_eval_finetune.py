@@ -9,7 +9,6 @@ under torchrun (2 gloo ranks) ranks that see different checkpoints or different 
 instead of hanging, and fewer test videos than ranks give the 1-process result."""
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -469,7 +468,7 @@ def test_ranks_that_see_different_videos_stop_with_one_message(tiny_synthetic, t
     # Node-local copies of the dataset (<root>/<RANK>); rank 1's copy lacks one training video. Both ranks would
     # otherwise train, each on its own list (the sampler's index i meaning different clips on the two ranks).
     for rank in (0, 1):
-        shutil.copytree(tiny_synthetic, tmp_path / "data" / str(rank), copy_function=os.link)
+        shutil.copytree(tiny_synthetic, tmp_path / "data" / str(rank), copy_function=launch.link_or_copy)
     next((tmp_path / "data" / "1" / "train").rglob("*.mp4")).unlink()
     r = launch.run(torchrun_args(tmp_path / "out", tmp_path / "data"), timeout=240, log_dir=tmp_path,
                    env={"PER_RANK": "--data_root"})

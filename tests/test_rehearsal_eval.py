@@ -62,7 +62,7 @@ def k400_train_val(root, videos_per_class=3, classes=4, val=(2, 1, 1, 1)):
         (root / "val" / label).mkdir(parents=True)
         for i in range(count):
             youtube_id, src = f"val{c:02d}x{i:03d}", sources[(c + i + 2) % len(sources)]
-            os.link(src, root / "val" / label / f"{youtube_id}_000010_000020{src.suffix}")
+            launch.link_or_copy(src, root / "val" / label / f"{youtube_id}_000010_000020{src.suffix}")
             rows.append(f"{label},{youtube_id},10,20,val")
     (root / "annotations" / "val.csv").write_text("\n".join(rows) + "\n")
     return root
