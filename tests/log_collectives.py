@@ -1,8 +1,9 @@
 """Run a script (argv[1:]) with every Python-level torch.distributed collective it issues logged, one line per
 call, to $COLLECTIVE_LOG_DIR/restart<R>_rank<RANK>.log, flushed per call (a killed rank keeps its log).
 
-Used by tests/launch.py under torchrun. $PER_RANK (option names, comma-separated, e.g. "--data_root") appends
-/<RANK> to those options' values: each rank then reads its own copy, as nodes with node-local disks would. Only calls made through the torch.distributed module are seen (the
+Used by tests/launch.py under torchrun. "{RANK}" in an argument becomes the rank's number (e.g. --data_root
+<root>/{RANK}): each rank then reads its own copy, as nodes with node-local disks would. Only calls made through the
+torch.distributed module are seen (the
 project's code calls dist.all_reduce, dist.barrier, ...); DDP's gradient buckets, issued from C++, are not.
 """
 import os
@@ -53,9 +54,6 @@ if __name__ == "__main__":
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     install(os.path.join(folder, f"restart{restart}_rank{os.environ['RANK']}.log"))
     script = os.path.abspath(sys.argv[1])
-    sys.argv = sys.argv[1:]
-    for name in filter(None, os.environ.get("PER_RANK", "").split(",")):
-        i = sys.argv.index(name) + 1
-        sys.argv[i] = os.path.join(sys.argv[i], os.environ["RANK"])
+    sys.argv = [a.replace("{RANK}", os.environ["RANK"]) for a in sys.argv[1:]]
     sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")

@@ -452,11 +452,11 @@ def test_ranks_that_see_different_checkpoints_stop_instead_of_hanging(tiny_synth
     # Each rank gets its own --out (<out>/<RANK>), as nodes with node-local disks would: after one epoch only rank
     # 0's folder holds a checkpoint. Resuming, rank 0 would train from epoch 1 and rank 1 from epoch 0, with
     # other optimizer states, until their collectives no longer pair up; instead both stop before any step.
-    args = torchrun_args(tmp_path / "out", tiny_synthetic)
-    r = launch.run([*args, "--max_epochs_this_run", "1"], timeout=240, log_dir=tmp_path, env={"PER_RANK": "--out"})
+    args = torchrun_args(tmp_path / "out" / "{RANK}", tiny_synthetic)
+    r = launch.run([*args, "--max_epochs_this_run", "1"], timeout=240, log_dir=tmp_path)
     assert r.code == 0 and r.first_mismatch() is None, r.tail()
     assert (tmp_path / "out" / "0" / "ckpt.pth").exists() and not (tmp_path / "out" / "1" / "ckpt.pth").exists()
-    r = launch.run(args, timeout=240, log_dir=tmp_path, env={"PER_RANK": "--out"})
+    r = launch.run(args, timeout=240, log_dir=tmp_path)
     assert r.code != 0, r.tail()
     assert ("ranks disagree on the checkpoint to resume from" in r.err and "every node sees" in r.err
             and f"rank 0 sees epoch 1, step 2 in {tmp_path / 'out' / '0' / 'ckpt.pth'}" in r.err
@@ -470,8 +470,7 @@ def test_ranks_that_see_different_videos_stop_with_one_message(tiny_synthetic, t
     for rank in (0, 1):
         shutil.copytree(tiny_synthetic, tmp_path / "data" / str(rank), copy_function=launch.link_or_copy)
     next((tmp_path / "data" / "1" / "train").rglob("*.mp4")).unlink()
-    r = launch.run(torchrun_args(tmp_path / "out", tmp_path / "data"), timeout=240, log_dir=tmp_path,
-                   env={"PER_RANK": "--data_root"})
+    r = launch.run(torchrun_args(tmp_path / "out", tmp_path / "data" / "{RANK}"), timeout=240, log_dir=tmp_path)
     assert r.code != 0, r.tail()
     assert ("ranks disagree on the train videos: " in r.err and "rank 1 sees 15 videos" in r.err
             and "rank 0 sees 16 videos" in r.err and "Give every node the same dataset" in r.err), r.tail()

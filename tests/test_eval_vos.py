@@ -7,7 +7,6 @@ synthetic set, with their JSON (which frames each clip used) and PNGs."""
 import dataclasses
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -419,23 +418,11 @@ def test_bench_prints_a_row_per_model(capsys):
 # ============ several ranks ============
 
 def torchrun(tmp_path, args, timeout=180):
-    """eval_vos.py on 2 gloo ranks (torchrun --standalone: a free port). '{RANK}' in an argument becomes the
-    rank's number, as a node-local path differs per node. The whole process group is killed past `timeout`, so
-    a hang fails the test. -> (exit code, stderr)."""
-    wrapper = tmp_path / "per_rank.py"
-    wrapper.write_text("import os, runpy, sys\n"
-                       "sys.argv = [a.replace('{RANK}', os.environ['RANK']) for a in sys.argv]\n"
-                       f"sys.path.insert(0, {str(REPO)!r})\n"
-                       f"runpy.run_path({str(REPO / 'eval_vos.py')!r}, run_name='__main__')\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        launch.kill_all([proc])  # the launcher and its ranks (torchrun starts them in process groups of their own)
-        pytest.fail(f"torchrun still running after {timeout} s: a hang")
-    return proc.returncode, err
+    """eval_vos.py on 2 gloo ranks (tests/launch.py: a free port; ranks killed past `timeout`, so a hang fails the
+    test). '{RANK}' in an argument becomes the rank's number, as a node-local path differs per node.
+    -> (exit code, stderr)."""
+    r = launch.run([launch.ROOT / "eval_vos.py", *args], nproc=2, timeout=timeout, log_dir=tmp_path)
+    return r.code, r.err
 
 
 @pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)

@@ -79,8 +79,7 @@ def test_ranks_that_see_different_videos_stop_with_one_message(tmp_path):
         launch.k400_tree(root / str(rank), videos_per_class=4, broken=0)
     missing = next((root / "1" / "train").rglob("*.mp4"))
     missing.unlink()
-    r = launch.run(k400_args(root, tmp_path / "out", 2), nproc=2, timeout=120, log_dir=tmp_path,
-                   env={"PER_RANK": "--data_root"})
+    r = launch.run(k400_args(root / "{RANK}", tmp_path / "out", 2), nproc=2, timeout=120, log_dir=tmp_path)
     assert r.code != 0
     assert "ranks disagree on the training videos" in r.err, r.tail()
     assert "rank 1 sees 15 videos" in r.err and "rank 0 sees 16 videos" in r.err and "every node the same" in r.err
