@@ -748,7 +748,7 @@ class Run:
         DATA_BOUND_STEPS, on the slowest rank. Every rank takes part in the reduction (at the same step)."""
         t0, data0 = self.window_start
         share = torch.tensor([(self.data_total - data0) / (time.perf_counter() - t0), self.rank], dtype=torch.float64,
-                             device=self.device)  # NCCL gathers device tensors
+                             device=self.device)  # (2,) [waiting share, rank]; on the device: NCCL gathers those
         if self.world > 1:
             everyone = [torch.zeros_like(share) for _ in range(self.world)]
             dist.all_gather(everyone, share)
