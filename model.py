@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import IMAGENET_MEAN, IMAGENET_STD, tube_mask
-from sinkhorn import swapped_prediction_loss
+from sinkhorn import sinkhorn, swapped_prediction_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +74,17 @@ class Config:
     sk_iters: int = 10
     temperature: float = 0.1     # tau of the swapped-prediction cross-entropy
     soft_codes: bool = False     # released code: hard argmax codes; paper's equations: soft
+    # Two switches that are not SIGMA's (docs/forking.md), both off by default:
+    # dec_depth = 0: no decoder (ViDROP, decoder-free masked modeling): mask tokens for a random predict_share of the
+    # masked tubes enter the encoder beside the visible ones, the other masked tubes are dropped, and a linear head
+    # maps the encoder's tokens at those positions to the target.
+    predict_share: float = 0.25
+    # clip_loss > 0: add clip_loss x a clip-level swapped prediction between two views of each video (SwAV / iBOT's
+    # [CLS] term, ViDROP's global loss): each view's mean-pooled encoder tokens, through a small head, are scored
+    # against clip_prototypes prototypes and predict the other view's Sinkhorn code. Needs views (train.py
+    # --repeats 2).
+    clip_loss: float = 0.0
+    clip_prototypes: int = 32
 
     @property
     def grid(self):
@@ -105,7 +116,7 @@ class Config:
             problems.append(f"num_frames {self.num_frames} is not a multiple of tubelet_size "
                             f"{self.tubelet_size}: pick e.g. {self.num_frames // self.tubelet_size * self.tubelet_size or self.tubelet_size}")
         for name, dim, heads in [("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)]:
-            if dim % heads:
+            if dim % heads and (name == "enc" or self.dec_depth):
                 problems.append(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
         if self.target not in ("mlp", "dino", "pixel"):
             problems.append(f"unknown target {self.target!r}: choose mlp, dino or pixel")
@@ -127,6 +138,15 @@ class Config:
                                 "must be a multiple of 16")
         if self.loss == "sigma" and self.num_prototypes < 2:
             problems.append("loss='sigma' needs num_prototypes >= 2")
+        if self.dec_depth < 0:
+            problems.append(f"dec_depth {self.dec_depth}: 0 (no decoder) or more, e.g. 4")
+        if not 0 < self.predict_share <= 1:
+            problems.append(f"predict_share {self.predict_share}: the share of masked tubes predicted without a "
+                            "decoder, in (0, 1], e.g. 0.25")
+        if self.clip_loss < 0:
+            problems.append(f"clip_loss {self.clip_loss}: a weight >= 0 (0 = off), e.g. 0.5")
+        if self.clip_prototypes < 2:
+            problems.append(f"clip_prototypes {self.clip_prototypes}: 2 or more, e.g. 32")
         if problems:
             raise ValueError("invalid model config:\n  - " + "\n  - ".join(problems))
         return self
@@ -367,9 +387,10 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         init_vit_weights(self)  # the Conv3d keeps PyTorch's default init, as released
 
-    def forward(self, videos, mask=None, n_masked=None):
+    def forward(self, videos, mask=None, n_masked=None, extra=None):
         """videos (B, 3, T, H, W), mask (B, N) bool or None -> (B, N_visible, D) or (B, N, D).
-        n_masked: masked tokens per clip if known on the host (see mask_order)."""
+        n_masked: masked tokens per clip if known on the host (see mask_order). extra (B, M, D): tokens appended
+        after the visible ones, positions included (SIGMA's decoder-free variant: mask tokens) -> (B, N_vis + M, D)."""
         cfg = self.cfg
         if videos.shape[1:] != (3, cfg.num_frames, cfg.img_size, cfg.img_size):
             raise ValueError(f"expected videos (B, 3, {cfg.num_frames}, {cfg.img_size}, {cfg.img_size}) "
@@ -379,6 +400,8 @@ class Encoder(nn.Module):
         else:  # only the visible tubes are embedded, each with the position of its own token
             visible = mask_order(mask, n_masked)[0]  # (B, N_vis) token indices, ascending
             x = self.patch_embed(videos, visible) + gather_tokens(self.pos_embed, visible)  # (B, N_vis, D)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)  # (B, N_vis + M, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -412,6 +435,9 @@ def projection_mlp(in_dim, hidden, out_dim):
         layers += [nn.Linear(dims[i], dims[i + 1]), nn.GELU()]
     return nn.Sequential(*layers[:-1])  # no activation after the last Linear
 
+
+# The clip-level head (clip_loss): enc_dim -> CLIP_HIDDEN -> CLIP_DIM, the widths of a small SwAV-like projector.
+CLIP_HIDDEN, CLIP_DIM = 512, 128
 
 DINO_ARCHS = {"vit_s": dict(dim=384, depth=12, heads=6), "vit_b": dict(dim=768, depth=12, heads=12)}
 
@@ -512,12 +538,18 @@ class SIGMA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg.validate()
-        self.encoder = Encoder(cfg)
-        self.encoder_to_decoder = nn.Linear(cfg.enc_dim, cfg.dec_dim, bias=False)  # default init, as released
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.dec_dim), persistent=False)
-        self.decoder = Decoder(cfg, cfg.target_dim)
+        self.encoder = Encoder(cfg)  # built first: at one seed every variant starts from the same encoder
+        if cfg.dec_depth:
+            self.encoder_to_decoder = nn.Linear(cfg.enc_dim, cfg.dec_dim, bias=False)  # default init, as released
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.dec_dim), persistent=False)
+            self.decoder = Decoder(cfg, cfg.target_dim)
+        else:  # decoder-free: the mask token has the encoder's width, one Linear reads the predictions out
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.enc_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.decoder = nn.Linear(cfg.enc_dim, cfg.target_dim)
+            init_vit_weights(self.decoder)
 
         if cfg.target == "mlp":  # PyTorch's default init, as released (only encoder/decoder use xavier)
             self.head = projection_mlp(cfg.tube_dim, cfg.proj_hidden, cfg.proj_dim)
@@ -529,14 +561,23 @@ class SIGMA(nn.Module):
             self.register_load_state_dict_post_hook(_ignore_missing_dino_keys)
         if cfg.loss == "sigma":
             self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_prototypes, cfg.target_dim), dim=1))
+        if cfg.clip_loss:  # built last, so that everything above is initialised as without it
+            self.clip_head = projection_mlp(cfg.enc_dim, (CLIP_HIDDEN,), CLIP_DIM)
+            self.clip_prototypes = nn.Parameter(F.normalize(torch.randn(cfg.clip_prototypes, CLIP_DIM), dim=1))
 
     @torch.no_grad()
     def normalize_prototypes(self):
         """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
         self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
+        if self.cfg.clip_loss:
+            self.clip_prototypes.copy_(F.normalize(self.clip_prototypes.float(), dim=1))
 
     def targets(self, videos, mask, n_masked=None):
         """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
+        return self.phi(videos, mask_order(mask, n_masked)[1])
+
+    def phi(self, videos, index):
+        """phi of the tubes at token indices `index` (B, M), in that order: (B, M, D)."""
         cfg = self.cfg
         if cfg.target == "dino":
             # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
@@ -547,24 +588,43 @@ class SIGMA(nn.Module):
         else:
             with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
                 y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
-        y = gather_tokens(y, mask_order(mask, n_masked)[1])  # (B, N_m, .) masked tubes only, in token order
+        y = gather_tokens(y, index)  # (B, M, .) the asked tubes only
         return self.head(y) if cfg.target == "mlp" else y
 
     def predict(self, videos, mask, n_masked=None):
-        """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors."""
+        """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors (decoder-free:
+        for the predicted share of them, (B, M, D))."""
+        return self._predict(videos, mask, n_masked)[:2]
+
+    def _predict(self, videos, mask, n_masked=None):
+        """predict() and the encoder's visible tokens (B, N_vis, C_e), which the clip-level term reads."""
         visible, masked = mask_order(mask, n_masked)  # (B, N_vis), (B, N_m) token indices
         # Checked on the device (an `if` on a GPU tensor would make the host wait for the GPU every step).
         torch._assert_async((mask.sum(dim=1) == masked.shape[1]).all(),
                             "every clip in a batch must mask the same number of tokens (tube masking does)")
+        if not self.cfg.dec_depth:
+            return self._predict_without_decoder(videos, mask, masked)
         # Psi: encode visible tubes, append one mask token per masked tube, decode.
-        x = self.encoder_to_decoder(self.encoder(videos, mask, masked.shape[1]))  # (B, N_vis, C_d)
+        encoded = self.encoder(videos, mask, masked.shape[1])  # (B, N_vis, C_e)
+        x = self.encoder_to_decoder(encoded)  # (B, N_vis, C_d)
         pos = self.pos_embed.to(x.dtype)  # (1, N, C_d)
         pos_masked = gather_tokens(pos, masked)  # (B, N_m, C_d)
         x = torch.cat([x + gather_tokens(pos, visible),  # visible first, in token order
                        self.mask_token + pos_masked],    # then masked, in token order
                       dim=1)  # (B, N, C_d)
         pred = self.decoder(x, masked.shape[1])  # (B, N_m, D)
-        return pred, self.targets(videos, mask, masked.shape[1])
+        return pred, self.phi(videos, masked), encoded
+
+    def _predict_without_decoder(self, videos, mask, masked):
+        """dec_depth = 0: a random predict_share of each clip's masked tubes get a mask token (with its position)
+        in the encoder's input; the rest are dropped. The choice uses torch's global generator, which train.py
+        seeds per (seed, epoch, rank), so a resumed run draws the same."""
+        n_pred = max(1, round(self.cfg.predict_share * masked.shape[1]))
+        pick = torch.rand(masked.shape, device=masked.device).argsort(dim=1)[:, :n_pred]  # (B, M) of N_m
+        where = masked.gather(1, pick.sort(dim=1).values)  # (B, M) token indices, ascending
+        queries = self.mask_token + gather_tokens(self.encoder.pos_embed, where)  # (B, M, C_e)
+        x = self.encoder(videos, mask, masked.shape[1], extra=queries)  # (B, N_vis + M, C_e)
+        return self.decoder(x[:, -n_pred:]), self.phi(videos, where), x[:, :-n_pred]
 
     def prototype_scores(self, pred, target):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
@@ -582,9 +642,9 @@ class SIGMA(nn.Module):
             protos = self.prototypes.float()  # (K, D)
             return z_phi @ protos.t(), z_psi @ protos.detach().t()  # (B*N_m, K) each, fp32
 
-    def forward(self, videos, mask, n_masked=None):
+    def forward(self, videos, mask, n_masked=None, views=1):
         cfg = self.cfg
-        pred, target = self.predict(videos, mask, n_masked)  # (B, N_m, D) each
+        pred, target, encoded = self._predict(videos, mask, n_masked)  # (B, N_m, D) each, (B, N_vis, C_e)
         out = {}
         if cfg.loss in ("l2", "pixel"):
             # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant)
@@ -597,7 +657,28 @@ class SIGMA(nn.Module):
         # Per-token spread of phi (mean over channels of the std over masked tokens); it
         # shrinks to 0 when the target collapses to a constant.
         out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean()  # 0-d, stays on device
+        if cfg.clip_loss:
+            out["loss_clip"] = self.clip_term(encoded, views)
+            out["loss"] = out["loss"] + cfg.clip_loss * out["loss_clip"]
         return out
+
+    def clip_term(self, encoded, views):
+        """The clip-level swapped prediction (clip_loss > 0): encoded (B*V, N_vis, C_e), the encoder's visible
+        tokens of V views per video, consecutive (train.py's --repeats layout) -> 0-d loss.
+
+        Each view's mean-pooled tokens go through clip_head onto the unit sphere and are scored against the clip
+        prototypes; Sinkhorn turns the scores of every clip of the global batch into soft codes that use each
+        prototype equally (SwAV: soft codes, the prototypes learn from both views), and each view predicts the
+        mean code of its video's other views. fp32 with autocast off, like the token loss."""
+        if views < 2:
+            raise ValueError("clip_loss needs two or more views of each video (train.py: --repeats 2)")
+        z = self.clip_head(encoded.mean(dim=1))  # (B*V, CLIP_DIM)
+        with torch.autocast(z.device.type, enabled=False):
+            scores = F.normalize(z.float(), dim=-1) @ self.clip_prototypes.float().t()  # (B*V, K_c)
+            codes = sinkhorn(scores, self.cfg.sk_eps, self.cfg.sk_iters).view(-1, views, scores.shape[1])
+            other = (codes.sum(dim=1, keepdim=True) - codes) / (views - 1)  # (B, V, K_c): the other views' mean
+            logp = F.log_softmax(scores / self.cfg.temperature, dim=-1).view_as(other)
+            return -(other * logp).sum(dim=-1).mean()
 
 
 def _drop_dino_keys(module, state_dict, prefix, local_metadata):
@@ -762,24 +843,26 @@ def count_params(module):
 
 
 def train_step_flops(model, batch=1):
-    """Forward + backward FLOPs of one training step on `batch` clips, counted by torch on 1 and 2 clips.
+    """Forward + backward FLOPs of one training step on `batch` clips, counted by torch on 1 and 2 clips (2 and 4,
+    two views each, with the clip-level term).
 
     Every counted op grows linearly with the clips (attention is quadratic in a clip's tokens, not in the batch),
     so the count is a + b * batch and the line through the two counts is exact; an fp32 step on `batch` clips,
     which may not fit in memory at a large batch, is never run.
     """
     cfg, device = model.cfg, model.mask_token.device
+    views = 2 if cfg.clip_loss else 1  # the clip-level term needs two views of each video
 
     def count(clips):
         videos = torch.randn(clips, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
         mask = tube_mask(clips, cfg.grid, 0.9).to(device)  # (clips, N)
         with FlopCounterMode(display=False) as counter:
-            model(videos, mask)["loss"].backward()
+            model(videos, mask, views=views)["loss"].backward()
         model.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
-    one = count(1)
-    return one if batch == 1 else one + (batch - 1) * (count(2) - one)
+    one = count(views)
+    return one if batch == views else one + (batch - views) * (count(2 * views) - one) // views
 
 
 if __name__ == "__main__":

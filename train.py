@@ -119,6 +119,15 @@ def get_args(argv=None):
     a("--sk_iters", type=int, default=10)
     a("--temperature", type=float, default=0.1, help="tau of the swapped-prediction cross-entropy")
     a("--soft_codes", action="store_true", help="paper's soft codes instead of the released hard argmax")
+    a("--decoder_depth", type=int, default=None, help="decoder blocks (preset: 4; tiny 2); 0 = no decoder: mask "
+      "tokens for --predict_share of the masked tubes go through the encoder, a linear head predicts them (ViDROP; "
+      "docs/forking.md)")
+    a("--predict_share", type=float, default=0.25, help="--decoder_depth 0: share of the masked tubes that get a mask "
+      "token in the encoder and are predicted; the rest are dropped")
+    a("--clip_loss", type=float, default=0.0, help="weight of a clip-level swapped prediction between two views of "
+      "each video (needs --repeats 2; docs/forking.md); 0 = off")
+    a("--clip_prototypes", type=int, default=32, help="--clip_loss: prototypes of the clip-level term (Sinkhorn "
+      "balances them over the clips of a micro-batch x GPUs)")
     a("--proj_hidden", type=int, nargs="+", default=None, help="hidden widths of the mlp phi (released: 1024 1024 512; "
       "the paper describes a shallower MLP, e.g. 1024 1024)")
     # data
@@ -127,6 +136,8 @@ def get_args(argv=None):
     a("--stride", type=int, default=None, help="temporal stride between frames (K400 4, SSv2 2)")
     a("--mask_ratio", type=float, default=0.9, help="share of spatial positions masked in every tube slice")
     a("--repeats", type=int, default=1, help="clips sampled per decoded video (repeated sampling amortises decoding)")
+    a("--color_jitter", type=float, default=0.0, help="per-clip colour jitter of this strength (brightness, contrast, "
+      "saturation +-S, hue +-S/4; SimCLR's is 0.4); 0 = off, as released")
     a("--motion_objects", type=int, default=None, help="moving cut-outs overlaid on every clip before crop and mask "
       "(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; --dataset noise: 2")
     a("--motion_objects_dir", default=None, help="folder of RGBA PNG cut-outs for --motion_objects (default: the "
@@ -222,6 +233,9 @@ def check_args(args, world):
         problems.append(f"--batch_size {args.batch_size} is not a multiple of {world} GPUs x --micro_batch "
                         f"{args.micro_batch}; use --micro_batch {fits[0] if fits else 1} or change --batch_size")
     need(not args.soft_codes or args.loss == "sigma", "--soft_codes only applies to --loss sigma: drop it")
+    need(not args.clip_loss or args.repeats >= 2, f"--clip_loss {args.clip_loss} needs two views of each video: add "
+         "--repeats 2 (or drop --clip_loss)")
+    need(args.color_jitter >= 0, f"--color_jitter {args.color_jitter}: a strength >= 0, e.g. 0.4 (0 = off)")
     need(not args.dino_weights or args.target == "dino", "--dino_weights is only read with --target dino: add "
          "--target dino or drop --dino_weights")
     if problems:
@@ -241,8 +255,11 @@ def model_options(args):
     """The model Config fields that come from the command line (the rest come from the --arch preset)."""
     options = dict(target=args.target, loss=args.loss, num_prototypes=args.num_prototypes, sk_eps=args.sk_eps,
                    sk_iters=args.sk_iters, temperature=args.temperature, soft_codes=args.soft_codes,
-                   dino_weights=args.dino_weights, dino_arch=args.dino_arch)
+                   dino_weights=args.dino_weights, dino_arch=args.dino_arch, predict_share=args.predict_share,
+                   clip_loss=args.clip_loss, clip_prototypes=args.clip_prototypes)
     options.update({k: getattr(args, k) for k in ("num_frames", "img_size") if getattr(args, k) is not None})
+    if args.decoder_depth is not None:
+        options["dec_depth"] = args.decoder_depth
     if args.proj_hidden:
         options["proj_hidden"] = tuple(args.proj_hidden)
     return options
@@ -436,8 +453,12 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
                        f"it (a backup, or the checkpoint of an earlier epoch if you keep one) as {ckpt_path}.")
     if ckpt is not None:
         same = lambda v: json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
-        changed = {k: (ckpt["config"].get(k), v) for k, v in run_config.items()
-                   if k not in RESUME_MAY_CHANGE and same(ckpt["config"].get(k)) != same(v)}
+        # An option added to train.py after the checkpoint was written counts as left at its default (what the
+        # run did without it), resolved with the checkpoint's dataset and arch like any default.
+        saved = {**vars(get_args(["--dataset", ckpt["config"]["dataset"], "--arch", ckpt["config"]["arch"]])),
+                 **ckpt["config"]}
+        changed = {k: (saved.get(k), v) for k, v in run_config.items()
+                   if k not in RESUME_MAY_CHANGE and same(saved.get(k)) != same(v)}
         if changed:
             problem = (f"{ckpt_path} was trained with other settings {changed} (saved, now): use another --out or the "
                        f"same settings (only {', '.join(RESUME_MAY_CHANGE)} may change between restarts)")
@@ -587,7 +608,8 @@ def build_loader(args, cfg, paths):
     loader batches micro_batch / R videos.
     """
     dataset = build_video_dataset(args.dataset, args.data_root, args.split, num_frames=cfg.num_frames,
-                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats)
+                                  stride=args.stride, size=cfg.img_size, train=True, repeats=args.repeats,
+                                  color_jitter=args.color_jitter)
     # Worker processes cannot report back to the main process: each appends the paths it skips to this file
     # (shared by every worker and rank; the end-of-run summary counts it).
     dataset.bad_list = paths["bad_videos.txt"]
@@ -669,7 +691,7 @@ def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader,
             # Gradients are all-reduced by DDP only on the last micro-batch.
             sync = micro == accum - 1 or run.world == 1
             with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast():
-                out = step_model(videos, mask, n_masked=n_masked)
+                out = step_model(videos, mask, n_masked=n_masked, views=args.repeats)
             # / accum: the accumulated gradient is the mean over the whole batch_size clips, as one big batch's
             # would be. The scaler multiplies by the fp16 loss scale (a no-op for bf16 / fp32).
             scaler.scale(out["loss"] / accum).backward()
@@ -923,7 +945,7 @@ def bench(model, cfg, args, device, autocast, precision):
     and process CPU time), the achieved FLOP/s as a share of this device's matmul ceiling at the autocast dtype
     (and, on CUDA, of the TF32 ceiling that the fp32 regions run at), the bytes copied host-to-device per step,
     and the measured peak memory against the estimate (estimate_memory_gb)."""
-    batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2, args.micro_batch))
+    batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2 * args.repeats, args.micro_batch))
     amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     ceiling = matmul_flops_per_second(device, amp_dtype)
     with tf32_in_fp32_regions(device, "bf16"):  # CUDA: fp32 matmuls in TF32; CPU: plain fp32
@@ -945,7 +967,7 @@ def bench(model, cfg, args, device, autocast, precision):
         videos, mask = normalize(to_device(clips, device)), to_device(mask, device)  # what the loop copies
         with tf32_in_fp32_regions(device, precision):
             with autocast():
-                loss = step_model(videos, mask, n_masked=n_masked)["loss"]
+                loss = step_model(videos, mask, n_masked=n_masked, views=args.repeats)["loss"]
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1005,7 +1027,7 @@ def saved_for_backward_bytes(model, cfg, batch, autocast, mask_ratio):
     videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
     mask = tube_mask(batch, cfg.grid, mask_ratio).to(device)  # (B, N)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        model(videos, mask)
+        model(videos, mask, views=2 if cfg.clip_loss else 1)
     return sum(saved.values()), int(mask[0].sum())
 
 
@@ -1030,13 +1052,16 @@ def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
     """
     model = copy.deepcopy(model)
     with sinkhorn.local_only():
-        one, n_masked = saved_for_backward_bytes(model, cfg, 1, autocast, mask_ratio)
-        two, _ = saved_for_backward_bytes(model, cfg, 2, autocast, mask_ratio)
-    per_clip, fixed = two - one, 2 * one - two
+        unit = 2 if cfg.clip_loss else 1  # the clip-level term needs two views of each video
+        one, n_masked = saved_for_backward_bytes(model, cfg, unit, autocast, mask_ratio)
+        two, _ = saved_for_backward_bytes(model, cfg, 2 * unit, autocast, mask_ratio)
+    per_clip = (two - one) / unit
+    fixed = one - unit * per_clip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     static = 16 * trainable + 4 * frozen
-    scores = 5 * 4 * batch * n_masked * cfg.num_prototypes if cfg.loss == "sigma" else 0
+    predicted = n_masked if cfg.dec_depth else max(1, round(cfg.predict_share * n_masked))  # tokens scored per clip
+    scores = 5 * 4 * batch * predicted * cfg.num_prototypes if cfg.loss == "sigma" else 0
     return static / 2 ** 30, (fixed + batch * per_clip) / 2 ** 30, scores / 2 ** 30
 
 

@@ -660,3 +660,92 @@ def test_train_step_flops_extrapolates_two_counts_exactly():
     with FlopCounterMode(display=False) as counter:
         model(videos, tube_mask(3, model.cfg.grid, 0.9))["loss"].backward()
     assert flops == counter.get_total_flops()
+
+
+# ---- the two switches of docs/forking.md: --decoder_depth 0 (no decoder) and --clip_loss ----
+
+def test_switches_left_off_draw_no_random_numbers_and_add_no_keys():
+    # A fork's default-off option must leave the model bit-identical (same keys, same weights, same RNG state after
+    # building), or every cached baseline would be a different model. predict_share only acts without a decoder.
+    torch.manual_seed(0)
+    base = build_model("tiny", **TINY).state_dict()
+    after_base = torch.get_rng_state()
+    torch.manual_seed(0)
+    off = build_model("tiny", **TINY, predict_share=0.5, clip_loss=0.0, clip_prototypes=8).state_dict()
+    assert torch.equal(torch.get_rng_state(), after_base)
+    assert off.keys() == base.keys() and all(torch.equal(off[k], base[k]) for k in base)
+
+
+def test_clip_head_is_built_last_so_the_rest_starts_as_without_it():
+    torch.manual_seed(0)
+    base = build_model("tiny", **TINY).state_dict()
+    torch.manual_seed(0)
+    with_clip = build_model("tiny", **TINY, clip_loss=1.0).state_dict()
+    assert set(with_clip) - set(base) == {"clip_prototypes", "clip_head.0.weight", "clip_head.0.bias",
+                                          "clip_head.2.weight", "clip_head.2.bias"}
+    assert all(torch.equal(with_clip[k], base[k]) for k in base)
+
+
+def test_clip_term_makes_each_view_predict_the_other_views_code():
+    torch.manual_seed(0)
+    model = build_model("tiny", **TINY, clip_loss=1.0, clip_prototypes=8)
+    cfg = model.cfg
+    x, mask = clips(cfg, batch=6), tube_mask(6, cfg.grid, 0.9)  # 3 videos x 2 views, consecutive
+    out = model(x, mask, views=2)
+    # Reference, written out: pooled visible tokens -> head -> sphere -> prototype scores; Sinkhorn codes over all
+    # 6 clips; view 0 of a video is scored against view 1's code and vice versa.
+    with torch.no_grad():
+        tokens = model.encoder(x, mask)  # (6, N_vis, C)
+        z = F.normalize(model.clip_head(tokens.mean(1)), dim=-1)
+        s = z @ F.normalize(model.clip_prototypes, dim=-1).t()  # (6, 8)
+        q, logp = sinkhorn(s, cfg.sk_eps, cfg.sk_iters), F.log_softmax(s / cfg.temperature, dim=-1)
+        swapped = q.view(3, 2, 8).flip(1).reshape(6, 8)  # each clip's other view
+        ref = -(swapped * logp).sum(-1).mean()
+        own = -(q * logp).sum(-1).mean()  # what a term matching each view to itself would give
+    assert torch.allclose(out["loss_clip"], ref, atol=1e-5) and not torch.allclose(ref, own, atol=1e-3)
+    assert torch.allclose(out["loss"], out["loss_phi"] + out["loss_psi"] + cfg.clip_loss * out["loss_clip"],
+                          atol=1e-5)
+    # Its gradient reaches the encoder, the head and the clip prototypes.
+    model.zero_grad()
+    out["loss_clip"].backward()
+    for name in ("encoder.blocks.0.attn.qkv.weight", "clip_head.0.weight", "clip_prototypes"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="two or more views"):
+        model(x, mask, views=1)
+
+
+def test_without_a_decoder_mask_tokens_enter_the_encoder_for_a_share_of_the_masked_tubes():
+    torch.manual_seed(0)
+    model = build_model("tiny", **TINY, dec_depth=0, predict_share=0.25)
+    cfg = model.cfg
+    assert not any(k.startswith(("encoder_to_decoder", "decoder.blocks")) for k in model.state_dict())
+    x, mask = clips(cfg, batch=2), tube_mask(2, cfg.grid, 0.9)
+    n_masked = int(mask[0].sum())
+    seen = []
+    hook = model.encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    pred, target = model.predict(x, mask)
+    hook.remove()
+    m = round(0.25 * n_masked)
+    assert pred.shape == target.shape == (2, m, cfg.target_dim)
+    assert seen == [(2, cfg.num_tokens - n_masked + m, cfg.enc_dim)]  # visible tokens + m mask tokens
+    # Every target is phi of a masked tube (never a visible one), each at most once.
+    with torch.no_grad():
+        every = model.phi(x, torch.arange(cfg.num_tokens).expand(2, -1))  # (2, N, D)
+    for b in range(2):
+        hits = (target[b, :, None, :] - every[b, None, :, :]).abs().amax(-1) < 1e-6  # (m, N)
+        where = hits.float().argmax(1)
+        assert hits.sum(1).eq(1).all() and mask[b, where].all() and where.unique().numel() == m
+    # The loss trains the mask token and the linear head, and every encoder block.
+    model(x, mask)["loss"].backward()
+    assert model.mask_token.grad.abs().sum() > 0 and model.decoder.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def test_step_flops_of_the_switches_extrapolate_exactly():
+    for overrides in (dict(clip_loss=1.0), dict(dec_depth=0)):
+        torch.manual_seed(0)
+        model = build_model("tiny", **TINY, **overrides)
+        views = 2 if overrides.get("clip_loss") else 1
+        with FlopCounterMode(display=False) as counter:
+            model(clips(model.cfg, batch=6), tube_mask(6, model.cfg.grid, 0.9), views=views)["loss"].backward()
+        assert train_step_flops(model, batch=6) == counter.get_total_flops()

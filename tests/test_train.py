@@ -165,6 +165,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_synthetic, tmp_path, monk
     (["--num_frames", "7"], "multiple of tubelet_size"),
     (["--arch", "vit_h"], "unknown arch"),
     (["--precision", "fp8"], "--precision"),
+    (["--clip_loss", "0.5"], "--repeats 2"),  # the clip-level term needs two views of each video
+    (["--clip_loss", "-1", "--repeats", "2"], "clip_loss"),
+    (["--color_jitter", "-0.1"], "--color_jitter"),
+    (["--decoder_depth", "-1"], "dec_depth"),
+    (["--decoder_depth", "0", "--predict_share", "0"], "predict_share"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, extra, message):
     # The data root does not exist: an option that is not caught at start would fail on it instead.
@@ -545,3 +550,38 @@ def test_bench_reports_step_time_ceiling_share_and_bytes_copied(capsys):
     out = capsys.readouterr().out
     assert "process CPU time" in out and "fp32 matmul ceiling" in out
     assert f"host-to-device per step: {(2 * 3 * 8 * 64 * 64 + 2 * 256) / 2 ** 20:.1f} MiB" in out
+
+
+def test_a_run_resumes_after_an_option_was_added_to_train_py(tiny_synthetic, tmp_path):
+    # A checkpoint written before an option existed has no value for it: the option counts as left at its default
+    # (what that run did), not as a changed setting. Here the checkpoint's config loses two default-off options.
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train.main(tiny_args(tiny_synthetic, full)) == 0
+    assert train.main(tiny_args(tiny_synthetic, split, "--max_epochs_this_run", "1")) == 0
+    ckpt = load_checkpoint(str(split / "ckpt.pth"))
+    for option in ("clip_loss", "color_jitter"):
+        del ckpt["config"][option]
+    torch.save(ckpt, split / "ckpt.pth")
+    assert train.main(tiny_args(tiny_synthetic, split)) == 0
+    a, b = weights(full), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A value other than the default is still a changed setting.
+    with pytest.raises(ValueError, match="other settings.*color_jitter"):
+        train.main(tiny_args(tiny_synthetic, split, "--color_jitter", "0.4"))
+
+
+def test_color_jitter_changes_each_views_colours_and_nothing_else(tiny_synthetic, tmp_path):
+    def views(jitter):
+        args = train.get_args(tiny_args(tiny_synthetic, tmp_path, "--repeats", "2", "--color_jitter", str(jitter)))
+        dataset, _ = train.build_loader(args, train.check_args(args, 1), {"bad_videos.txt": tmp_path / "bad.txt"})
+        return dataset[3][0]  # (2, 3, T, S, S) uint8
+
+    plain, jittered = views(0), views(0.4)
+    # The same crops and frames (jitter is drawn after them), different colours, and differently per view:
+    # per-channel means of a view move, and the two views move apart.
+    shift = (jittered.float() - plain.float()).mean(dim=(2, 3, 4))  # (2 views, 3 channels)
+    assert shift.abs().max() > 2 and (shift[0] - shift[1]).abs().max() > 1
+    edges = lambda v: (v.float().mean(1).diff(dim=-1).abs() > 8).float()  # where the picture has edges, per view
+    assert (edges(plain) == edges(jittered)).float().mean() > 0.9
+    with_zero = train.get_args(tiny_args(tiny_synthetic, tmp_path, "--repeats", "2"))
+    assert with_zero.color_jitter == 0
