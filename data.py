@@ -1,23 +1,28 @@
 """
-Video data for SIGMA: tube masks, exact frame decoding, clip sampling and augmentation, dataset layouts
-(Kinetics-400, Something-Something v2, UCF101, HMDB51, DAVIS / YouTube-VOS), the distributed-aware
-DataLoader. The built-in datasets that need no download (synthetic.py) are read through the same layouts.
+Video data for SIGMA, on top of store.py (which reads frames off disk: a video file through PyAV, or an entry of
+the prepared clip store): tube masks, clip sampling and augmentation, dataset layouts (Kinetics-400,
+Something-Something v2, UCF101, HMDB51, DAVIS / YouTube-VOS), the distributed-aware DataLoader. The built-in
+datasets that need no download (synthetic.py) are read through the same layouts.
 
-The clip store (store.py) rewrites a dataset once so that every frame is an independent picture; its two
-commands live there: `python store.py --prepare ...` writes a store, `python store.py --bench` measures clip
-loading (clips/s per CPU core) from the original files and from each store codec. docs/store.md has the figures.
+The clip store's two commands stand on both files, so they are at the end of this one; they run as
+`python store.py --prepare ...` (writes a store) and `python store.py --bench` (clip loading in clips/s per CPU
+core, from the original files and from each store codec). docs/store.md has the figures.
 
 Conventions: a dataset's clip is uint8 (3, T, S, S) (a quarter of float32's bytes on the way to the GPU);
 normalize() turns it into the model's float32 ImageNet-normalised input on the device. Frames on disk are decoded to
-uint8 (T, H, W, 3) RGB; a tube mask is bool (B, t*h*w) in (t, h, w) row-major token order, True = masked.
+uint8 (T, H, W, 3) RGB (store.open_video); a tube mask is bool (B, t*h*w) in (t, h, w) row-major token order,
+True = masked.
 
-Where this reads from the released VideoMAE / SIGMA data pipeline it says so. Decoding is PyAV (FFmpeg).
+Where this reads from the released VideoMAE / SIGMA data pipeline it says so.
 """
+import argparse
 import csv
 import functools
 import json
 import random
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import av
@@ -26,9 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 import store
-from synthetic import SYNTHETIC_CLASSES, fashion_dataset, noise_dataset, synthetic_dataset  # noqa: F401 (built-in sets)
+# Video and decode_frames are not used here; callers (eval_linear.py, the tests) import them from data too.
+from store import VIDEO_EXTENSIONS, Video, decode_frames, open_video  # noqa: F401
+from synthetic import SYNTHETIC_CLASSES, MotionObjects, fashion_dataset, noise_dataset, synthetic_dataset  # noqa: F401
 
 # ============ defaults ============
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +49,6 @@ FIXED_CROP_GRID = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
                    (1, 1), (3, 1), (1, 3), (3, 3))
 # Temporal stride between sampled frames (released pretraining scripts: 4 for K400, 2 for SSv2). Only a default.
 DEFAULT_STRIDE = {"k400": 4, "ssv2": 2, "ucf101": 4, "hmdb51": 4, "list": 4, "synthetic": 2, "fashion": 2, "noise": 2}
-VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
 # Judge the unreadable fraction only after this many distinct videos: a healthy set (~1% broken) then shows
 # >10% bad with probability ~1e-8, while a wrong --data_root (everything broken) fails within 100 reads.
 BAD_CHECK_AFTER = 100
@@ -65,148 +72,6 @@ def tube_mask(batch_size, grid, ratio=0.9, generator=None, device=None):
     masked = noise.argsort(dim=1)[:, :num_masked]  # (B, num_masked) spatial positions
     spatial = torch.zeros_like(noise, dtype=torch.bool).scatter_(1, masked, True)  # (B, h*w)
     return spatial.repeat(1, t).to(device)  # (B, t*h*w): token ti*h*w + j is spatial position j
-
-
-# ============ decoding ============
-
-
-class Video:
-    """An open video file that decodes exactly the frames asked for, and as few others as it can.
-
-    Position p means the p-th frame of the video in display order, counted from 0. How frames are found:
-    - MP4 / MKV / WebM (real presentation timestamps): a demux pass (no decoding, ~2 ms for a 10 s clip) lists
-      every packet's timestamp and keyframe flag; position p is the p-th smallest timestamp. read() seeks to the
-      last keyframe at or before the first wanted frame, decodes forward, skips decoding frames that are neither
-      wanted nor referenced by others, and stops after the last wanted frame. Every decoded timestamp is checked
-      against the table; a stream that contradicts it falls back to the in-order path below (slower, still exact).
-    - AVI: the container has no presentation timestamps (FFmpeg numbers packets in file order, and DivX "packed
-      B-frames", as in the HMDB clips, make those numbers disagree with display order), so AVI is always decoded
-      in order from the first frame; p is then literally the p-th frame the decoder returns.
-    Both equal a full sequential decode indexed at p whenever every packet holds one frame (the tests check the
-    K400 / HMDB / UCF clips, VP9 WebM and H.264 MKV frame by frame).
-
-    num_frames counts the video packets, never the container header (often 0 or wrong). It can exceed the number
-    of decodable frames by a placeholder packet (the HMDB AVIs have one): positions past the last decodable frame
-    return the last frame, which is also how short videos are padded (as the released loaders do). Only wanted
-    frames are converted to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg
-    decoding threads (0 = one per core); 1 is right inside DataLoader workers, which already occupy the cores.
-    """
-
-    def __init__(self, path, threads=1):
-        self.path, self.threads, self.container, self.decoded = str(path), threads, None, 0
-        try:
-            self._open()
-            pts, keyframe_pts = [], []
-            for packet in self.container.demux(self.stream):
-                if packet.size == 0 or packet.is_discard:  # empty packet = end-of-stream flush; discard = edit list
-                    continue
-                pts.append(packet.pts)
-                if packet.is_keyframe:
-                    keyframe_pts.append(packet.pts)
-            if not pts:
-                raise ValueError(f"{self.path}: no video frames")
-        except BaseException:
-            self.close()
-            raise
-        self.num_frames = len(pts)
-        self.seekable = self.container.format.name != "avi" and None not in pts and len(set(pts)) == len(pts)
-        if self.seekable:
-            self.pts, self.keyframe_pts, self.pts_set = np.sort(pts), np.sort(keyframe_pts), set(pts)
-
-    def _open(self):
-        """(Re)open the file: a fresh demuxer and decoder positioned at the first frame."""
-        self.close()
-        self.container = av.open(self.path, metadata_errors="ignore")  # some HMDB metadata is not UTF-8
-        if not self.container.streams.video:
-            raise ValueError(f"{self.path}: no video stream")
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"  # frame and slice threads, when threads != 1
-        self.stream.codec_context.thread_count = self.threads
-
-    def close(self):
-        if self.container is not None:
-            self.container.close()
-            self.container = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def read(self, indices):
-        """Frames at the given positions (any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
-        idx = store.clamp_positions(indices, self.num_frames)  # past the end -> last frame (padding)
-        wanted = sorted(set(idx))
-        frames = self._read_by_timestamp(wanted) if self.seekable else None
-        if frames is None:
-            frames = self._read_in_order(wanted)
-        return torch.from_numpy(np.stack([frames[i] for i in idx]))  # (N, H, W, 3) uint8
-
-    def _read_by_timestamp(self, wanted):
-        """Seek + decode forward; frames identified by timestamp. {position: (H, W, 3)} or None to fall back."""
-        position = {int(self.pts[p]): p for p in wanted}  # timestamp -> position, wanted frames only
-        keys = self.keyframe_pts[self.keyframe_pts <= self.pts[wanted[0]]]
-        if len(keys) == 0:
-            return None
-        # Also rewinds after the demux pass. backward=True lands on that keyframe, never after it.
-        self.container.seek(int(keys[-1]), stream=self.stream, backward=True)
-        ctx, out, last = self.stream.codec_context, {}, None
-        for packet in self.container.demux(self.stream):
-            # Frames that are neither wanted nor referenced by other frames (most B-frames) need not be decoded:
-            # ~15% less work on K400 H.264. Reference frames are always decoded, so wanted frames stay exact.
-            ctx.skip_frame = "DEFAULT" if packet.pts in position else "NONREF"
-            for frame in ctx.decode(packet):
-                self.decoded += 1
-                if frame.pts not in self.pts_set or (last is not None and frame.pts <= last):
-                    return None  # timestamps contradict the table: decode in order instead
-                last = frame.pts
-                if frame.pts in position:
-                    out[position[frame.pts]] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
-            if len(out) == len(wanted):
-                return out
-        return None  # the stream ended before a wanted frame appeared
-
-    def _read_in_order(self, wanted):
-        """Decode from the first frame, counting frames, until the last wanted one. {position: (H, W, 3)}."""
-        self._open()
-        keep, out, frame, last_position = set(wanted), {}, None, -1
-        for last_position, frame in enumerate(self.container.decode(self.stream)):
-            self.decoded += 1
-            if last_position in keep:
-                out[last_position] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
-            if last_position == wanted[-1]:
-                break
-        if frame is None:
-            raise ValueError(f"{self.path}: no decodable video frames")
-        if wanted[-1] > last_position:  # fewer decodable frames than packets: pad with the last frame
-            last = out.get(last_position, frame.to_ndarray(format="rgb24"))
-            out.update({p: last for p in wanted if p > last_position})
-        return out
-
-    def frames(self):
-        """Every decodable frame in display order, uint8 (H, W, 3) each, streamed (what store.prepare_video stores).
-
-        Frame k is what read([k]) returns: positions are decode order, as in the in-order path, and equal to
-        timestamp order whenever each packet holds one frame (the tests compare both on the real clips).
-        """
-        self._open()
-        for position, frame in enumerate(self.container.decode(self.stream)):
-            if position == self.num_frames:
-                break
-            self.decoded += 1
-            yield frame.to_ndarray(format="rgb24")
-
-
-def open_video(path, threads=1):
-    """A prepared store entry (store.StoredVideo) or a video file (Video): the same num_frames and read()."""
-    return store.StoredVideo(path) if store.is_entry(path) else Video(path, threads)
-
-
-def decode_frames(path, indices, threads=1):
-    """uint8 (len(indices), H, W, 3) RGB frames at display-order positions `indices` (see Video)."""
-    with open_video(path, threads) as video:
-        return video.read(indices)
 
 
 # ============ augmentation ============
@@ -311,9 +176,10 @@ class VideoClips(torch.utils.data.Dataset):
     (T-1)*stride+1 frames repeats its last frame. sampling='segments' (the released SSv2 loader): one frame
     from each of T equal segments of the whole video, random within its segment for train, fixed offsets for
     eval (segment_positions).
-    train=True: multi-scale crop (MULTISCALE_SCALES x FIXED_CROP_GRID) resized to size x size, no colour jitter,
-    horizontal flip only if flip=True (linear-probe training, the paper's Table 9 protocol). train=False: the
-    central short-side square, resized (= resize short side to S, then centre crop S).
+    train=True: multi-scale crop (MULTISCALE_SCALES x FIXED_CROP_GRID) resized to size x size, horizontal flip
+    only if flip=True (linear-probe training, the paper's Table 9 protocol), and no colour jitter unless
+    color_jitter > 0 (not in the released recipes; color_jitter_views). train=False: the central short-side
+    square, resized (= resize short side to S, then centre crop S).
 
     Several clips per video (one decode serves them all):
     - repeats=R (train, "repeated sampling"): R clips with independent starts and crops.
@@ -337,7 +203,8 @@ class VideoClips(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples, classes=None, num_frames=16, stride=4, size=224, train=True, flip=False,
-                 repeats=1, num_clips=1, num_crops=1, max_bad_fraction=0.1, decode_threads=1, sampling="stride"):
+                 repeats=1, num_clips=1, num_crops=1, max_bad_fraction=0.1, decode_threads=1, sampling="stride",
+                 color_jitter=0.0):
         if sampling not in SAMPLINGS:
             raise ValueError(f"VideoClips: sampling={sampling!r}; choose one of {SAMPLINGS}")
         self.sampling = sampling
@@ -350,6 +217,7 @@ class VideoClips(torch.utils.data.Dataset):
                                                                   range(max(y for _, y in self.samples) + 1)]
         self.num_frames, self.stride, self.size, self.train, self.flip = num_frames, stride, size, train, flip
         self.num_clips, self.num_crops, self.decode_threads = num_clips, num_crops, decode_threads
+        self.color_jitter = color_jitter
         self.views = repeats if train else num_clips * num_crops
         self.span = (num_frames - 1) * stride + 1  # frames covered by one clip
         self.max_bad_fraction, self.bad, self.seen = max_bad_fraction, set(), set()  # this process's judgement
@@ -465,10 +333,31 @@ class VideoClips(torch.utils.data.Dataset):
             crops = [(o, 0, short, short) if height > width else (0, o, short, short) for o in offsets]
             boxes, flips = crops * self.num_clips, [False] * self.views
         try:
-            return torch.stack([crop_resize(f, b, self.size, flip)
-                                for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S) uint8
+            clips = torch.stack([crop_resize(f, b, self.size, flip)
+                                 for f, b, flip in zip(frames, boxes, flips)])  # (V, 3, T, S, S) uint8
         except RuntimeError as err:  # e.g. a 1-pixel side: the multi-scale crop is empty and the resize refuses it
             raise ValueError(f"{path}: its {width}x{height} frames cannot be cropped to {self.size} ({err})") from err
+        if self.train and self.color_jitter:  # drawn last: with it off, every other draw is as before
+            clips = color_jitter_views(clips, self.color_jitter, generator)
+        return clips
+
+
+def color_jitter_views(clips, strength, generator):
+    """An independent colour change per view, the same for every frame of a view: brightness, contrast and
+    saturation factors uniform in [1 - strength, 1 + strength], hue shifted by up to +-strength / 4 of the colour
+    circle (SimCLR's jitter at strength 0.4). uint8 (V, 3, T, S, S) -> uint8 (V, 3, T, S, S).
+
+    Two views of one video otherwise share their colours: a clip-level term that matches views (--clip_loss) could
+    match them by tint alone. torchvision's functional ops, with factors drawn from the item's generator (the
+    transforms' own draws use the global RNG, which DataLoader workers do not make reproducible)."""
+    V = len(clips)
+    factors = 1 + strength * (2 * torch.rand(V, 3, generator=generator) - 1)  # (V, 3) brightness, contrast, sat.
+    hues = strength / 4 * (2 * torch.rand(V, generator=generator) - 1)  # (V,)
+    out = []
+    for clip, (b, c, s), h in zip(clips.transpose(1, 2), factors.tolist(), hues.tolist()):  # clip: (T, 3, S, S)
+        clip = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(clip, b), c), s), h)
+        out.append(clip.transpose(0, 1))
+    return torch.stack(out)  # (V, 3, T, S, S)
 
 
 # ============ dataset layouts ============
@@ -825,3 +714,197 @@ class VOSDataset(torch.utils.data.Dataset):
             raise ValueError(f"ytvos: video {name!r} has mask values {sorted(set(masks[out < 0].tolist()))} that "
                              f"meta.json does not list as objects")
         return out
+
+
+# ============ the clip store's commands (python store.py ...) ============
+# store.py knows video files and store entries, not datasets: preparing a dataset needs its layout and the
+# benchmark times VideoClips, so both commands sit on this file, and `python store.py` hands over to store_main.
+
+MOTION_OBJECTS = 2  # --bench: objects per clip in the overlay row (SMILE's setting)
+
+
+def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None, patch=store.KMEANS_PATCH,
+                    codebook_size=store.KMEANS_SIZE):
+    """Write a clip store of the dataset `name` at `src` into `out` (store.prepare_store: the folder mirrored,
+    every video an entry, a kmeans codebook learned on the train split); returns the list of unreadable videos.
+
+    The layout is parsed on the source first and on the store at the end, so build_video_dataset(name, out)
+    reads the store as it reads the source. Limitation: a list file's absolute paths are not mirrored (they
+    keep pointing at the original videos).
+    """
+    if src is None and name in ("synthetic", "noise"):  # the built-in sets: generated (once) into the cache
+        src = (synthetic_dataset if name == "synthetic" else noise_dataset)(None)
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.is_dir():
+        raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
+    if src == out or src in out.parents:
+        raise ValueError(f"--out {out} must lie outside --data_root {src}")
+    splits = {}  # the splits the source layout parses: checked again on the store at the end
+    for split in ("train", "val"):
+        try:
+            splits[split] = build_video_dataset(name, src, split)
+        except FileNotFoundError as err:
+            problem = err
+    if not splits:
+        raise problem
+    sample = [p for p, _ in next(iter(splits.values())).samples]  # the train split when it parses
+    prepared, kept, bad = store.prepare_store(name, src, out, codec, workers, short_side, patch, codebook_size,
+                                              sample)
+    for split in splits:
+        build_video_dataset(name, out, split)  # the store parses as the source did
+    print(f"store.py: {prepared} videos prepared, {kept} already done, {len(bad)} unreadable "
+          f"(listed in {out / 'unreadable.txt'}); {name} store at {out}")
+    return bad
+
+
+# ============ the clip-loading benchmark ============
+
+
+def bench(path, iters, tmp, codebook):
+    """Clips/s on one core, same transform: the original file, its store entries (the kmeans one with the
+    codebook file `codebook`), 'decode every frame to RGB, then index', and the transform alone (the floor of
+    any store); plus each store's bytes per video-hour, PSNR and preparation cost."""
+    torch.set_num_threads(1)  # one torch thread + threads=1 in FFmpeg (decode_threads / thread_count)
+    T, stride, size = 16, 4, 224
+
+    def naive():
+        with av.open(str(path), metadata_errors="ignore") as c:
+            c.streams.video[0].codec_context.thread_count = 1
+            frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+        start = torch.randint(0, max(len(frames) - (T - 1) * stride, 1), ())
+        clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
+        box = multiscale_crop_box(*clip.shape[1:3], size)
+        return crop_resize(clip, box, size)[None]  # uint8, as a worker hands it over
+
+    with av.open(str(path), metadata_errors="ignore") as c:
+        fps = float(c.streams.video[0].average_rate or 25)
+    with Video(path) as video:
+        hours = video.num_frames / fps / 3600
+        decoded = video.read(range(T))  # (T, H, W, 3): the input of the transform-only row
+
+    def transform_only():
+        return crop_resize(decoded, multiscale_crop_box(*decoded.shape[1:3], size), size)
+
+    motion = MotionObjects(MOTION_OBJECTS)  # SMILE's overlay (docs/motion.md), on the decoded frames
+    rows, extra = [("naive: decode all to RGB, index", 1, naive),
+                   ("transform only (decoded frames)", 1, transform_only),
+                   (f"{MOTION_OBJECTS} motion objects only", 1, lambda: motion(decoded[None], 0, 0))], {}
+    for codec in store.CODECS:
+        t0 = time.perf_counter()
+        entry = store.prepare_video(path, Path(tmp) / codec, codec, codebook=codebook if codec == "kmeans" else None)
+        with store.StoredVideo(entry) as sv:
+            worst, mean = sv.header["min_psnr"], sv.header.get("mean_psnr")
+            extra[entry] = (f"{entry.stat().st_size / hours / 1e9:6.2f} GB/video-h (source file "
+                            f"{path.stat().st_size / hours / 1e9:.2f}), worst frame "
+                            f"{'exact' if worst is None else f'{worst:.1f} dB PSNR'}"
+                            f"{'' if mean is None else f', mean {mean:.1f} dB'}, "
+                            f"prepared in {time.perf_counter() - t0:.1f} s")
+    sources = [("original", path)] + [(f"store {codec}", Path(tmp) / codec / path.name) for codec in store.CODECS]
+    for name, p in sources:  # decoding alone: the clip's frames, no transform
+        ds = VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True)
+        rows.append((f"{name}, frames only", 1, lambda ds=ds, p=p: _frames(p, ds)))
+    for repeats in (1, 4):
+        for name, p in sources:
+            ds = VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
+            rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
+    times = _time_rows(rows, iters)
+    rounds = len(next(iter(times.values())))
+    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, CPU time, "
+          f"best / median of {rounds} interleaved rounds")
+    print(f"{'method':36s} {'CPU ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
+    base = {}
+    for name, repeats, _ in rows:
+        best, median = min(times[name]), sorted(times[name])[rounds // 2]
+        rate = repeats * 1e3 / best
+        kind = "frames" if name.endswith("frames only") else repeats
+        if name.startswith("original"):
+            base[kind] = rate
+        vs = f"{rate / base[kind]:11.1f}x" if kind in base else ""
+        print(f"{name:36s} {best:7.2f} / {median:5.1f} {rate:13.1f} {vs:>12s}")
+    for entry, text in extra.items():
+        print(f"store {entry.parent.name:9s}: {text}")
+    share = min(times[f"{MOTION_OBJECTS} motion objects only"]) / min(times["original, repeats=1"])
+    print(f"motion objects: {MOTION_OBJECTS} per clip cost {100 * share:.1f}% of the original file's clip (before the "
+          f"crop to {size}: at {decoded.shape[2]}x{decoded.shape[1]})")
+
+
+def _frames(path, ds):
+    """One clip's frames, uint8 (T, H, W, 3), as VideoClips reads them (same positions), without the transform."""
+    with open_video(path) as video:
+        return video.read(ds._positions(video.num_frames).flatten())
+
+
+def _time_rows(rows, iters):
+    """{row name: [CPU ms per call, one per round]}. CPU time of this (single-threaded) process, which other
+    processes' load barely changes, unlike wall time; rounds interleave the rows so that what load remains
+    hits all alike."""
+    rounds, calls = max(iters // 4, 1), min(iters, 4)
+    times = {name: [] for name, _, _ in rows}
+    for _, _, fn in rows:
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, _, fn in rows:
+            t0 = time.process_time()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - t0) / calls * 1e3)
+    return times
+
+
+def store_main(argv=None):
+    """`python store.py ...`: the clip store's commands (store.py hands over to this)."""
+    parser = argparse.ArgumentParser(description=store.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", nargs="*", metavar="VIDEO",
+                        help="benchmark clip loading on VIDEO(s) (default: the K400 test clip, 340x256 H.264)")
+    parser.add_argument("--iters", type=int, default=40, help="timed calls per benchmark row (in rounds of 4)")
+    parser.add_argument("--codebook_from", nargs="+", metavar="VIDEO", default=None,
+                        help="--bench: videos the kmeans codebook is learned on (default: the benchmarked ones; "
+                             "give others to measure PSNR on videos the codebook has not seen)")
+    parser.add_argument("--prepare", action="store_true", help="write a clip store of --dataset at --out")
+    parser.add_argument("--dataset", default="synthetic", help=f"layout to prepare: {' | '.join(LAYOUTS)}")
+    parser.add_argument("--data_root", default=None, help="the dataset folder (data.LAYOUTS); synthetic: the cache")
+    parser.add_argument("--out", default=None, help="store folder, outside --data_root; then train with "
+                                                    "--data_root OUT (same --dataset)")
+    parser.add_argument("--codec", default="jpeg",
+                        help="jpeg: >= 40 dB PSNR, fast (default); magicyuv: bit-exact, ~2.5x disk; kmeans: "
+                             "a table lookup, fastest, 23-32 dB with the default codebook, 1/4-1/2 of jpeg's disk")
+    parser.add_argument("--patch", type=int, default=store.KMEANS_PATCH,
+                        help="kmeans: patch side in pixels (ViDROP's full scale: 10)")
+    parser.add_argument("--codebook_size", type=int, default=store.KMEANS_SIZE,
+                        help="kmeans: centroids (ViDROP's full scale: 65536; needs a GPU to learn and encode)")
+    parser.add_argument("--short_side", type=int, default=None,
+                        help="shrink larger frames to this short side (default: keep the source's; the release "
+                             "trains K400 from copies at 256-320)")
+    parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.codec not in store.CODECS:
+        parser.error(f"--codec {args.codec!r}: choose one of {', '.join(store.CODECS)}, e.g. --codec jpeg")
+    for name, low in (("iters", 1), ("patch", 1), ("codebook_size", 2), ("short_side", 1), ("workers", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name} {value}: must be >= {low}, e.g. --{name} {max(low, store.KMEANS_PATCH)}")
+    if args.prepare:
+        if args.out is None:
+            parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
+        if args.dataset not in LAYOUTS:
+            parser.error(f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(LAYOUTS))}")
+        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
+            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
+        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side,
+                        args.patch, args.codebook_size)
+    elif args.bench is not None:
+        videos = args.bench or [str(store.BENCH_VIDEO)]
+        sources = args.codebook_from or videos
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.process_time()  # 64 frames in all, evenly spaced in each source
+            frames = store.sample_frames(sources, videos=len(sources),
+                                         frames=max(store.KMEANS_FRAMES, 64 // len(sources)))
+            book = store.learn_codebook(frames, args.patch, args.codebook_size)
+            store.save_codebook(Path(tmp) / store.CODEBOOK, book)
+            print(f"kmeans codebook: {args.codebook_size} centroids of {args.patch}x{args.patch} learned in "
+                  f"{time.process_time() - t0:.1f} s CPU on {', '.join(Path(v).name for v in sources)}")
+            for video in videos:
+                bench(Path(video), args.iters, tmp, Path(tmp) / store.CODEBOOK)
+    else:
+        parser.print_help()
+    return 0

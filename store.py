@@ -1,8 +1,10 @@
 """
-The prepared clip store: one file per video holding every frame as an independently decodable picture, so a
-16-frame clip costs 16 picture decodes instead of a GOP's worth of H.264 (~105 frames for the K400 test clip).
-This file holds the on-disk format (write an entry, read frames back), the k-means codebook, and the two
-drivers: preparing a whole dataset, and the clip-loading benchmark.
+Reading and writing video frames, the bottom layer of the data path: a video file decoded exactly (Video, PyAV /
+FFmpeg) and the prepared clip store, one file per video holding every frame as an independently decodable picture,
+so a 16-frame clip costs 16 picture decodes instead of a GOP's worth of H.264 (~105 frames for the K400 test clip).
+open_video takes either and returns a reader with one interface: num_frames, read(positions). This file holds
+the PyAV reader, the store's on-disk format (write an entry, read frames back), the k-means codebook, and the
+preparation of a folder of videos into a store. data.py stands on it: clips, datasets, loaders.
 
     python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_store   # all cores, resumable
     python store.py --prepare --dataset k400 --data_root /data/k400 --out /local/k400_km --codec kmeans
@@ -10,7 +12,9 @@ drivers: preparing a whole dataset, and the clip-loading benchmark.
                                               # and the cost of 2 synthetic moving objects (docs/motion.md)
 
 Then train from the store with the same flags: `python train.py --dataset k400 --data_root /local/k400_store`.
-What goes in is exactly what data.Video decodes (data.py); the tests check it frame by frame.
+The two commands work on a dataset's layout and on VideoClips, so they are data.py's (data.store_main) and the
+last lines of this file hand over to them. What goes in is exactly what Video decodes; the tests check it frame
+by frame.
 
 Codecs (measured with `python store.py --bench`, see docs/store.md):
 - "jpeg" (default): baseline JPEG via torchvision (libjpeg-turbo), decoded with torchvision.io.decode_jpeg
@@ -28,11 +32,15 @@ Codecs (measured with `python store.py --bench`, see docs/store.md):
 Entry layout (little-endian), written to a temporary name, fsynced, then renamed, so a reader never sees a
 half-written entry under its final name; the trailing magic makes a truncated copy unreadable too:
     MAGIC | picture 0 | ... | picture n-1 | offsets int64 (n+1) | header JSON | header length uint64 | END_MAGIC
-The header holds the format version, codec, frame size, num_frames (the source's packet count, as data.Video
-counts it: positions past the stored frames return the last one) and the quality record; a kmeans entry also
-names its codebook (path relative to the entry's folder) and the codebook's digest.
+The header holds the format version, codec, frame size, num_frames (the source's packet count, as Video counts
+it: positions past the stored frames return the last one) and the quality record; a kmeans entry also names its
+codebook (path relative to the entry's folder) and the codebook's digest.
 """
-import argparse
+# Layering: this file imports nothing from data.py, which stands on it (tests/test_store.py checks the source and
+# what `import store` loads). Here is how frames come off and go onto disk; data.py turns frames into clips and
+# batches. The PyAV reader sits here, beside the store, because the store is written from exactly what it
+# decodes and read back through the same interface, so every reader of frames is in this one file. The store's
+# commands stand on both files (a dataset's layout, VideoClips), so they are data.py's.
 import fractions
 import functools
 import hashlib
@@ -42,7 +50,6 @@ import random
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import warnings
 from multiprocessing import Pool
@@ -55,15 +62,11 @@ import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from tqdm import tqdm
 
-# data.py imports this file for its reader (StoredVideo); the drivers at the end need data.py's decoder and
-# layouts. Both imports are at the top and every use is inside a function, so either file may be imported first.
-import data
-import synthetic
-
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency here); the pinned
 # version has them, and Pillow's libjpeg-turbo gives the same pixels ~1.4x slower (measured) if they go.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
                         DeprecationWarning)
+
 
 # ============ defaults ============
 STORE_VERSION = 1  # bump when the entry layout or what an entry means changes: older stores are refused
@@ -81,7 +84,7 @@ KMEANS_VIDEOS = 64  # videos sampled (seeded) from the train split to learn the 
 KMEANS_FRAMES = 8  # evenly spaced frames read from each sampled video
 KMEANS_SAMPLE = 262_144  # patches kept (at random) from those frames
 KMEANS_STEPS, KMEANS_BATCH = 100, 8192  # mini-batch k-means: steps x patches per step
-MOTION_OBJECTS = 2  # --bench: objects per clip in the overlay row (SMILE's setting)
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov"}  # what the layouts list and prepare_store converts
 BENCH_VIDEO = Path(__file__).resolve().parent / "tests" / "data" / "videos" / "R6llTwEh07w.mp4"  # K400, H.264
 
 
@@ -104,6 +107,146 @@ def psnr(a, b):
     """Peak signal-to-noise ratio in dB of two uint8 arrays (inf when equal)."""
     mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+# ============ decoding a video file ============
+
+
+def clamp_positions(indices, num_frames):
+    """Frame positions (any order, repeats allowed) -> list of ints, those past the end clamped to the last
+    frame (the padding of short videos). Shared by both readers: Video and StoredVideo."""
+    idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+    if len(idx) == 0 or idx.min() < 0:
+        raise ValueError(f"positions must be non-negative and at least one, got {indices}")
+    return idx.clamp(max=num_frames - 1).tolist()
+
+
+class Video:
+    """An open video file that decodes exactly the frames asked for, and as few others as it can.
+
+    Position p means the p-th frame of the video in display order, counted from 0. How frames are found:
+    - MP4 / MKV / WebM (real presentation timestamps): a demux pass (no decoding, ~2 ms for a 10 s clip) lists
+      every packet's timestamp and keyframe flag; position p is the p-th smallest timestamp. read() seeks to the
+      last keyframe at or before the first wanted frame, decodes forward, skips decoding frames that are neither
+      wanted nor referenced by others, and stops after the last wanted frame. Every decoded timestamp is checked
+      against the table; a stream that contradicts it falls back to the in-order path below (slower, still exact).
+    - AVI: the container has no presentation timestamps (FFmpeg numbers packets in file order, and DivX "packed
+      B-frames", as in the HMDB clips, make those numbers disagree with display order), so AVI is always decoded
+      in order from the first frame; p is then literally the p-th frame the decoder returns.
+    Both equal a full sequential decode indexed at p whenever every packet holds one frame (the tests check the
+    K400 / HMDB / UCF clips, VP9 WebM and H.264 MKV frame by frame).
+
+    num_frames counts the video packets, never the container header (often 0 or wrong). It can exceed the number
+    of decodable frames by a placeholder packet (the HMDB AVIs have one): positions past the last decodable frame
+    return the last frame, which is also how short videos are padded (as the released loaders do). Only wanted
+    frames are converted to RGB (the conversion costs a third to half as much as decoding). threads: FFmpeg
+    decoding threads (0 = one per core); 1 is right inside DataLoader workers, which already occupy the cores.
+    """
+
+    def __init__(self, path, threads=1):
+        self.path, self.threads, self.container, self.decoded = str(path), threads, None, 0
+        try:
+            self._open()
+            pts, keyframe_pts = [], []
+            for packet in self.container.demux(self.stream):
+                if packet.size == 0 or packet.is_discard:  # empty packet = end-of-stream flush; discard = edit list
+                    continue
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    keyframe_pts.append(packet.pts)
+            if not pts:
+                raise ValueError(f"{self.path}: no video frames")
+        except BaseException:
+            self.close()
+            raise
+        self.num_frames = len(pts)
+        self.seekable = self.container.format.name != "avi" and None not in pts and len(set(pts)) == len(pts)
+        if self.seekable:
+            self.pts, self.keyframe_pts, self.pts_set = np.sort(pts), np.sort(keyframe_pts), set(pts)
+
+    def _open(self):
+        """(Re)open the file: a fresh demuxer and decoder positioned at the first frame."""
+        self.close()
+        self.container = av.open(self.path, metadata_errors="ignore")  # some HMDB metadata is not UTF-8
+        if not self.container.streams.video:
+            raise ValueError(f"{self.path}: no video stream")
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"  # frame and slice threads, when threads != 1
+        self.stream.codec_context.thread_count = self.threads
+
+    def close(self):
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read(self, indices):
+        """Frames at the given positions (any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
+        idx = clamp_positions(indices, self.num_frames)  # past the end -> last frame (padding)
+        wanted = sorted(set(idx))
+        frames = self._read_by_timestamp(wanted) if self.seekable else None
+        if frames is None:
+            frames = self._read_in_order(wanted)
+        return torch.from_numpy(np.stack([frames[i] for i in idx]))  # (N, H, W, 3) uint8
+
+    def _read_by_timestamp(self, wanted):
+        """Seek + decode forward; frames identified by timestamp. {position: (H, W, 3)} or None to fall back."""
+        position = {int(self.pts[p]): p for p in wanted}  # timestamp -> position, wanted frames only
+        keys = self.keyframe_pts[self.keyframe_pts <= self.pts[wanted[0]]]
+        if len(keys) == 0:
+            return None
+        # Also rewinds after the demux pass. backward=True lands on that keyframe, never after it.
+        self.container.seek(int(keys[-1]), stream=self.stream, backward=True)
+        ctx, out, last = self.stream.codec_context, {}, None
+        for packet in self.container.demux(self.stream):
+            # Frames that are neither wanted nor referenced by other frames (most B-frames) need not be decoded:
+            # ~15% less work on K400 H.264. Reference frames are always decoded, so wanted frames stay exact.
+            ctx.skip_frame = "DEFAULT" if packet.pts in position else "NONREF"
+            for frame in ctx.decode(packet):
+                self.decoded += 1
+                if frame.pts not in self.pts_set or (last is not None and frame.pts <= last):
+                    return None  # timestamps contradict the table: decode in order instead
+                last = frame.pts
+                if frame.pts in position:
+                    out[position[frame.pts]] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+            if len(out) == len(wanted):
+                return out
+        return None  # the stream ended before a wanted frame appeared
+
+    def _read_in_order(self, wanted):
+        """Decode from the first frame, counting frames, until the last wanted one. {position: (H, W, 3)}."""
+        self._open()
+        keep, out, frame, last_position = set(wanted), {}, None, -1
+        for last_position, frame in enumerate(self.container.decode(self.stream)):
+            self.decoded += 1
+            if last_position in keep:
+                out[last_position] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+            if last_position == wanted[-1]:
+                break
+        if frame is None:
+            raise ValueError(f"{self.path}: no decodable video frames")
+        if wanted[-1] > last_position:  # fewer decodable frames than packets: pad with the last frame
+            last = out.get(last_position, frame.to_ndarray(format="rgb24"))
+            out.update({p: last for p in wanted if p > last_position})
+        return out
+
+    def frames(self):
+        """Every decodable frame in display order, uint8 (H, W, 3) each, streamed (what prepare_video stores).
+
+        Frame k is what read([k]) returns: positions are decode order, as in the in-order path, and equal to
+        timestamp order whenever each packet holds one frame (the tests compare both on the real clips).
+        """
+        self._open()
+        for position, frame in enumerate(self.container.decode(self.stream)):
+            if position == self.num_frames:
+                break
+            self.decoded += 1
+            yield frame.to_ndarray(format="rgb24")
 
 
 # ============ the k-means codebook ============
@@ -275,12 +418,12 @@ class _JpegEncoder:
     def __call__(self, rgb):  # (H, W, 3) uint8 -> bytes
         chw = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) view
         for quality in JPEG_QUALITIES:
-            data = encode_jpeg(chw, quality=quality)
-            score = psnr(decode_jpeg(data).permute(1, 2, 0).numpy(), rgb)
+            encoded = encode_jpeg(chw, quality=quality)
+            score = psnr(decode_jpeg(encoded).permute(1, 2, 0).numpy(), rgb)
             if score >= MIN_PSNR:
                 break
         self.worst, self.qualities = min(self.worst, score), self.qualities + [quality]
-        return data.numpy().tobytes()
+        return encoded.numpy().tobytes()
 
     def record(self):
         return dict(min_psnr=round(self.worst, 2), qualities=sorted(set(self.qualities)))
@@ -326,7 +469,7 @@ class _KMeansEncoder:
 def write_entry(path, frames, num_frames, codec="jpeg", source="", codebook=None, **meta):
     """Store uint8 (H, W, 3) RGB `frames` (an iterable, streamed) as the entry `path`; returns its header.
 
-    num_frames: the positions the video has (data.Video.num_frames); it may exceed the frames given by
+    num_frames: the positions the video has (Video.num_frames); it may exceed the frames given by
     placeholder packets. codebook: the codebook file, for codec "kmeans". meta: more JSON-able header fields
     (how the frames were made). Atomic: written to `path`.tmp-<pid>, fsynced, renamed, and the folder fsynced.
     """
@@ -373,7 +516,7 @@ def prepare_video(src, dst_dir, codec="jpeg", short_side=None, codebook=None):
     """Store the video file `src` as the entry dst_dir/<same file name>; returns the entry's path.
 
     The entry keeps the source's file name so that every layout parser finds it unchanged in a store that
-    mirrors the dataset's folders; data.open_video tells entries from videos by their first bytes. Atomic: an
+    mirrors the dataset's folders; open_video tells entries from videos by their first bytes. Atomic: an
     interrupted call leaves no entry (only a temporary file that no layout lists). short_side=None keeps the
     source resolution, so that a clip from the store is the clip from the file (exactly, with "magicyuv");
     short_side=S shrinks larger frames to a short side of S first (antialiased bilinear, as the transform):
@@ -382,7 +525,7 @@ def prepare_video(src, dst_dir, codec="jpeg", short_side=None, codebook=None):
     """
     src, dst_dir = Path(src), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    with data.Video(src, threads=1) as video:
+    with Video(src, threads=1) as video:
         frames = video.frames() if short_side is None else (_shrink(f, short_side) for f in video.frames())
         write_entry(dst_dir / src.name, frames, video.num_frames, codec, source=src, codebook=codebook,
                     short_side=short_side)
@@ -405,7 +548,7 @@ def sample_frames(paths, videos=KMEANS_VIDEOS, frames=KMEANS_FRAMES, short_side=
     drawn (seeded) from `paths`; unreadable videos are passed over."""
     for path in sorted(random.Random(seed).sample(sorted(map(str, paths)), min(videos, len(paths)))):
         try:
-            with data.Video(path) as video:
+            with Video(path) as video:
                 n = video.num_frames
                 got = video.read([(2 * k + 1) * n // (2 * frames) for k in range(frames)]).numpy()
         except (av.FFmpegError, OSError, ValueError):
@@ -414,15 +557,6 @@ def sample_frames(paths, videos=KMEANS_VIDEOS, frames=KMEANS_FRAMES, short_side=
 
 
 # ============ reading ============
-
-
-def clamp_positions(indices, num_frames):
-    """Frame positions (any order, repeats allowed) -> list of ints, those past the end clamped to the last
-    frame (the padding of short videos). Shared by both readers: data.Video and StoredVideo."""
-    idx = torch.as_tensor(indices, dtype=torch.long).flatten()
-    if len(idx) == 0 or idx.min() < 0:
-        raise ValueError(f"positions must be non-negative and at least one, got {indices}")
-    return idx.clamp(max=num_frames - 1).tolist()
 
 
 def is_entry(path):
@@ -460,7 +594,7 @@ def is_complete_entry(path):
 
 
 class StoredVideo:
-    """A store entry with the interface of data.Video: num_frames, read(indices) -> uint8 (N, H, W, 3).
+    """A store entry with the interface of Video: num_frames, read(indices) -> uint8 (N, H, W, 3).
 
     read() seeks to each wanted picture and decodes only those (any order, repeats allowed; positions past
     the stored frames return the last one, like Video). Opening costs three small reads (and, for a kmeans
@@ -529,6 +663,17 @@ class StoredVideo:
         return self.book.decode(ids)[:, :H, :W]  # (N, H, W, 3); a view when H, W are not multiples of P
 
 
+def open_video(path, threads=1):
+    """A prepared store entry (StoredVideo) or a video file (Video): the same num_frames and read()."""
+    return StoredVideo(path) if is_entry(path) else Video(path, threads)
+
+
+def decode_frames(path, indices, threads=1):
+    """uint8 (len(indices), H, W, 3) RGB frames at display-order positions `indices` (see Video)."""
+    with open_video(path, threads) as video:
+        return video.read(indices)
+
+
 # ============ the store root ============
 
 
@@ -558,7 +703,7 @@ def check_root(root):
         _version_check(json.loads(path.read_text()).get("version"), str(root))
 
 
-# ============ preparing a dataset ============
+# ============ preparing a folder ============
 
 
 def _prepare_job(job):
@@ -571,51 +716,35 @@ def _prepare_job(job):
         return src, None, f"{type(err).__name__}: {err}"
 
 
-def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None, patch=KMEANS_PATCH,
-                    codebook_size=KMEANS_SIZE):
-    """Write a clip store of the dataset `name` at `src` into `out`; returns the list of unreadable videos.
+def prepare_store(dataset, src, out, codec="jpeg", workers=None, short_side=None, patch=KMEANS_PATCH,
+                  codebook_size=KMEANS_SIZE, sample=()):
+    """Mirror the folder `src` into the store `out`; returns (videos prepared, videos kept, unreadable lines).
 
-    `out` mirrors `src`: every video file (data.VIDEO_EXTENSIONS) becomes a store entry at the same relative
-    path and name, every other file (CSV / JSON / split lists, VOS frames) is copied, so
-    data.build_video_dataset(name, out) reads the store through the same layout parser. In parallel over
-    `workers` processes (default: all cores); codec and short_side as in prepare_video. Codec "kmeans" first
-    learns a codebook (patch, codebook_size) on frames sampled from the train split (sample_frames) and keeps it
-    at out/CODEBOOK. Resumable: complete entries (and the codebook) are kept, temporary files of an interrupted
-    run deleted. Videos that cannot be prepared are skipped and listed in out/unreadable.txt. Limitation: a list
-    file's absolute paths are not mirrored (they keep pointing at the original videos).
+    Every video file (VIDEO_EXTENSIONS) becomes a store entry at the same relative path and name, every other
+    file (CSV / JSON / split lists, VOS frames) is copied, so a layout parser reads `out` as it reads `src`
+    (data.prepare_dataset checks that). In parallel over `workers` processes (default: all cores); codec and
+    short_side as in prepare_video. Codec "kmeans" first learns a codebook (patch, codebook_size) on frames
+    sampled from the video files `sample` (sample_frames) and keeps it at out/CODEBOOK. The marker records
+    `dataset` and the settings. Resumable: complete entries (and the codebook) are kept, temporary files of an
+    interrupted run deleted. Videos that cannot be prepared are skipped and listed in out/unreadable.txt.
     """
-    if src is None and name in ("synthetic", "noise"):  # the built-in sets: generated (once) into the cache
-        src = (data.synthetic_dataset if name == "synthetic" else data.noise_dataset)(None)
-    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not src.is_dir():
-        raise ValueError(f"--data_root {src}: give the dataset's folder to --prepare (a list file's folder)")
-    if src == out or src in out.parents:
-        raise ValueError(f"--out {out} must lie outside --data_root {src}")
-    splits = {}  # the splits the source layout parses: checked again on the store at the end
-    for split in ("train", "val"):
-        try:
-            splits[split] = data.build_video_dataset(name, src, split)
-        except FileNotFoundError as err:
-            problem = err
-    if not splits:
-        raise problem
+    src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kmeans = dict(patch=patch, codebook_size=codebook_size) if codec == "kmeans" else {}
-    write_marker(out, src, name, codec=codec, short_side=short_side, **kmeans)
+    write_marker(out, src, dataset, codec=codec, short_side=short_side, **kmeans)
     for stale in out.rglob("*.tmp-*"):  # left by an interrupted run; never listed by a layout
         stale.unlink()
     codebook = out / CODEBOOK if kmeans else None
     if kmeans and not codebook.is_file():
         t0 = time.perf_counter()
-        sample = next(iter(splits.values())).samples  # the train split when it parses
-        book = learn_codebook(sample_frames([p for p, _ in sample], short_side=short_side), patch, codebook_size)
-        save_codebook(codebook, book, dataset=name, source=str(src), videos=min(KMEANS_VIDEOS, len(sample)))
+        book = learn_codebook(sample_frames(sample, short_side=short_side), patch, codebook_size)
+        save_codebook(codebook, book, dataset=dataset, source=str(src), videos=min(KMEANS_VIDEOS, len(sample)))
         print(f"store.py: codebook of {codebook_size} {patch}x{patch} centroids learned in "
               f"{time.perf_counter() - t0:.1f} s -> {codebook}")
     jobs, kept = [], 0
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         target = out / path.relative_to(src)
-        if path.suffix.lower() not in data.VIDEO_EXTENSIONS:
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
         elif is_complete_entry(target):
@@ -625,168 +754,15 @@ def prepare_dataset(name, src, out, codec="jpeg", workers=None, short_side=None,
     bad = []
     with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for path, entry, err in tqdm(pool.imap_unordered(_prepare_job, jobs), total=len(jobs),
-                                     desc=f"preparing {name}", unit="video", disable=not sys.stderr.isatty()):
+                                     desc=f"preparing {dataset}", unit="video", disable=not sys.stderr.isatty()):
             if err is not None:
                 bad.append(f"{path.relative_to(src)}\t{err}")
     (out / "unreadable.txt").write_text("".join(f"{line}\n" for line in sorted(bad)))
-    for split in splits:
-        data.build_video_dataset(name, out, split)  # the store parses as the source did
-    print(f"store.py: {len(jobs) - len(bad)} videos prepared, {kept} already done, {len(bad)} unreadable "
-          f"(listed in {out / 'unreadable.txt'}); {name} store at {out}")
-    return bad
-
-
-# ============ the clip-loading benchmark ============
-
-
-def bench(path, iters, tmp, codebook):
-    """Clips/s on one core, same transform: the original file, its store entries (the kmeans one with the
-    codebook file `codebook`), 'decode every frame to RGB, then index', and the transform alone (the floor of
-    any store); plus each store's bytes per video-hour, PSNR and preparation cost."""
-    torch.set_num_threads(1)  # one torch thread + threads=1 in FFmpeg (decode_threads / thread_count)
-    T, stride, size = 16, 4, 224
-
-    def naive():
-        with av.open(str(path), metadata_errors="ignore") as c:
-            c.streams.video[0].codec_context.thread_count = 1
-            frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
-        start = torch.randint(0, max(len(frames) - (T - 1) * stride, 1), ())
-        clip = frames[(start + stride * torch.arange(T)).clamp(max=len(frames) - 1)]  # (T, H, W, 3)
-        return data.crop_resize(clip, data.multiscale_crop_box(*clip.shape[1:3], size), size)[None]  # uint8, as a worker hands it over
-
-    with av.open(str(path), metadata_errors="ignore") as c:
-        fps = float(c.streams.video[0].average_rate or 25)
-    with data.Video(path) as video:
-        hours = video.num_frames / fps / 3600
-        decoded = video.read(range(T))  # (T, H, W, 3): the input of the transform-only row
-
-    def transform_only():
-        return data.crop_resize(decoded, data.multiscale_crop_box(*decoded.shape[1:3], size), size)
-
-    motion = synthetic.MotionObjects(MOTION_OBJECTS)  # SMILE's overlay (docs/motion.md), on the decoded frames
-    rows, extra = [("naive: decode all to RGB, index", 1, naive),
-                   ("transform only (decoded frames)", 1, transform_only),
-                   (f"{MOTION_OBJECTS} motion objects only", 1, lambda: motion(decoded[None], 0, 0))], {}
-    for codec in CODECS:
-        t0 = time.perf_counter()
-        entry = prepare_video(path, Path(tmp) / codec, codec, codebook=codebook if codec == "kmeans" else None)
-        with StoredVideo(entry) as sv:
-            worst, mean = sv.header["min_psnr"], sv.header.get("mean_psnr")
-            extra[entry] = (f"{entry.stat().st_size / hours / 1e9:6.2f} GB/video-h (source file "
-                            f"{path.stat().st_size / hours / 1e9:.2f}), worst frame "
-                            f"{'exact' if worst is None else f'{worst:.1f} dB PSNR'}"
-                            f"{'' if mean is None else f', mean {mean:.1f} dB'}, "
-                            f"prepared in {time.perf_counter() - t0:.1f} s")
-    sources = [("original", path)] + [(f"store {codec}", Path(tmp) / codec / path.name) for codec in CODECS]
-    for name, p in sources:  # decoding alone: the clip's frames, no transform
-        ds = data.VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True)
-        rows.append((f"{name}, frames only", 1, lambda ds=ds, p=p: _frames(p, ds)))
-    for repeats in (1, 4):
-        for name, p in sources:
-            ds = data.VideoClips([(p, 0)], num_frames=T, stride=stride, size=size, train=True, repeats=repeats)
-            rows.append((f"{name}, repeats={repeats}", repeats, lambda ds=ds: ds._load(ds.samples[0][0])))
-    times = _time_rows(rows, iters)
-    rounds = len(next(iter(times.values())))
-    print(f"{path.name}: {T} frames, stride {stride}, multi-scale crop -> {size}x{size}, 1 thread, CPU time, "
-          f"best / median of {rounds} interleaved rounds")
-    print(f"{'method':36s} {'CPU ms/call':>15s} {'clips/s/core':>13s} {'vs original':>12s}")
-    base = {}
-    for name, repeats, _ in rows:
-        best, median = min(times[name]), sorted(times[name])[rounds // 2]
-        rate = repeats * 1e3 / best
-        kind = "frames" if name.endswith("frames only") else repeats
-        if name.startswith("original"):
-            base[kind] = rate
-        vs = f"{rate / base[kind]:11.1f}x" if kind in base else ""
-        print(f"{name:36s} {best:7.2f} / {median:5.1f} {rate:13.1f} {vs:>12s}")
-    for entry, text in extra.items():
-        print(f"store {entry.parent.name:9s}: {text}")
-    share = min(times[f"{MOTION_OBJECTS} motion objects only"]) / min(times["original, repeats=1"])
-    print(f"motion objects: {MOTION_OBJECTS} per clip cost {100 * share:.1f}% of the original file's clip (before the "
-          f"crop to {size}: at {decoded.shape[2]}x{decoded.shape[1]})")
-
-
-def _frames(path, ds):
-    """One clip's frames, uint8 (T, H, W, 3), as VideoClips reads them (same positions), without the transform."""
-    with data.open_video(path) as video:
-        return video.read(ds._positions(video.num_frames).flatten())
-
-
-def _time_rows(rows, iters):
-    """{row name: [CPU ms per call, one per round]}. CPU time of this (single-threaded) process, which other
-    processes' load barely changes, unlike wall time; rounds interleave the rows so that what load remains
-    hits all alike."""
-    rounds, calls = max(iters // 4, 1), min(iters, 4)
-    times = {name: [] for name, _, _ in rows}
-    for _, _, fn in rows:
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, _, fn in rows:
-            t0 = time.process_time()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.process_time() - t0) / calls * 1e3)
-    return times
-
-
-# ============ command line ============
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", nargs="*", metavar="VIDEO",
-                        help="benchmark clip loading on VIDEO(s) (default: the K400 test clip, 340x256 H.264)")
-    parser.add_argument("--iters", type=int, default=40, help="timed calls per benchmark row (in rounds of 4)")
-    parser.add_argument("--codebook_from", nargs="+", metavar="VIDEO", default=None,
-                        help="--bench: videos the kmeans codebook is learned on (default: the benchmarked ones; "
-                             "give others to measure PSNR on videos the codebook has not seen)")
-    parser.add_argument("--prepare", action="store_true", help="write a clip store of --dataset at --out")
-    parser.add_argument("--dataset", default="synthetic", help=f"layout to prepare: {' | '.join(data.LAYOUTS)}")
-    parser.add_argument("--data_root", default=None, help="the dataset folder (data.LAYOUTS); synthetic: the cache")
-    parser.add_argument("--out", default=None, help="store folder, outside --data_root; then train with "
-                                                    "--data_root OUT (same --dataset)")
-    parser.add_argument("--codec", default="jpeg",
-                        help="jpeg: >= 40 dB PSNR, fast (default); magicyuv: bit-exact, ~2.5x disk; kmeans: "
-                             "a table lookup, fastest, 23-32 dB with the default codebook, 1/4-1/2 of jpeg's disk")
-    parser.add_argument("--patch", type=int, default=KMEANS_PATCH,
-                        help="kmeans: patch side in pixels (ViDROP's full scale: 10)")
-    parser.add_argument("--codebook_size", type=int, default=KMEANS_SIZE,
-                        help="kmeans: centroids (ViDROP's full scale: 65536; needs a GPU to learn and encode)")
-    parser.add_argument("--short_side", type=int, default=None,
-                        help="shrink larger frames to this short side (default: keep the source's; the release "
-                             "trains K400 from copies at 256-320)")
-    parser.add_argument("--workers", type=int, default=None, help="preparing processes (default: all cores)")
-    args = parser.parse_args(argv)
-    if args.codec not in CODECS:
-        parser.error(f"--codec {args.codec!r}: choose one of {', '.join(CODECS)}, e.g. --codec jpeg")
-    for name, low in (("iters", 1), ("patch", 1), ("codebook_size", 2), ("short_side", 1), ("workers", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            parser.error(f"--{name} {value}: must be >= {low}, e.g. --{name} {max(low, KMEANS_PATCH)}")
-    if args.prepare:
-        if args.out is None:
-            parser.error("--prepare needs --out DIR (e.g. a node-local disk)")
-        if args.dataset not in data.LAYOUTS:
-            parser.error(f"--dataset {args.dataset!r}: choose one of {', '.join(sorted(data.LAYOUTS))}")
-        if args.data_root is None and args.dataset not in ("synthetic", "noise"):
-            parser.error(f"--prepare --dataset {args.dataset} needs --data_root DIR (the dataset's folder)")
-        prepare_dataset(args.dataset, args.data_root, args.out, args.codec, args.workers, args.short_side,
-                        args.patch, args.codebook_size)
-    elif args.bench is not None:
-        videos = args.bench or [str(BENCH_VIDEO)]
-        sources = args.codebook_from or videos
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.process_time()  # 64 frames in all, evenly spaced in each source
-            frames = sample_frames(sources, videos=len(sources), frames=max(KMEANS_FRAMES, 64 // len(sources)))
-            save_codebook(Path(tmp) / CODEBOOK, learn_codebook(frames, args.patch, args.codebook_size))
-            print(f"kmeans codebook: {args.codebook_size} centroids of {args.patch}x{args.patch} learned in "
-                  f"{time.process_time() - t0:.1f} s CPU on {', '.join(Path(v).name for v in sources)}")
-            for video in videos:
-                bench(Path(video), args.iters, tmp, Path(tmp) / CODEBOOK)
-    else:
-        parser.print_help()
-    return 0
+    return len(jobs) - len(bad), kept, bad
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python store.py --prepare / --bench`: the commands need a dataset's layout and VideoClips, which stand on
+    # this file, so they live in data.py. Only this script run imports it: `import store` never loads data.py.
+    import data
+    sys.exit(data.store_main())

@@ -36,6 +36,7 @@ fingerprint cannot see). Writes results.json (--results).
 """
 import argparse
 import ast
+import functools
 import hashlib
 import inspect
 import json
@@ -58,12 +59,14 @@ import torch.nn.functional as F
 
 import data
 import model
+import probes
 import train
 from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
 HERE = Path(__file__).resolve().parent
 
 # ============ defaults ============
+HEADLINE, SEMANTIC = "vos_clustering", "semantic"
 # Pretraining, identical for every arm: the tiny preset (64x64, 8 frames stride 2, 8x8 patches: 256 tokens),
 # 6 epochs of 2000 clips, batch 32, lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
 # train.py's built-in "fashion" recipe is the same (python train.py runs the sigma arm of seed 0).
@@ -80,19 +83,33 @@ ARMS = {  # name -> train.py flags added to TRAIN (None: not trained, the shared
     "l2": "--loss l2",                               # Eq. 2: regress the jointly trained target (collapses)
     "k64": "--loss sigma --num_prototypes 64",       # Table 6 at this scale
     "k1024": "--loss sigma --num_prototypes 1024",   # Table 6 at this scale
+    # The two switches of docs/forking.md. sigma_r2 is the baseline of the clip-level term: two views of each video
+    # per step (--repeats 2) for half the epochs, so the same number of steps and clips as every other arm.
+    "vidrop": "--loss sigma --decoder_depth 0",      # no decoder: mask tokens in the encoder (ViDROP)
+    "sigma_r2": "--loss sigma --repeats 2 --epochs 3",
+    "clip": "--loss sigma --repeats 2 --epochs 3 --clip_loss 1",  # + the clip-level swapped prediction
+    "clip_jitter": "--loss sigma --repeats 2 --epochs 3 --clip_loss 1 --color_jitter 0.4",  # views differ in colour
 }
 FULL, QUICK = list(ARMS), ["random", "pixel", "sigma"]
+# Seeds, fixed in advance: 5 for the arms the claims rest on, 3 for the rest (SEEDS_FEW).
+SEEDS, SEEDS_FEW = [0, 1, 2, 3, 4], [0, 1, 2]
+FEW_SEEDS_ARMS = ["l2", "k64", "clip_jitter"]
+# The family of comparisons the README calls, on the headline and the semantic metric: Holm-corrected together.
 COMPARISONS = [("sigma", "random"), ("pixel", "random"), ("sigma", "pixel"), ("sigma", "l2"), ("pixel", "l2"),
-               ("k1024", "sigma"), ("sigma", "k64"), ("k1024", "k64")]
-HEADLINE, SEMANTIC = "vos_clustering", "knn"
+               ("k1024", "sigma"), ("sigma", "k64"), ("k1024", "k64"), ("vidrop", "sigma"), ("clip", "sigma_r2"),
+               ("sigma_r2", "sigma"), ("clip_jitter", "clip")]
+CALLED_METRICS = (HEADLINE, SEMANTIC)
+ALPHA = 0.05
 # The VOS read-out: consecutive frames, k-means on L2-normalised tokens, 200 clips (eval_vos.py --help).
 VOS = ["--sampling", "consecutive", "--features", "l2"]
 LINEAR = ["--probes", "linear_converged,knn"]
-COLUMNS = {"vos_clustering": "VOS clustering mIoU", "vos_overclustering": "VOS overclustering mIoU",
-           "knn": "20-NN top-1", "finetune": "fine-tuned top-1",
+COLUMNS = {"vos_clustering": "VOS clustering mIoU", "semantic": "semantic 20-NN top-1",
+           "vos_overclustering": "VOS overclustering mIoU", "knn": "20-NN top-1 (last block)", "finetune": "fine-tuned top-1",
            "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
 # The code each step runs (imported modules included): its syntax trees are part of the cache key.
 TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py", "ranks.py"]
+# The supervised reference's training (study.fine_tune and what it imports; its own functions are in its key).
+CEILING_CODE = ["model.py", "data.py", "store.py", "synthetic.py", "sinkhorn.py"]
 EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py",
              "ranks.py"]
 # The behavioural fingerprint (--reuse_same_behaviour): train.py on 12 fixed synthetic videos, 3 steps of 4 clips
@@ -155,17 +172,18 @@ def eval_key():
     return digest(VOS, LINEAR, code_digest(EVAL_CODE))
 
 
-def arm_folder(arm, flags, params, out, reuse=False):
+def arm_folder(arm, flags, params, out, reuse=False, evaluated=None):
     """The folder of an arm's runs (one seed<s> folder each) -> Path. Its arm.json holds the arm's name, flags,
     settings, dataset and code digest, and the fingerprint of the code that trained it (computed when the folder
-    is first used). By default the folder is the one keyed by run_key. reuse (--reuse_same_behaviour): when that
-    one does not exist yet, an existing folder of this arm whose fingerprint, dataset and settings match."""
+    is first used; for the untrained arm, `evaluated()`: eval_behaviour's, which covers the initial encoder). By
+    default the folder is the one keyed by run_key. reuse (--reuse_same_behaviour): when that one does not exist
+    yet, an existing folder of this arm whose fingerprint, dataset and settings match."""
     record = dict(arm=arm, flags=flags, settings=settings(flags), dataset=params, code=code_digest(TRAIN_CODE))
     folder = Path(out) / f"{arm}-{run_key(flags, params)}"
     if (folder / "arm.json").exists():
         return folder
-    if flags is not None:  # the untrained arm has no training to fingerprint
-        record["fingerprint"] = behaviour(flags, out)
+    record["fingerprint"] = behaviour(flags, out) if flags is not None else evaluated and evaluated()
+    if record["fingerprint"] is not None:
         for other, stored in reversed(cached_arms(out) if reuse else []):  # the newest first
             if stored["arm"] == arm and same_behaviour(stored, record):
                 print(f"{arm}: reusing {other} (same behaviour, other code)", flush=True)
@@ -181,6 +199,8 @@ def same_behaviour(stored, record):
     changes shows in the fingerprint)."""
     if stored.get("fingerprint") != record["fingerprint"] or stored["dataset"] != record["dataset"]:
         return False
+    if stored["settings"] is None or record["settings"] is None:  # the untrained arm
+        return stored["settings"] == record["settings"]
     both = stored["settings"].keys() & record["settings"].keys()
     return all(stored["settings"][k] == record["settings"][k] for k in both)
 
@@ -254,6 +274,59 @@ def behaviour(flags, out):
         return json.loads((Path(work) / "fingerprint.json").read_text())
 
 
+def eval_behaviour(root, out):
+    """What the read-outs' code does, for --reuse_same_behaviour: the syntax trees of the evaluation-only code
+    (eval_vos.py, eval_linear.py, probes.py and this file's read-out functions) and, for the modules they share
+    with training, a checksum of the initial tiny encoder's tokens (seed 0) on the first two val clips and on the
+    first VOS clip as the read-outs load them, with that clip's masks. In a process of its own at one thread."""
+    out = Path(out).resolve()
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        code = ("import json, sys, study; a = sys.argv[1:]; "
+                "open(a[1] + '/eval.json', 'w').write(json.dumps(study.eval_fingerprint(a[0])))")
+        run([sys.executable, "-c", code, str(root), work], out / "fingerprint.log", threads=1)
+        return json.loads((Path(work) / "eval.json").read_text())
+
+
+def eval_fingerprint(root):
+    root = Path(root)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    encoder, cfg = model.load_encoder("random", "tiny")
+    encoder.eval()
+    clips = data.build_video_dataset("synthetic", root, "val", num_frames=cfg.num_frames, size=cfg.img_size,
+                                     stride=2, train=False)
+    vos = data.VOSDataset(root / "davis", "davis2017", clip_len=16, size=cfg.img_size, sampling="consecutive")[0]
+    x = torch.stack([clips[0][0], clips[1][0], vos["frames"][:, :cfg.num_frames]])  # (3, 3, T, S, S) uint8
+    with torch.no_grad():
+        tokens = encoder(data.normalize(x))
+    code = {f: source_digest(read_source(f)) for f in ("eval_vos.py", "eval_linear.py", "probes.py")}
+    return dict(code=digest(code, semantic_key(), VOS, LINEAR),
+                behaviour=tensor_digest([("clips", x), ("masks", vos["masks"]), ("tokens", tokens)]))
+
+
+def readout_path(folder, kind, key, evaluated=None, reuse=False):
+    """Where the read-out `kind` (vos, linear, semantic) of a run goes: <folder>/<kind>-<key>.json. reuse: when that
+    does not exist, an existing read-out of this kind whose recorded eval fingerprint equals `evaluated()` (made by
+    other code that reads out the same way), if there is one. Fingerprints are recorded in <folder>/readouts.json."""
+    path = folder / f"{kind}-{key}.json"
+    if path.exists() or not reuse:
+        return path
+    known = json.loads((folder / "readouts.json").read_text()) if (folder / "readouts.json").exists() else {}
+    same = [name for name, fp in known.items() if name.startswith(kind + "-") and (folder / name).exists()
+            and fp == evaluated()]
+    return folder / same[-1] if same else path
+
+
+def remember_readout(path, evaluated):
+    """Record the eval fingerprint of the code that wrote the read-out at `path` (readout_path reads it); evaluated:
+    a function that returns it (computed once per command), or None."""
+    if evaluated is None:
+        return
+    index = path.parent / "readouts.json"
+    known = json.loads(index.read_text()) if index.exists() else {}
+    index.write_text(json.dumps({**known, path.name: evaluated()}, indent=1))
+
+
 # ============ one arm, one seed ============
 
 def run(cmd, log, threads=None):
@@ -272,11 +345,14 @@ def run(cmd, log, threads=None):
     return (usage.ru_utime + usage.ru_stime) / 60
 
 
-def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0):
+def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, train_only=False, linear_probes=False,
+            evaluated=None, reuse=False):
     """Pretrain (unless flags is None) and read out one arm at one seed in <arm_dir>/seed<seed> (arm_folder) -> its
     results.json row (percent), with the per-clip VOS scores under "clips" (for clip-level pairing);
-    finetune_epochs > 0: also fine-tune its encoder with the labels (fine_tune). The scripts' output goes to the
-    run folder's run.log."""
+    finetune_epochs > 0: also fine-tune its encoder with the labels (fine_tune). train_only: pretrain, then return
+    None. linear_probes: also eval_linear.py's read-outs (LINEAR). evaluated: eval_behaviour of this code, recorded
+    with each read-out; reuse: take a read-out made by other code with the same one (readout_path). The scripts'
+    output goes to the run folder's run.log."""
     py = sys.executable
     folder = Path(arm_dir) / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,33 +369,160 @@ def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0):
             cpu["train"] = run([py, "train.py", *TRAIN, *data_root, *shlex.split(flags),
                                 "--seed", str(seed), "--out", str(folder)], log, threads)
             (folder / "done").touch()
+            (folder / "cpu.json").write_text(json.dumps(cpu))
+    if train_only:
+        return None
     ekey = eval_key()
-    vos, linear = folder / f"vos-{ekey}.json", folder / f"linear-{ekey}.json"
+    vos, linear, semantic = (readout_path(folder, kind, key, evaluated, reuse) for kind, key in
+                             (("vos", ekey), ("linear", ekey), ("semantic", semantic_key())))
     if not vos.exists():
         cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
                           *VOS, "--out", str(vos)], log, threads)
-    if not linear.exists():
+        remember_readout(vos, evaluated)
+    if linear_probes and not linear.exists():
         cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
                              *LINEAR, "--out", str(linear)], log, threads)
+        remember_readout(linear, evaluated)
+    if not semantic.exists():
+        cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
+        remember_readout(semantic, evaluated)
     tuned = folder / f"finetune-{fine_tune_key(finetune_epochs)}.json"
     if finetune_epochs and not tuned.exists():
         cpu["finetune"] = run_fine_tune(ckpt[1], root, seed, finetune_epochs, tuned, log, threads)
     (folder / "cpu.json").write_text(json.dumps(cpu))
-    row = make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
+    row = make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes else None,
+                   folder, cpu, json.loads(semantic.read_text()))
     return {**row, "finetune": json.loads(tuned.read_text())["top1"]} if finetune_epochs else row
 
 
-def make_row(arm, seed, seg, lin, folder, cpu):
+def make_row(arm, seed, seg, lin, folder, cpu, sem):
+    lin = lin or {}
     row = dict(method=arm, seed=seed, vos_clustering=100 * seg["mean"]["clustering"],
-               vos_overclustering=100 * seg["mean"]["overclustering"], linear=lin["top1"],
+               vos_overclustering=100 * seg["mean"]["overclustering"],
+               **({"linear": lin["top1"]} if lin else {}),
                **{name: probe["top1"] for name, probe in lin.get("probes", {}).items()},
                clips={k: [100 * c[k] for c in seg["clips"]] for k in ("clustering", "overclustering")},
-               cpu_min={k: round(v, 2) for k, v in cpu.items()})
+               cpu_min={k: round(v, 2) for k, v in cpu.items()}, readouts=sem)
+    if SEMANTIC_READOUT:  # the rule's read-out, and what the tokens have become at its layer
+        layer = SEMANTIC_READOUT.split("/")[0]
+        row.update(semantic=sem["val"][SEMANTIC_READOUT], **{k: sem[k][layer] for k in
+                   ("within_clip_similarity", "max_channel_ratio", "effective_rank")})
     log = folder / "log.jsonl"
     if log.exists():  # the collapse monitors of the last training step
         last = json.loads(log.read_text().splitlines()[-1])
         row.update({k: last[k] for k in ("target_std", "protos_used") if k in last})
     return row
+
+
+# ============ the semantic read-out: chosen by a rule that sees no pretrained arm ============
+# Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before the final LayerNorm) and of
+# the last block after it ("norm"), each as they are or with every channel standardised by the bank's statistics
+# ("/std") before DINO's 20-NN (probes.knn_votes). The rule, fixed before any arm is compared: the candidate on which
+# the supervised reference beats random init by the most, measured at the first seed on the *train* clips alone
+# (bank: a fixed random READOUT_BANK of them, queries: the rest). No val clip and no pretrained arm takes part.
+# choose_readout() applies it (python study.py --choose_readout); its outcome is SEMANTIC_READOUT, then applied
+# unchanged to every arm on the val clips (bank: all train clips). docs/study.md has the ranking it gave.
+READOUT_BANK = 1500
+SEMANTIC_READOUT = None  # set from choose_readout's outcome (docs/study.md, "The semantic read-out")
+
+
+def layer_features(encoder, clips):
+    """Every block's tokens of uint8 clips (N, 3, T, S, S), mean-pooled -> (N, L, D) with L = depth + 1 (the last
+    entry after the final LayerNorm), and per layer: the mean cosine similarity of two tokens of one clip (1 = one
+    vector per clip) and the largest channel's RMS over the median channel's (L,) each."""
+    pooled, similarity, channel_ms = [], 0, 0
+    with torch.no_grad():
+        for batch in clips.split(100):
+            t = encoder.patch_embed(data.normalize(batch)) + encoder.pos_embed  # (b, N, D)
+            layers = []
+            for block in encoder.blocks:
+                t = block(t)
+                layers.append(t)
+            layers = torch.stack([*layers, encoder.norm(t)], dim=1)  # (b, L, N, D)
+            pooled.append(layers.mean(2))
+            unit = F.normalize(layers, dim=-1).sum(2)  # (b, L, D): sum of unit tokens
+            n = layers.shape[2]
+            similarity = similarity + ((unit.square().sum(-1) - n) / (n * (n - 1))).sum(0)  # (L,)
+            channel_ms = channel_ms + layers.square().mean(2).sum(0)  # (L, D)
+    rms = (channel_ms / len(clips)).sqrt()  # (L, D)
+    return torch.cat(pooled), similarity / len(clips), rms.amax(1) / rms.median(1).values
+
+
+def effective_rank(x):
+    """exp(entropy) of the normalised singular values of centred features (N, D): 1 = one direction, D = all."""
+    s = torch.linalg.svdvals((x - x.mean(0)).double())
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))
+
+
+def knn_top1(bank, bank_y, queries, query_y, standardise):
+    """20-NN top-1 (%) of queries against a bank; standardise: every channel to the bank's mean and SD first."""
+    if standardise:
+        mean, sd = bank.mean(0), bank.std(0) + 1e-6
+        bank, queries = (bank - mean) / sd, (queries - mean) / sd
+    return probes.knn_probe(bank, bank_y, queries[:, None], query_y, int(bank_y.max()) + 1)["top1"]
+
+
+def readout_names(layers):
+    return [f"block{i + 1}" for i in range(layers - 1)] + ["norm"]
+
+
+def semantic_readout(ckpt, root, seed, out):
+    """Every candidate read-out of an encoder (our checkpoint, or 'random': the seed's initial encoder) -> <out>
+    json: "val" {candidate: val 20-NN top-1}, "holdout" {candidate: held-out train 20-NN top-1}, and per layer
+    "within_clip_similarity", "max_channel_ratio", "effective_rank" (of the val clips' pooled features)."""
+    torch.manual_seed(seed)
+    encoder, cfg = model.load_encoder(ckpt, "tiny")
+    encoder.eval()
+    (x, y), (vx, vy) = decoded(root, "train", cfg), decoded(root, "val", cfg)
+    train, _, _ = layer_features(encoder, x)
+    val, similarity, channels = layer_features(encoder, vx)
+    names = readout_names(train.shape[1])
+    result = dict(val={}, holdout={}, within_clip_similarity=dict(zip(names, similarity.tolist())),
+                  max_channel_ratio=dict(zip(names, channels.tolist())),
+                  effective_rank={n: effective_rank(val[:, i]) for i, n in enumerate(names)})
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the same split for every encoder
+    bank, queries = order[:READOUT_BANK], order[READOUT_BANK:]
+    for i, name in enumerate(names):
+        for std in (False, True):
+            key = name + ("/std" if std else "")
+            result["val"][key] = knn_top1(train[:, i], y, val[:, i], vy, std)
+            result["holdout"][key] = knn_top1(train[bank, i], y[bank], train[queries, i], y[queries], std)
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+def run_semantic(ckpt, root, seed, out, log, threads):
+    """semantic_readout in its own process -> CPU minutes."""
+    code = "import sys, study; a = sys.argv[1:]; study.semantic_readout(a[0], a[1], int(a[2]), a[3])"
+    return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
+
+
+def semantic_key():
+    """What a semantic read-out depends on besides the encoder: its functions and the code they call."""
+    return digest(READOUT_BANK, code_digest(["model.py", "data.py", "probes.py", "synthetic.py"]),
+                  [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
+                   (semantic_readout, layer_features, effective_rank, knn_top1, readout_names, decoded)])
+
+
+def choose_readout(reference, random_init):
+    """The rule: the candidate with the largest held-out-train 20-NN gap between the supervised reference and
+    random init (their semantic_readout results) -> (name, [(gap, name)] best first)."""
+    gaps = sorted(((reference["holdout"][k] - random_init["holdout"][k], k) for k in reference["holdout"]),
+                  reverse=True)
+    return gaps[0][1], gaps
+
+
+def readout_rule(args, root, params):
+    """--choose_readout: the supervised reference and random init at the first seed, read out on the held-out train
+    clips; prints every candidate's gap, best first -> (choice, gaps)."""
+    seed = args.seeds[0]
+    reference = ceiling(root, params, seed, args.ceiling_epochs, args.out)
+    random_init = measure("random", None, seed, root, arm_folder("random", None, params, args.out), None)
+    choice, gaps = choose_readout(reference["readouts"], random_init["readouts"])
+    print("\n".join(f"{name:12s} reference - random init, held-out train 20-NN: {gap:+5.1f}  (reference "
+                    f"{reference['readouts']['holdout'][name]:.1f}, random init {random_init['readouts']['holdout'][name]:.1f})"
+                    for gap, name in gaps) + f"\nthe rule's read-out: {choice}")
+    return choice, gaps
 
 
 # ============ the ceiling: the same encoder, trained with the labels ============
@@ -422,10 +625,11 @@ def fine_tune_key(epochs):
                                     for f in (fine_tune, train_classifier, decoded, augment)])
 
 
-def ceiling(root, params, seed, epochs, out, threads=None):
+def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False):
     """The supervised reference (fine_tune from the seed's initial encoder for `epochs`): its frozen read-outs
     and its own top-1 -> {metric: value}."""
-    folder = Path(out) / f"supervised-{digest(fine_tune_key(epochs), params, code_digest(TRAIN_CODE))}" / f"seed{seed}"
+    key = digest(fine_tune_key(epochs), params, code_digest(CEILING_CODE))
+    folder = Path(out) / f"supervised-{key}" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
     cpu = json.loads((folder / "cpu.json").read_text()) if (folder / "cpu.json").exists() else {}
@@ -438,13 +642,17 @@ def ceiling(root, params, seed, epochs, out, threads=None):
     if not vos.exists():
         cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
                           *VOS, "--out", str(vos)], log, threads)
-    if not linear.exists():
+    if linear_probes and not linear.exists():
         cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
                              *LINEAR, "--out", str(linear)], log, threads)
+    semantic = folder / f"semantic-{semantic_key()}.json"
+    if not semantic.exists():
+        cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
     (folder / "cpu.json").write_text(json.dumps(cpu))
-    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()), folder, cpu)
+    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes
+                   else None, folder, cpu, json.loads(semantic.read_text()))
     return {k: row[k] for k in COLUMNS if k in row} | {
-        "supervised_top1": json.loads((folder / "supervised.json").read_text())["top1"]}
+        "supervised_top1": json.loads((folder / "supervised.json").read_text())["top1"], "readouts": row["readouts"]}
 
 
 # ============ paired comparisons ============
@@ -473,12 +681,28 @@ def paired(rows, a, b, metric):
     return out
 
 
+def holm(pairs):
+    """Two-sided paired t-test p-values (n - 1 degrees of freedom) for pairs of 2+ seeds, Holm-corrected over the
+    given family: adds p, p_holm and called (p_holm < ALPHA) to each pair, in place."""
+    from scipy.stats import t as student_t
+    tested = [p for p in pairs if p["se"] and len(p["seeds"]) > 1]
+    for p in tested:
+        p["p"] = float(2 * student_t.sf(abs(p["diff"] / p["se"]), len(p["seeds"]) - 1))
+    running = 0.0
+    for i, p in enumerate(sorted(tested, key=lambda p: p["p"])):  # Holm: k-th smallest x (m - k + 1), monotone
+        running = max(running, min(1.0, (len(tested) - i) * p["p"]))
+        p["p_holm"], p["called"] = running, running < ALPHA
+    return pairs
+
+
 def pair_line(p):
     se = "n/a" if p["se"] is None else f"{p['se']:.1f}"
     z = "" if not p["se"] else f" = {p['diff'] / p['se']:+.1f} SE"
     extra = f", of which evaluation {p['se_clips']:.1f}" if "se_clips" in p and p["se_from"] == "seeds" else ""
+    test = (f"; p = {p['p']:.3f}, Holm {p['p_holm']:.3f}: {'called' if p['called'] else 'not called'}"
+            if "p_holm" in p else "")
     return (f"{p['a']} - {p['b']} {COLUMNS[p['metric']]}: {p['diff']:+.1f} ± {se}{z} "
-            f"(seeds {p['seeds']}, SE from {p['se_from']}{extra})")
+            f"(seeds {p['seeds']}, SE from {p['se_from']}{extra}{test})")
 
 
 def table(rows, note):
@@ -513,10 +737,17 @@ def get_args(argv=None):
                    help="define (or redefine) an arm as train.py flags added to the recipe; repeatable")
     p.add_argument("--arms", nargs="+", default=None, help=f"arms to run (default: {' '.join(FULL)}; --quick: "
                    f"{' '.join(QUICK)}; with --arm: random, sigma and the new arms)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default: {' '.join(map(str, SEEDS))}, and "
+                   f"{' '.join(map(str, SEEDS_FEW))} for {', '.join(FEW_SEEDS_ARMS)} (--quick: 0)")
+    p.add_argument("--linear", action="store_true", help="also run eval_linear.py's read-outs (converged linear, "
+                   "20-NN of the last block, Table 9's head: ~1.1 CPU-minutes a run)")
+    p.add_argument("--choose_readout", action="store_true", help="apply the semantic read-out rule (the supervised "
+                   "reference and random init at the first seed, held-out train clips), print its ranking and exit")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                    help="run (or read from the cache) arms A and B only, then print A - B on every metric; an arm "
                    "run before in --out needs no --arm (its flags are in its arm.json)")
+    p.add_argument("--train_only", action="store_true", help="pretrain the arms' runs that are not cached, read "
+                   "out nothing (to fill the cache first; the read-outs follow in a later command)")
     p.add_argument("--list", action="store_true", help="list the arms cached in --out (seeds, flags) and exit")
     p.add_argument("--reuse_same_behaviour", action="store_true", help="reuse a cached arm trained by other code "
                    "when its behavioural fingerprint and settings match (a few seconds per arm; docs/study.md: what "
@@ -533,14 +764,17 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     # Arms run before in --out (the newest definition of a name), then the built-in ones, then --arm.
     args.arm_flags = {**{a["arm"]: a["flags"] for _, a in cached_arms(args.out)}, **ARMS, **dict(args.arm)}
-    if args.ceiling_epochs is None:  # the supervised reference only with the full default study
-        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms) else EPOCHS_CEILING
+    if args.ceiling_epochs is None:  # the supervised reference only with the full default study (and the rule)
+        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms) and not args.choose_readout \
+            else EPOCHS_CEILING
     if args.arms is None:
         args.arms = (list(args.compare) if args.compare else QUICK if args.quick else
                      ["random", "sigma", *dict(args.arm)] if args.arm else FULL)
     if args.ceiling_epochs < 0:
         p.error(f"--ceiling_epochs: 0 (no ceiling) or more, e.g. --ceiling_epochs {EPOCHS_CEILING}")
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.arm_seeds = {arm: args.seeds or ([0] if args.quick else SEEDS_FEW if arm in FEW_SEEDS_ARMS else SEEDS)
+                      for arm in args.arms}
+    args.seeds = args.seeds or ([0] if args.quick else SEEDS)
     for arm in args.arms + list(args.compare or []):
         if arm not in args.arm_flags:
             p.error(f"unknown arm {arm!r}: choose from {', '.join(args.arm_flags)} (built in or cached in "
@@ -566,34 +800,44 @@ def main(argv=None):
     root = fashion_dataset()  # generated once (~30 s), cached in $SIGMA_CACHE
     params = json.loads((root / "meta.json").read_text())
     print(f"[{(time.time() - t0) / 60:5.1f} min] moving Fashion-MNIST at {root}", flush=True)
+    if args.choose_readout:
+        return readout_rule(args, root, params)
     # Each arm's folder first (a few seconds of fingerprint for an arm new to the cache). Then every (arm, seed)
     # is independent: up to --jobs of them run at once, one core each (threads=1), and the supervised reference
     # beside them. Rows come back in a fixed order whatever finishes first.
-    folders = {arm: arm_folder(arm, args.arm_flags[arm], params, args.out, args.reuse_same_behaviour)
+    evaluated = functools.cache(lambda: eval_behaviour(root, args.out))  # a few seconds, when a read-out needs it
+    folders = {arm: arm_folder(arm, args.arm_flags[arm], params, args.out, args.reuse_same_behaviour, evaluated)
                for arm in args.arms}
     threads = 1 if args.jobs > 1 else None
-    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms if seed in args.arm_seeds[arm]]
     with ThreadPoolExecutor(args.jobs) as pool:
-        top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads) \
-            if args.ceiling_epochs else None  # the longest job: first
+        top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads, args.linear) \
+            if args.ceiling_epochs and not args.train_only else None  # the longest job: first
         futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, folders[arm], threads,
-                               args.finetune_epochs) for arm, seed in tasks]
+                               args.finetune_epochs, args.train_only, args.linear, evaluated,
+                               args.reuse_same_behaviour) for arm, seed in tasks]
         rows = []
         for (arm, seed), future in zip(tasks, futures):
             row = future.result()
+            if args.train_only:
+                print(f"[{(time.time() - t0) / 60:5.1f} min] {arm:8s} seed {seed}: pretrained", flush=True)
+                continue
             rows.append({**row, "flags": args.arm_flags[arm]})
             print(f"[{(time.time() - t0) / 60:5.1f} min] {arm:8s} seed {seed}: " +
                   ", ".join(f"{COLUMNS[k]} {row[k]:.1f}" for k in COLUMNS if k in row), flush=True)
         top = top.result() if top else {}
+    if args.train_only:
+        return None
     if top:
         print(f"[{(time.time() - t0) / 60:5.1f} min] supervised ceiling: " + ", ".join(f"{k} {v:.1f}" for k, v in top.items()))
     comparisons = [tuple(args.compare)] if args.compare else \
         [(a, b) for a, b in COMPARISONS if a in args.arms and b in args.arms] + \
         [(a, "sigma") for a in args.arms if a not in ARMS]
     pairs = [p for a, b in comparisons for m in COLUMNS if (p := paired(rows, a, b, m))]
+    holm([p for p in pairs if p["metric"] in CALLED_METRICS and (p["a"], p["b"]) in COMPARISONS])
     note = (f"tiny preset, moving Fashion-MNIST ({params['num_train']} train / {params['num_val']} val clips, "
             f"{params['num_vos']} VOS clips, {len(params['dense_classes']) - 1} classes), {EPOCHS} pretraining "
-            f"epochs, seeds {args.seeds} (mean ± std over seeds, %)")
+            f"epochs, seeds {args.seeds} (mean ± SD over seeds, %; semantic read-out: {SEMANTIC_READOUT})")
     text = table(rows, note) + "\n\npaired differences (± standard error):\n" + "\n".join(map(pair_line, pairs))
     print("\n" + text + f"\n\ntotal {(time.time() - t0) / 60:.1f} min; per-run outputs and logs in {args.out}/")
     results = dict(headline=HEADLINE, semantic=SEMANTIC, chance=vos_chance(root),

@@ -79,7 +79,7 @@ RECIPES["noise"] = {**RECIPES["synthetic"], "motion_objects": 2}  # SMILE's no-n
 
 # Collapse alarm (--loss sigma): a step counts as collapsed when phi sends every token of the global batch
 # to one prototype, or when its mean soft assignment puts >~99% of the mass on one prototype (entropy below
-# 0.1 nats; healthy runs sit at several nats, the maximum is ln K). See the README, "Common issues".
+# 0.1 nats; healthy runs sit at several nats, the maximum is ln K). See docs/common_issues.md.
 COLLAPSE_ENTROPY = 0.1
 # --loss l2 with a jointly trained phi collapses by design (Eq. 2): phi's spread across tokens below this.
 L2_COLLAPSED_STD = 1e-3

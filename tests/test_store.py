@@ -1,10 +1,12 @@
-"""Tests for the prepared clip store (store.py: prepare_video / prepare_dataset / --prepare, the kmeans codebook):
-exactness on the real clips, the jpeg and kmeans PSNR bounds, nearest-centroid parity, a corrupt or foreign
-codebook, same sampling and crops through VideoClips, every layout, bad inputs (corrupt source, interrupted
-prepare, other-version store, bad options), and train.py bitwise equal on a lossless copy.
+"""Tests for the prepared clip store (store.py: prepare_video, the kmeans codebook; data.prepare_dataset and
+`python store.py --prepare`): store.py stands under data.py and never imports it, exactness on the real clips,
+the jpeg and kmeans PSNR bounds, nearest-centroid parity, a corrupt or foreign codebook, same sampling and crops
+through VideoClips, every layout, bad inputs (corrupt source, interrupted prepare, other-version store, bad
+options), and train.py bitwise equal on a lossless copy.
 
     python -m pytest -q tests/test_store.py      # ~65 s of CPU time (user + sys)
 """
+import ast
 import json
 import os
 import shutil
@@ -231,17 +233,17 @@ def test_corrupt_or_foreign_codebook_is_refused_naming_the_file(entries, codeboo
 
 def test_prepare_dataset_kmeans_learns_its_codebook_once(tiny_synthetic, tmp_path):
     out = tmp_path / "out"
-    assert store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1,
+    assert data.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1,
                                  codebook_size=64) == []
     digest = store.load_codebook(out / store.CODEBOOK).digest
     ds = data.build_video_dataset("synthetic", out, "train", num_frames=4, size=32)
     assert all(store.is_entry(p) for p, _ in ds.samples) and ds[0][0].shape == (3, 4, 32, 32)
     with store.StoredVideo(ds.samples[0][0]) as video:
         assert video.header["codebook_digest"] == digest and video.header["codebook"] == "../../sigma_codebook.pt"
-    store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=64)
+    data.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=64)
     assert store.load_codebook(out / store.CODEBOOK).digest == digest  # resumed: kept, not relearned
     with pytest.raises(ValueError, match="other settings"):
-        store.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=128)
+        data.prepare_dataset("synthetic", tiny_synthetic, out, codec="kmeans", workers=1, codebook_size=128)
 
 
 @pytest.mark.parametrize("argv, message", [(["--codec", "zip"], "--codec 'zip': choose one of"),
@@ -252,8 +254,39 @@ def test_prepare_dataset_kmeans_learns_its_codebook_once(tiny_synthetic, tmp_pat
                                            (["--prepare", "--out", "x", "--dataset", "k4"], "--dataset 'k4'")])
 def test_bad_options_stop_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        store.main(argv)
+        data.store_main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# ============ layering ============
+
+def _loads_data(node):
+    """True when the AST node imports data.py: import data / from data import ... / __import__("data") /
+    importlib.import_module("data")."""
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "data" for alias in node.names)
+    if isinstance(node, ast.ImportFrom):
+        return node.level == 0 and (node.module or "").split(".")[0] == "data"
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+        name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+        return name in ("__import__", "import_module") and str(node.args[0].value).split(".")[0] == "data"
+    return False
+
+
+def test_store_py_never_imports_data_py():
+    """store.py is the lower layer: no import of data.py anywhere in it (module level, functions, methods), except
+    the hand-over of `python store.py` to data.store_main right under `if __name__ == "__main__":`, which an
+    `import store` never runs. Checked in the source and at run time, and the hand-over still works."""
+    tree = ast.parse((ROOT / "store.py").read_text())
+    script = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+    handover = {id(n) for block in script for n in block.body}
+    found = [n.lineno for n in ast.walk(tree) if _loads_data(n) and id(n) not in handover]
+    assert found == [], f"store.py imports data.py (lines {found}): the two files would import each other again"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, store; print(sorted(set(sys.modules) & {'data'}))"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stderr
+    bad = subprocess.run([sys.executable, "store.py", "--codec", "zip"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--codec 'zip': choose one of" in bad.stderr
 
 
 # ============ layouts ============
@@ -293,7 +326,7 @@ def test_every_layout_reads_its_store(tiny_synthetic, tmp_path, name):
         src.mkdir()
         (src / "train.txt").write_text("clips/one.mp4 3\nclips/two two.mp4 1\n")
         video(src / "clips" / "one.mp4", a), video(src / "clips" / "two two.mp4", b)
-    assert store.prepare_dataset(name, src, out, workers=1) == []
+    assert data.prepare_dataset(name, src, out, workers=1) == []
     before, after = data.build_video_dataset(name, src, "train"), data.build_video_dataset(name, out, "train")
     assert [(Path(p).relative_to(src), y) for p, y in before.samples] == \
         [(Path(p).relative_to(out), y) for p, y in after.samples] and before.classes == after.classes
@@ -309,7 +342,7 @@ def test_corrupt_source_is_skipped_and_listed(tiny_synthetic, tmp_path):
     broken = sorted((src / "train").rglob("*.mp4"))[3]
     broken.write_bytes(broken.read_bytes()[:300])  # truncated: the header survives, no frame does
     (src / "val" / "rotating" / "empty.mp4").write_bytes(b"")
-    bad = store.prepare_dataset("synthetic", src, tmp_path / "out", workers=2)
+    bad = data.prepare_dataset("synthetic", src, tmp_path / "out", workers=2)
     listed = (tmp_path / "out" / "unreadable.txt").read_text().splitlines()
     assert len(bad) == len(listed) == 2 and all("\t" in line for line in listed)  # path <tab> the error
     assert {line.split("\t")[0] for line in listed} == {str(broken.relative_to(src)), "val/rotating/empty.mp4"}
@@ -336,7 +369,7 @@ def test_interrupted_entry_write_leaves_nothing_acceptable(tmp_path):
 
 def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    store.prepare_dataset("synthetic", tiny_synthetic, ref, workers=1)
+    data.prepare_dataset("synthetic", tiny_synthetic, ref, workers=1)
     cmd = [sys.executable, str(ROOT / "store.py"), "--prepare", "--dataset", "synthetic",
            "--data_root", str(tiny_synthetic), "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -358,11 +391,11 @@ def test_killed_prepare_resumes_to_the_same_store(tiny_synthetic, tmp_path):
 
 def test_store_of_another_version_is_refused(tiny_synthetic, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    store.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)
+    data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)
     marker = json.loads((out / store.MARKER).read_text())
     (out / store.MARKER).write_text(json.dumps({**marker, "version": store.STORE_VERSION + 1}))
     for attempt in (lambda: data.build_video_dataset("synthetic", out, "train"),
-                    lambda: store.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)):
+                    lambda: data.prepare_dataset("synthetic", tiny_synthetic, out, workers=1)):
         with pytest.raises(store.StoreVersionError, match="python store.py --prepare"):
             attempt()
     monkeypatch.setattr(store, "STORE_VERSION", 0)  # an entry written by an older version of the code
@@ -376,7 +409,7 @@ def test_store_of_another_version_is_refused(tiny_synthetic, tmp_path, monkeypat
 # ============ training ============
 
 def test_train_on_a_lossless_store_is_bitwise_the_same_run(tiny_synthetic, tmp_path):
-    store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "store", codec="magicyuv", workers=1)
+    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "store", codec="magicyuv", workers=1)
     runs = {}
     for name, root in (("original", tiny_synthetic), ("store", tmp_path / "store")):
         args = ["--data_root", str(root), "--out", str(tmp_path / name), "--batch_size", "8", "--micro_batch",
@@ -395,6 +428,6 @@ def test_short_side_shrinks_larger_frames_and_is_part_of_the_store(tiny_syntheti
     small = store.prepare_video(VIDEOS / "R6llTwEh07w.mp4", tmp_path / "big", short_side=300)  # never enlarged
     with data.open_video(small) as video:
         assert video.read([0]).shape == (1, 256, 340, 3)
-    store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
+    data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1, short_side=32)
     with pytest.raises(ValueError, match="other settings"):  # no store mixes two resolutions or codecs
-        store.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)
+        data.prepare_dataset("synthetic", tiny_synthetic, tmp_path / "out", workers=1)

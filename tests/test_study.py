@@ -103,7 +103,7 @@ def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, mon
     in both modes."""
     code = tmp_path / "code"
     code.mkdir()
-    for f in set(study.TRAIN_CODE) | {"study.py"}:
+    for f in set(study.TRAIN_CODE) | {"study.py", "probes.py"}:
         shutil.copy(study.HERE / f, code / f)
     use_copy(monkeypatch, code)
     out, params, flags = tmp_path / "out", {"version": 2, "num_train": 2000}, "--loss sigma"
@@ -139,6 +139,11 @@ def fake_results(folder, value, trained):
     (folder / f"vos-{ekey}.json").write_text(json.dumps({"mean": {"clustering": value / 100,
                                                                   "overclustering": value / 100}, "clips": clips}))
     (folder / f"linear-{ekey}.json").write_text(json.dumps({"top1": value / 2, "probes": {"knn": {"top1": value}}}))
+    names = [n + std for n in study.readout_names(7) for std in ("", "/std")]
+    per_layer = {k: {n: 0.5 for n in study.readout_names(7)} for k in
+                 ("within_clip_similarity", "max_channel_ratio", "effective_rank")}
+    (folder / f"semantic-{study.semantic_key()}.json").write_text(json.dumps(
+        {"val": dict.fromkeys(names, value), "holdout": dict.fromkeys(names, value), **per_layer}))
     if trained:
         (folder / "done").touch()
 
