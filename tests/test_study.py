@@ -246,3 +246,61 @@ def test_fine_tune_starts_from_the_seeds_initial_encoder_and_trains_all_of_it(ti
     assert all(moved.values()), [k for k, m in moved.items() if not m]
     result = json.loads((tmp_path / "tuned.json").read_text())
     assert result["epochs"] == 2 and result["keep"] == study.CEILING["keep"] and 0 <= result["top1"] <= 100
+
+
+def test_read_outs_of_other_code_are_reused_only_with_the_same_eval_fingerprint(tmp_path):
+    """--reuse_same_behaviour and the read-outs: a read-out made by other code (another key) is taken when its
+    recorded eval fingerprint is this code's; never in the default mode, never with another fingerprint."""
+    folder = tmp_path / "seed0"
+    folder.mkdir()
+    old = folder / "vos-aaaaaaaaaaaa.json"
+    old.write_text("{}")
+    study.remember_readout(old, lambda: {"code": "c1", "behaviour": "b1"})
+    same, other = (lambda: {"code": "c1", "behaviour": "b1"}), (lambda: {"code": "c1", "behaviour": "b2"})
+    assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", same, reuse=True) == old
+    assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", same, reuse=False) == folder / "vos-bbbbbbbbbbbb.json"
+    assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", other, reuse=True) == folder / "vos-bbbbbbbbbbbb.json"
+    assert study.readout_path(folder, "semantic", "bbbbbbbbbbbb", same, reuse=True).name == "semantic-bbbbbbbbbbbb.json"
+
+
+def test_holm_calls_a_family_as_the_step_down_rule_says():
+    # Three paired differences over 5 seeds with known t statistics: p from Student's t with 4 df, then Holm.
+    from scipy.stats import t
+    pairs = [dict(diff=d, se=1.0, seeds=[0, 1, 2, 3, 4]) for d in (6.0, 3.0, 1.0)]
+    study.holm(pairs)
+    p = [2 * t.sf(d, 4) for d in (6.0, 3.0, 1.0)]
+    assert [q["p"] for q in pairs] == pytest.approx(p)
+    expected = [3 * p[0], max(3 * p[0], 2 * p[1]), max(3 * p[0], 2 * p[1], p[2])]
+    assert [q["p_holm"] for q in pairs] == pytest.approx(expected)
+    assert [q["called"] for q in pairs] == [e < 0.05 for e in expected] == [True, False, False]
+
+
+def test_the_read_out_rule_picks_the_largest_reference_gap_on_held_out_train_clips():
+    reference = {"holdout": {"block3": 60.0, "norm": 70.0, "norm/std": 72.0}, "val": {"block3": 99.0}}
+    random_init = {"holdout": {"block3": 30.0, "norm": 35.0, "norm/std": 45.0}, "val": {"block3": 0.0}}
+    choice, gaps = study.choose_readout(reference, random_init)
+    assert choice == "norm" and gaps[0] == (35.0, "norm")  # 35 > 30 > 27; the val numbers play no part
+
+
+def test_layer_features_pool_every_block_and_measure_the_tokens_as_written_out():
+    torch.manual_seed(0)
+    encoder, cfg = study.model.load_encoder("random", "tiny", enc_depth=2)
+    encoder.eval()
+    x = torch.randint(0, 256, (3, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    pooled, similarity, channels = study.layer_features(encoder, x)
+    with torch.no_grad():
+        t = encoder.patch_embed(study.data.normalize(x)) + encoder.pos_embed
+        layers = [t := block(t) for block in encoder.blocks]
+        layers.append(encoder.norm(t))
+    assert pooled.shape == (3, 3, cfg.enc_dim)
+    for i, tokens in enumerate(layers):  # (3, N, D)
+        assert torch.allclose(pooled[:, i], tokens.mean(1), atol=1e-5)
+        unit = torch.nn.functional.normalize(tokens, dim=-1)
+        cos = unit @ unit.transpose(1, 2)  # (3, N, N)
+        n = tokens.shape[1]
+        assert similarity[i] == pytest.approx(float(((cos.sum((1, 2)) - n) / (n * (n - 1))).mean()), abs=1e-5)
+        rms = tokens.square().mean((0, 1)).sqrt()
+        assert channels[i] == pytest.approx(float(rms.max() / rms.median()), rel=1e-4)
+    # Effective rank: D equal singular values give D, one direction gives 1.
+    assert study.effective_rank(torch.eye(8).repeat(2, 1)) == pytest.approx(8, rel=0.15)
+    assert study.effective_rank(torch.randn(50, 1) * torch.randn(1, 8)) == pytest.approx(1, abs=1e-3)
