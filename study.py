@@ -515,9 +515,11 @@ def choose_readout(reference, random_init):
 def readout_rule(args, root, params):
     """--choose_readout: the supervised reference and random init at the first seed, read out on the held-out train
     clips; prints every candidate's gap, best first -> (choice, gaps)."""
-    seed = args.seeds[0]
-    reference = ceiling(root, params, seed, args.ceiling_epochs, args.out)
-    random_init = measure("random", None, seed, root, arm_folder("random", None, params, args.out), None)
+    seed, reuse = args.seeds[0], args.reuse_same_behaviour
+    evaluated = functools.cache(lambda: eval_behaviour(root, args.out))
+    reference = ceiling(root, params, seed, args.ceiling_epochs, args.out, None, args.linear, evaluated, reuse)
+    random_init = measure("random", None, seed, root, arm_folder("random", None, params, args.out, reuse, evaluated),
+                          None, evaluated=evaluated, reuse=reuse)
     choice, gaps = choose_readout(reference["readouts"], random_init["readouts"])
     print("\n".join(f"{name:12s} reference - random init, held-out train 20-NN: {gap:+5.1f}  (reference "
                     f"{reference['readouts']['holdout'][name]:.1f}, random init {random_init['readouts']['holdout'][name]:.1f})"
@@ -534,11 +536,22 @@ CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
 
 
 def decoded(root, split, cfg):
-    """Every clip of a split, decoded once: (N, 3, T, S, S) uint8 (the whole 64 px frame), labels (N,)."""
+    """Every clip of a split: (N, 3, T, S, S) uint8 (the whole 64 px frame), labels (N,). Decoded once per code
+    version and kept beside the videos (decoded-<split>-<key>.pt, ~200 MB for the train split): every read-out of
+    every run reads the same tensors in seconds instead of decoding 2500 videos."""
+    key = digest(split, cfg.num_frames, cfg.img_size, code_digest(["data.py", "store.py"]))
+    cache = Path(root) / f"decoded-{split}-{key}.pt"
+    if cache.exists():
+        stored = torch.load(cache, weights_only=True)
+        return stored["clips"], stored["labels"]
     ds = data.build_video_dataset("synthetic", root, split, num_frames=cfg.num_frames, size=cfg.img_size,
                                   stride=2, train=False)
     clips, labels = zip(*data.make_loader(ds, 100, shuffle=False, drop_last=False))
-    return torch.cat(clips), torch.cat(labels)
+    clips, labels = torch.cat(clips), torch.cat(labels)
+    partial = cache.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: runs may start together
+    torch.save({"clips": clips, "labels": labels}, partial)
+    os.replace(partial, cache)
+    return clips, labels
 
 
 def augment(clips, g, shift):
@@ -625,29 +638,44 @@ def fine_tune_key(epochs):
                                     for f in (fine_tune, train_classifier, decoded, augment)])
 
 
-def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False):
+def reference_record(epochs, params, evaluated):
+    """What --reuse_same_behaviour compares to reuse a supervised reference trained by other code: its recipe and
+    functions (fine_tune_key), the dataset, and eval_behaviour's checksum of the initial encoder on decoded clips."""
+    return dict(recipe=fine_tune_key(epochs), dataset=params, behaviour=evaluated()["behaviour"])
+
+
+def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, evaluated=None, reuse=False):
     """The supervised reference (fine_tune from the seed's initial encoder for `epochs`): its frozen read-outs
-    and its own top-1 -> {metric: value}."""
+    and its own top-1 -> {metric: value}. evaluated, reuse: as for measure() (also for the reference itself)."""
     key = digest(fine_tune_key(epochs), params, code_digest(CEILING_CODE))
     folder = Path(out) / f"supervised-{key}" / f"seed{seed}"
+    if reuse and not (folder / "supervised.json").exists():  # the same recipe, trained by code that behaves alike
+        same = [f for f in Path(out).glob(f"supervised-*/seed{seed}/supervised.json") if
+                json.loads((f.parent / "reference.json").read_text()) == reference_record(epochs, params, evaluated)]
+        folder = same[-1].parent if same else folder
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
     cpu = json.loads((folder / "cpu.json").read_text()) if (folder / "cpu.json").exists() else {}
     if not (folder / "supervised.json").exists():
         cpu["train"] = run_fine_tune("random", root, seed, epochs, folder / "supervised.json", log, threads,
                                      save_encoder=True)
+        if evaluated is not None:
+            (folder / "reference.json").write_text(json.dumps(reference_record(epochs, params, evaluated)))
     ekey, py = eval_key(), sys.executable
-    vos, linear = folder / f"vos-{ekey}.json", folder / f"linear-{ekey}.json"
+    vos, linear, semantic = (readout_path(folder, kind, key, evaluated, reuse) for kind, key in
+                             (("vos", ekey), ("linear", ekey), ("semantic", semantic_key())))
     ckpt = ["--ckpt", str(folder / "supervised.pth"), "--arch", "tiny"]
     if not vos.exists():
         cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
                           *VOS, "--out", str(vos)], log, threads)
+        remember_readout(vos, evaluated)
     if linear_probes and not linear.exists():
         cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
                              *LINEAR, "--out", str(linear)], log, threads)
-    semantic = folder / f"semantic-{semantic_key()}.json"
+        remember_readout(linear, evaluated)
     if not semantic.exists():
         cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
+        remember_readout(semantic, evaluated)
     (folder / "cpu.json").write_text(json.dumps(cpu))
     row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes
                    else None, folder, cpu, json.loads(semantic.read_text()))
@@ -811,7 +839,8 @@ def main(argv=None):
     threads = 1 if args.jobs > 1 else None
     tasks = [(arm, seed) for seed in args.seeds for arm in args.arms if seed in args.arm_seeds[arm]]
     with ThreadPoolExecutor(args.jobs) as pool:
-        top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads, args.linear) \
+        top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads, args.linear,
+                          evaluated, args.reuse_same_behaviour) \
             if args.ceiling_epochs and not args.train_only else None  # the longest job: first
         futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, folders[arm], threads,
                                args.finetune_epochs, args.train_only, args.linear, evaluated,
