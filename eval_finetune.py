@@ -7,6 +7,7 @@ docs/finetune.md for every setting, its released value and source file.
 
     python eval_finetune.py --ckpt out/synthetic_tiny_mlp_sigma/ckpt.pth --dataset synthetic   # laptop, minutes
     python eval_finetune.py --ckpt random --arch tiny --dataset synthetic                      # the baseline row
+    python eval_finetune.py --ckpt out/fashion_tiny_mlp_sigma/ckpt.pth --dataset fashion      # train.py's default set
     torchrun --nproc_per_node=8 eval_finetune.py --ckpt out/k400_vit_b_mlp_sigma/ckpt.pth \\
         --dataset k400 --data_root /data/k400                                          # Table 3 (K400)
     torchrun --nproc_per_node=8 eval_finetune.py --ckpt sigma_vitb_k400_mlp.pth --arch vit_b \\
@@ -16,13 +17,19 @@ docs/finetune.md for every setting, its released value and source file.
 Why not a mode of eval_linear.py: the probe trains a head on cached features of a frozen encoder (seconds);
 this is a training run with its own recipe (per-layer learning rates, drop path, augmentation that must be
 re-drawn every epoch, so nothing can be cached), checkpoints and exact resume like train.py. It imports the
-probe's dataset building and top-k code, and train.py's DDP set-up, seeding, lr schedule and checkpointing.
+probe's dataset building, top-k code and command-line helpers (--device, DDP set-up), and train.py's seeding, lr
+schedule and checkpointing.
+
+Batch sizes mean what they mean in train.py: --batch_size is the clips of one optimizer step over all GPUs,
+--micro_batch the clips per GPU per forward, and gradient accumulation makes up the difference. The defaults keep
+the released 32 clips per step (8 GPUs x 4) on any number of GPUs.
 
 Outputs go to --out (default <ckpt folder>/finetune_<dataset>/): ckpt.pth (atomic, every --save_every epochs;
 rerun the same command to resume it exactly), log.jsonl (one line per step) and results.json (top-1 / top-5
 of the multi-view test, the resolved config, the missing / unexpected keys of the loaded weights).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,17 +51,21 @@ from tqdm import tqdm
 
 import ranks
 from data import VideoClips, make_loader, normalize, open_video, set_epoch
-from eval_linear import SAMPLING, VIDEO_DATASETS, build_dataset, topk_accuracy
-from model import Encoder, build_config, describe_state_dict, load_checkpoint, load_encoder, load_weights
-from train import (CheckpointWriter, choose_precision, git_hash, lr_at, relative_samples, seed_everything,
-                   setup_distributed)
+from data import DEFAULT_STRIDE
+from eval_linear import (BUILT_IN, SAMPLING, VIDEO_DATASETS, HelpFormatter, UsageError, add_device_option,
+                         build_dataset, open_encoder, per_dataset, preset_values, resolve_device, run_cli,
+                         setup_distributed, topk_accuracy)
+from model import PRESETS, Encoder, build_config, describe_state_dict, load_checkpoint, load_weights
+from train import CheckpointWriter, choose_precision, git_hash, lr_at, relative_samples, seed_everything
 
 # ============ defaults: the released fine-tuning recipe ============
 # One block: COMMON for every dataset, then per-dataset changes; every value can be overridden on the command
 # line (an option left at None takes it from here). "released" = the default of the released
-# run_class_finetuning.py that both published scripts keep; "scripts" = a value both scripts set. batch_size is
-# clips per GPU; the lr follows the total, lr_abs = lr x batch_size x GPUs / 256 (also min_lr): the scripts run
-# 8 GPUs x 4 clips (update_freq 1) = 32 clips per step, lr_abs 1.25e-4.
+# run_class_finetuning.py that both published scripts keep; "scripts" = a value both scripts set. As in train.py,
+# batch_size is the total clips per optimizer step over all GPUs, micro_batch the clips per GPU per forward, and
+# gradient accumulation makes up the difference (the release's --update_freq): the scripts run 8 GPUs x 4 clips x
+# update_freq 1 = 32 clips per step, which these defaults keep on any number of GPUs. The lr follows the total,
+# lr_abs = lr x batch_size / 256 (also min_lr): 1e-3 x 32 / 256 = 1.25e-4, as released.
 COMMON = dict(
     lr=1e-3,             # per 256 clips (scripts); AdamW, eps 1e-8
     min_lr=1e-6,         # end of the cosine, per 256 clips (released)
@@ -71,28 +82,33 @@ COMMON = dict(
     crop_ratio=(0.75, 1.3333),    # and aspect ratio w / h (released kinetics.py / ssv2.py)
     reprob=0.25,         # random erasing: probability per clip, one box, per-pixel N(0, 1) values (released)
     flip=True,           # random horizontal flip of training clips (not SSV2, kinetics.py / ssv2.py)
-    batch_size=4,        # clips per GPU per step (scripts)
+    batch_size=32,       # clips per optimizer step, all GPUs (scripts: 8 GPUs x 4, update_freq 1)
+    micro_batch=4,       # clips per GPU per forward (scripts: --batch_size 4)
     repeats=1,           # augmented clips per decoded video (scripts: --num_sample 1)
     epochs=100,          # for datasets without a released script (ours)
     test_clips=5, test_crops=3,  # multi-view test: temporal clips x spatial crops per video, scores averaged
-    num_workers=min(8, os.cpu_count() or 1),
+    workers=min(8, os.cpu_count() or 1),
     save_every=1,
 )
+# Laptop scale: the built-in videos (64x64, square, so one crop), tiny encoder, 5 short epochs, one process.
+# A 10x higher base lr than the release's, because 16 clips per step make lr_abs tiny (1e-2 x 16/256).
+BUILT_IN_RECIPE = dict(epochs=5, warmup_epochs=1, lr=1e-2, batch_size=16, micro_batch=16, test_clips=2, test_crops=1,
+                       workers=2)
 RECIPES = {
     "k400": dict(epochs=100, test_clips=7),              # scripts_finetune/finetune_kinetics.sh
     # SSv2's labels name directions ("pushing something from left to right"): no flip.
     "ssv2": dict(epochs=40, flip=False, test_clips=2),   # scripts_finetune/finetune_ssv2.sh
-    "ucf101": dict(batch_size=16), "hmdb51": dict(batch_size=16),  # ours: no released script
-    # Laptop scale: the built-in synthetic videos (64x64, square, so one crop), tiny encoder, 5 short epochs.
-    # A 10x higher base lr than the release's, because 16 clips per step make lr_abs tiny (1e-2 x 16/256).
-    "synthetic": dict(epochs=5, warmup_epochs=1, lr=1e-2, batch_size=16, test_clips=2, test_crops=1,
-                      num_workers=2),
+    # ours (no released script): 16 clips per GPU on 8 GPUs
+    "ucf101": dict(batch_size=128, micro_batch=16), "hmdb51": dict(batch_size=128, micro_batch=16),
+    "synthetic": BUILT_IN_RECIPE, "fashion": BUILT_IN_RECIPE,
 }
 # --recipe paper: where the paper's text (its Table 10, the VideoMAE recipe) states other values than the
 # released scripts ran, these replace them (applied after RECIPES; explicit options still win).
 PAPER = {"all": dict(randaug=(2, 9.0, 0.5)), "k400": dict(epochs=75, test_clips=5), "ssv2": dict(epochs=50)}
-# A run folder is tied to these: resuming with others would mix two runs.
-RESUME_MUST_MATCH = ("ckpt", "arch", "dataset", "data_root", "batch_size", "epochs", "seed", "world_size", "repeats")
+# A run folder is tied to these: resuming with others would mix two runs (micro_batch: MixUp / CutMix pair the
+# clips of one forward, so another split of the step draws other pairs).
+RESUME_MUST_MATCH = ("ckpt", "arch", "dataset", "data_root", "batch_size", "micro_batch", "epochs", "seed",
+                     "world_size", "repeats")
 
 
 def get_args(argv=None):
@@ -110,67 +126,103 @@ def get_args(argv=None):
     return args
 
 
+def recipe_default(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
+    """The help's 'default: ...' of a recipe value: each dataset's (--recipe release), and where --recipe paper
+    changes it, its values."""
+    tuple_show = lambda v: " ".join(map(show, v)) if isinstance(v, tuple) else show(v)
+    text = "default: " + per_dataset({d: tuple_show(recipe(d)[key]) for d in VIDEO_DATASETS}, VIDEO_DATASETS)
+    paper = {d: tuple_show(recipe(d, "paper")[key]) for d in VIDEO_DATASETS if recipe(d, "paper")[key] != recipe(d)[key]}
+    return text + (f"; --recipe paper: {per_dataset(paper, paper)}" if paper else "")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Full fine-tuning of a SIGMA / VideoMAE encoder, as released.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     # what to fine-tune
-    a("--ckpt", default=None, help="required (except with --bench): our checkpoint (carries its architecture), "
-      "a released SIGMA / VideoMAE checkpoint (pass --arch), or 'random' (randomly initialised --arch: the "
-      "baseline row)")
-    a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny)")
-    a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
-    a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
+    a("--ckpt", default=None, help="our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
+      "checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row); required, except "
+      "with --bench (no default)")
+    a("--arch", default=None, help=f"{' | '.join(PRESETS)}; default: our checkpoints' own, tiny for 'random' "
+      "(vit_b with --bench); released checkpoints need it")
+    a("--num_frames", type=int, default=None, help="clip length; default: our checkpoints' own, else the --arch "
+      f"preset's: {preset_values('num_frames')}")
+    a("--img_size", type=int, default=None, help="input side; default: our checkpoints' own, else the --arch "
+      f"preset's: {preset_values('img_size')}")
     # data
-    a("--dataset", required=True, choices=VIDEO_DATASETS)
+    a("--dataset", required=True, choices=VIDEO_DATASETS, help="fashion (moving Fashion-MNIST) and synthetic: "
+      "the built-in sets train.py pretrains on, generated on first use; the others: data.py LAYOUTS")
     a("--recipe", default="release", choices=["release", "paper"], help="'release': the released scripts' "
       "values; 'paper': the paper's Table 10 where it differs (RandAugment 2 9 0.5, K400 75 epochs 5x3 views, "
       "SSv2 50 epochs)")
-    a("--data_root", default=None, help="dataset folder (data.py LAYOUTS); synthetic: generated if omitted")
-    a("--train_split", default="train")
-    a("--test_split", default="val", help="'val' is the official test list for ucf101 / hmdb51")
+    a("--data_root", default=None, help="dataset folder (data.py LAYOUTS); default for fashion / synthetic: the "
+      "generated set (synthetic.fashion_dataset() / synthetic_dataset(), cached); required for the others")
+    a("--train_split", default="train", help="split to fine-tune on")
+    a("--test_split", default="val", help="split to test on; 'val' is the official test list for ucf101 / hmdb51")
     a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3)")
-    a("--stride", type=int, default=None, help="frames between sampled frames (data.py default: 4, SSv2 2)")
+    a("--stride", type=int, default=None, help="frames between sampled frames with --sampling stride; default: "
+      f"data.py's per dataset: {per_dataset(DEFAULT_STRIDE, VIDEO_DATASETS)}")
     a("--sampling", default=None, choices=["stride", "segments"], help="clip frames: 'segments' = one per equal "
-      "segment of the whole video (the released SSv2 loader; default for ssv2), 'stride' elsewhere")
-    a("--repeats", type=int, default=None, help="clips per decoded training video, each augmented on its own "
-      "(the release's --num_sample; its scripts use 1); batch_size counts clips")
+      "segment of the whole video (the released SSv2 loader), 'stride' = frames --stride apart; default: segments "
+      "for ssv2, stride for the others")
+    a("--repeats", type=int, default=None, help="clips per decoded training video, each augmented on its own (the "
+      f"release's --num_sample); --batch_size and --micro_batch count clips; {recipe_default('repeats')}")
     # augmentation (docs/finetune.md: what each does in the release)
     a("--randaug", type=float, nargs=3, default=None, metavar=("OPS", "MAG", "MSTD"),
-      help="RandAugment ops per clip, magnitude 0-10, magnitude std; 0 0 0 = off")
+      help=f"RandAugment ops per clip, magnitude 0-10, magnitude std; 0 0 0 = off; {recipe_default('randaug')}")
     a("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random-resized crop area "
-      "fraction (0.08 1 without the release's --finetuning_crops)")
-    a("--crop_ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="crop aspect ratio w / h")
-    a("--reprob", type=float, default=None, help="random erasing probability per clip; 0 = off")
-    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip (not SSv2)")
-    a("--mixup", type=float, default=None)
-    a("--cutmix", type=float, default=None)
-    a("--smoothing", type=float, default=None)
-    a("--test_clips", type=int, default=None)
-    a("--test_crops", type=int, default=None)
+      f"fraction (0.08 1 without the release's --finetuning_crops); {recipe_default('crop_scale')}")
+    a("--crop_ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+      help=f"crop aspect ratio w / h; {recipe_default('crop_ratio')}")
+    a("--reprob", type=float, default=None, help=f"random erasing probability per clip; 0 = off; "
+      f"{recipe_default('reprob')}")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip of training "
+      f"clips; {recipe_default('flip', lambda v: 'on' if v else 'off')}")
+    a("--mixup", type=float, default=None, help=f"MixUp Beta alpha; 0 = off; {recipe_default('mixup')}")
+    a("--cutmix", type=float, default=None, help="CutMix Beta alpha; 0 = off (with both on, each batch gets one of "
+      f"the two); {recipe_default('cutmix')}")
+    a("--smoothing", type=float, default=None, help=f"label smoothing; {recipe_default('smoothing')}")
+    a("--test_clips", type=int, default=None, help="temporal clips per test video, scores averaged; "
+      f"{recipe_default('test_clips')}")
+    a("--test_crops", type=int, default=None, help=f"spatial crops per test clip; {recipe_default('test_crops')}")
     # optimisation
-    a("--epochs", type=int, default=None, help="100 K400 / 40 SSv2 / 100 others")
-    a("--warmup_epochs", type=int, default=None)
-    a("--batch_size", type=int, default=None, help="clips per GPU per step (4; the release ran 8 GPUs)")
-    a("--lr", type=float, default=None, help="base lr per 256 clips: lr_abs = lr x batch_size x GPUs / 256")
-    a("--min_lr", type=float, default=None, help="final lr per 256 clips")
-    a("--weight_decay", type=float, default=None)
-    a("--layer_decay", type=float, default=None, help="layer-wise lr decay; 1 = the same lr everywhere")
-    a("--drop_path", type=float, default=None, help="stochastic depth rate of the last block")
-    a("--betas", type=float, nargs=2, default=None)
+    a("--epochs", type=int, default=None, help=recipe_default("epochs"))
+    a("--warmup_epochs", type=int, default=None, help=f"linear warmup from 0, then per-step cosine; "
+      f"{recipe_default('warmup_epochs')}")
+    a("--batch_size", type=int, default=None, help="total clips per optimizer step, over all GPUs and accumulation "
+      "(as train.py; the release's GPUs x --batch_size x --update_freq); a multiple of GPUs x --micro_batch. "
+      f"{recipe_default('batch_size')}: on any number of GPUs the released 32 = 8 GPUs x 4 clips")
+    a("--micro_batch", type=int, default=None, help="clips per GPU per forward (the release's --batch_size); "
+      f"gradient accumulation fills the rest of --batch_size. {recipe_default('micro_batch')}, lowered to divide "
+      "--batch_size / GPUs. Also the test's clips per GPU per forward")
+    a("--lr", type=float, default=None, help="base lr per 256 clips: lr_abs = lr x batch_size / 256; "
+      f"{recipe_default('lr')}")
+    a("--min_lr", type=float, default=None, help=f"final lr per 256 clips; {recipe_default('min_lr')}")
+    a("--weight_decay", type=float, default=None, help="AdamW weight decay (not on norms, biases, positional "
+      f"parameters); {recipe_default('weight_decay')}")
+    a("--layer_decay", type=float, default=None, help="layer-wise lr decay; 1 = the same lr everywhere; "
+      f"{recipe_default('layer_decay')}")
+    a("--drop_path", type=float, default=None, help="stochastic depth rate of the last block; "
+      f"{recipe_default('drop_path')}")
+    a("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"), help=f"AdamW betas; "
+      f"{recipe_default('betas')}")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 autocast on GPUs with native bf16, fp16 + loss scaling on older ones (V100, T4), fp32 on CPU")
+    add_device_option(p, "--precision sets the arithmetic")
     # bookkeeping
-    a("--out", default=None, help="run folder (default <ckpt folder>/finetune_<dataset>, out/random_<arch>_... "
-      "for 'random')")
-    a("--num_workers", type=int, default=None, help="decoding processes per GPU")
-    a("--save_every", type=int, default=None, help="epochs between checkpoints (always one at the end)")
-    a("--max_epochs_this_run", type=int, default=0, help="stop after this many epochs (checkpointed); rerun to go on")
+    a("--out", default=None, help="run folder; default: <ckpt folder>/finetune_<dataset>, out/random_<arch>/"
+      "finetune_<dataset> for 'random'")
+    a("--workers", type=int, default=None, help=f"DataLoader workers (decoding processes) per GPU; default: "
+      f"{BUILT_IN_RECIPE['workers']} for {' / '.join(BUILT_IN)}, else min(8, CPU cores) = {COMMON['workers']} here")
+    a("--save_every", type=int, default=None, help="epochs between checkpoints (always one at the end); "
+      f"{recipe_default('save_every')}")
+    a("--max_epochs_this_run", type=int, default=0, help="stop after this many epochs (checkpointed); rerun to go "
+      "on; 0 = all")
     a("--log_every", type=int, default=10, help="steps between reads of the loss from the GPU (each read waits for "
       "the GPU to finish; a non-finite loss is found at the next read, always before a checkpoint)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="random init of 'random' and of the head, data order, augmentation")
     a("--bench", action="store_true", help="print FLOPs per clip and the estimated memory per GPU of a training "
-      "step of --arch at --batch_size, then exit (no data needed)")
+      "step of --arch at --micro_batch, then exit (no data needed)")
     return p
 
 
@@ -183,22 +235,36 @@ def recipe(dataset, which="release"):
 
 
 def resolve_recipe(args):
-    """Fill every option left at None from the preset (in place)."""
+    """Fill every option left at None from the preset (in place). A --micro_batch left at None is the recipe's,
+    lowered to the largest value that divides --batch_size / GPUs (torchrun's WORLD_SIZE)."""
+    micro_given = args.micro_batch is not None
     for k, v in recipe(args.dataset, args.recipe).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.randaug, args.betas = tuple(args.randaug), tuple(args.betas)
     args.crop_scale, args.crop_ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
     args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")  # as eval_linear.py (data.py samplings)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not micro_given:
+        per_gpu = args.batch_size // args.world_size
+        args.micro_batch = next((m for m in range(min(args.micro_batch, per_gpu), 0, -1)
+                                 if per_gpu % m == 0 and m % max(args.repeats, 1) == 0), args.micro_batch)
 
 
 def check_options(args):
     """Every problem with the options, each naming the option and a valid value ([] = all good)."""
     ops, magnitude, std = args.randaug
+    world, micro = args.world_size, args.micro_batch
+    repeats = max(args.repeats, 1)
+    fits = [m for m in range(max(micro, 1), 0, -1) if args.batch_size % (world * m) == 0 and m % repeats == 0]
     checks = [
         (args.ckpt is not None or args.bench, "--ckpt is required: a checkpoint file or 'random'"),
         (args.ckpt in (None, "random") or os.path.isfile(args.ckpt),
          f"--ckpt {args.ckpt!r} does not exist (or pass 'random')"),
+        (args.arch is None or args.arch in PRESETS, f"--arch {args.arch}: choose one of {', '.join(PRESETS)}"),
+        (args.bench or args.data_root is not None or args.dataset in BUILT_IN, f"--data_root is required for "
+         f"--dataset {args.dataset}: the folder holding its layout (data.py LAYOUTS), e.g. --data_root "
+         f"data/{args.dataset}"),
         (args.lr > 0, f"--lr {args.lr} must be > 0, e.g. 1e-3"),
         (args.lr <= 0 or 0 <= args.min_lr <= args.lr, f"--min_lr {args.min_lr} must be in [0, --lr], e.g. 1e-6"),
         (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0, e.g. 0.05"),
@@ -219,21 +285,32 @@ def check_options(args):
         (args.epochs < 1 or 0 <= args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be "
          f"in [0, --epochs {args.epochs}), e.g. 5"),
         (args.repeats >= 1, f"--repeats {args.repeats} must be >= 1, e.g. 1"),
-        (args.batch_size >= 1 and args.batch_size % max(args.repeats, 1) == 0,
-         f"--batch_size {args.batch_size} must be a positive multiple of --repeats {args.repeats}, e.g. 4"),
-        (args.mixup == args.cutmix == 0 or args.batch_size // max(args.repeats, 1) >= 2,
-         "--mixup / --cutmix mix clips of different videos: --batch_size must hold 2 or more videos, e.g. 4"),
+        (args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1, e.g. 32"),
+        (micro >= 1 and micro % repeats == 0,
+         f"--micro_batch {micro} must be a positive multiple of --repeats {args.repeats}, e.g. 4"),
+        (args.batch_size < 1 or micro < 1 or args.batch_size % (world * micro) == 0,
+         f"--batch_size {args.batch_size} is not a multiple of {world} GPU(s) x --micro_batch {micro}, "
+         + (f"e.g. --micro_batch {fits[0]}" if fits else f"nor of {world} GPU(s) x --repeats {args.repeats}, "
+            f"e.g. --batch_size {world * repeats * 2}")),
+        (args.mixup == args.cutmix == 0 or micro // repeats >= 2,
+         "--mixup / --cutmix mix clips of different videos in one forward: --micro_batch must hold 2 or more "
+         "videos, e.g. 4"),
         (args.test_clips >= 1 and args.test_crops >= 1, "--test_clips / --test_crops must be >= 1, e.g. 5 3"),
         (args.fold in (1, 2, 3), f"--fold {args.fold} must be 1, 2 or 3"),
         (args.stride is None or args.stride >= 1, f"--stride {args.stride} must be >= 1, e.g. 4"),
         (args.num_frames is None or args.num_frames >= 1, f"--num_frames {args.num_frames} must be >= 1, e.g. 16"),
         (args.img_size is None or args.img_size >= 1, f"--img_size {args.img_size} must be >= 1, e.g. 224"),
-        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0, e.g. 8"),
+        (args.workers >= 0, f"--workers {args.workers} must be >= 0, e.g. 8"),
         (args.save_every >= 1, f"--save_every {args.save_every} must be >= 1, e.g. 1"),
         (args.log_every >= 1, f"--log_every {args.log_every} must be >= 1, e.g. 10"),
         (args.max_epochs_this_run >= 0, f"--max_epochs_this_run {args.max_epochs_this_run} must be >= 0 (0 = all)"),
         (args.seed >= 0, f"--seed {args.seed} must be >= 0, e.g. 0")]
-    return [message for ok, message in checks if not ok]
+    problems = [message for ok, message in checks if not ok]
+    try:
+        args.device = resolve_device(args.device)
+    except UsageError as err:
+        problems.append(str(err))
+    return problems
 
 # ============ the fine-tuning model ============
 
@@ -521,7 +598,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.bench:
         return bench(args)
-    rank, world, device = setup_distributed()
+    _, rank, world, device = setup_distributed(args.device)
     try:
         return finetune(args, rank, world, device)
     finally:
@@ -567,7 +644,7 @@ def finetune(args, rank, world, device):
     if end_epoch < args.epochs:
         say(f"stopped after epoch {end_epoch}/{args.epochs} (--max_epochs_this_run); rerun the same command to go on")
         return 0
-    acc = evaluate(run.raw_model, data.test_set, args.batch_size, args.num_workers, device, autocast, rank, world)
+    acc = evaluate(run.raw_model, data.test_set, args.micro_batch, args.workers, device, autocast, rank, world)
     return write_results(args, data, run, acc, time.perf_counter() - t_train) if rank == 0 else 0
 
 
@@ -577,7 +654,7 @@ def build_data(args, world):
     Training clips: the release's augmentation (ClipTransform) on the frames data.py decodes; test clips:
     data.py's clips x crops views (short-side squares, resized), as the release's test loader."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    source, cfg = load_encoder(args.ckpt, args.arch, **overrides)  # the architecture; a misfit fails here
+    source, cfg = open_encoder(args.ckpt, args.arch, **overrides)  # the architecture; a misfit: UsageError
     parsed = build_dataset(args, cfg, args.train_split, train=True, repeats=args.repeats)
     test_set = build_dataset(args, cfg, args.test_split, clips=args.test_clips, crops=args.test_crops)
     # Each rank lists the videos of its own file system (a node-local copy of the dataset): the samplers' indices
@@ -590,12 +667,14 @@ def build_data(args, world):
     train_set = AugmentedClips(parsed, ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio,
                                                      args.flip))
     if train_set.num_classes != test_set.num_classes:
-        raise ValueError(f"train split has {train_set.num_classes} classes, test split {test_set.num_classes}")
-    loader = make_loader(train_set, args.batch_size // args.repeats, args.num_workers, shuffle=True,
+        raise UsageError(f"--train_split {args.train_split} has {train_set.num_classes} classes, --test_split "
+                         f"{args.test_split} {test_set.num_classes}: both splits must list the same classes")
+    # Micro-batches: --micro_batch clips (--micro_batch / --repeats videos) per GPU and forward.
+    loader = make_loader(train_set, args.micro_batch // args.repeats, args.workers, shuffle=True,
                          drop_last=True, seed=args.seed)
-    if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} training videos give no full step of --batch_size {args.batch_size} "
-                         f"on {world} GPUs: lower --batch_size")
+    if len(loader) < args.batch_size // (world * args.micro_batch):
+        raise UsageError(f"{len(train_set)} training videos give no full step of --batch_size {args.batch_size} "
+                         f"on {world} GPU(s): lower --batch_size")
     return SimpleNamespace(source=source, cfg=cfg, train_set=train_set, test_set=test_set, loader=loader,
                            num_classes=test_set.num_classes)
 
@@ -605,18 +684,22 @@ def build_run(args, data, world, device, precision):
     model, missing, unexpected = build_classifier(args, data.source, data.num_classes)
     model.to(device)
     groups = finetune_param_groups(model, args.weight_decay, args.layer_decay)
-    steps_per_epoch, total_batch = len(data.loader), args.batch_size * world
+    # batch_size = world x micro_batch x accum (checked at start): a step takes accum micro-batches per GPU, and the
+    # last micro-batches of an epoch that make no full step are left out (every rank runs the same steps).
+    total_batch, accum = args.batch_size, args.batch_size // (world * args.micro_batch)
+    steps_per_epoch = len(data.loader) // accum
     lr, min_lr = args.lr * total_batch / 256, args.min_lr * total_batch / 256  # linear scaling, as released
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr,
                                   betas=args.betas, fused=device.type == "cuda")
-    config = {**vars(args), "world_size": world, "total_batch": total_batch, "lr_abs": lr, "min_lr_abs": min_lr,
+    config = {**vars(args), "world_size": world, "accum": accum, "total_batch": total_batch, "lr_abs": lr,
+              "min_lr_abs": min_lr,
               "steps_per_epoch": steps_per_epoch, "precision": precision, "num_classes": data.num_classes,
               "git": git_hash()}
     return SimpleNamespace(
         model=model, raw_model=model, groups=groups, optimizer=optimizer, missing=missing, unexpected=unexpected,
         mixer=build_mixer(args.mixup, args.cutmix, data.num_classes),
         eraser=ClipErasing(args.reprob) if args.reprob > 0 else None,
-        lr=lr, min_lr=min_lr, total_batch=total_batch, steps_per_epoch=steps_per_epoch,
+        lr=lr, min_lr=min_lr, total_batch=total_batch, accum=accum, steps_per_epoch=steps_per_epoch,
         total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch,
         config=config, ckpt_path=os.path.join(args.out, "ckpt.pth"), log_path=os.path.join(args.out, "log.jsonl"))
 
@@ -628,7 +711,8 @@ def report(args, data, run, say):
     say(f"encoder: {describe_state_dict(run.model.encoder.state_dict())}, {cfg.num_frames}x{cfg.img_size}x"
         f"{cfg.img_size} clips, drop path {args.drop_path}; {sum(p.numel() for p in run.model.parameters()):,} "
         f"parameters, all trained; {len(data.train_set)} train / {len(data.test_set)} test videos, "
-        f"{data.num_classes} classes; {world} x {args.batch_size} = {run.total_batch} clips/step, lr {run.lr:.2e}; "
+        f"{data.num_classes} classes; {world} GPU(s) x {args.micro_batch} clips x {run.accum} accumulation = "
+        f"{run.total_batch} clips/step, lr {run.lr:.2e}; "
         f"{run.steps_per_epoch} steps/epoch; {run.config['precision']}")
     if args.ckpt != "random":
         say(f"weights: {args.ckpt}; missing keys: {run.missing or 'none'}; unexpected keys: {run.unexpected or 'none'}")
@@ -653,7 +737,7 @@ def resume(args, run, say):
             changed = {k: (ckpt["config"].get(k), run.config[k]) for k in RESUME_MUST_MATCH
                        if ckpt["config"].get(k) != run.config[k]}
             if changed:
-                raise ValueError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use "
+                raise UsageError(f"{run.ckpt_path} was trained with other settings {changed} (saved, now): use "
                                  f"another --out")
     found = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)  # a checkpoint holds at least one epoch
     ranks.agree("the checkpoint to resume from",
@@ -678,19 +762,16 @@ def train_epoch(args, data, run, epoch, step, rank, device, autocast, steps, say
     seed_everything(args.seed, epoch, rank)
     set_epoch(data.loader, epoch)
     run.model.train()
-    bar = tqdm(data.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 else True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(accumulation_groups(data.loader, run.accum, run.steps_per_epoch), total=run.steps_per_epoch,
+               desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 else True, leave=False,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
-    for i, (videos, labels) in enumerate(bar):
+    for i, group in enumerate(bar):
         t_data = time.perf_counter() - t0
-        # uint8 clips travel to the device (a quarter of float32's bytes) and are normalised there.
-        videos, labels = normalize(videos.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-        if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
-            videos, labels = videos.flatten(0, 1), labels.flatten()
-        videos = erase_clips(videos, run.eraser)  # (B, 3, T, S, S), after normalisation as released
-        videos, targets = mix_batch(videos, labels.long(), run.mixer, data.num_classes, args.smoothing)  # (B, C)
+        micro_batches = (prepare_batch(videos, labels, run, data.num_classes, args.smoothing, device)
+                         for videos, labels in group)  # prepared one at a time, as train_step reaches it
         rate = lr_at(step, run.total_steps, run.warmup_steps, run.lr, run.min_lr)
-        loss, grad_norm = train_step(run, videos, targets, rate, autocast)  # 0-d device tensors
+        loss, grad_norm = train_step(run, micro_batches, rate, autocast)  # 0-d device tensors
         step += 1
         # No .item() per step: a read makes the host wait until the GPU has finished this step, so the next one
         # could not be queued behind it. The values are read every --log_every steps.
@@ -707,25 +788,52 @@ def train_epoch(args, data, run, epoch, step, rank, device, autocast, steps, say
     return step
 
 
-def train_step(run, videos, targets, rate, autocast):
-    """One optimizer step at lr `rate` (scaled per layer) -> (this rank's loss, gradient norm), 0-d device tensors
-    (read later by StepLog, so the host need not wait for the step). The step is taken whatever the loss: a
-    non-finite one is found at the next read, which stops every rank before the next checkpoint is written. Under
-    fp16 the loss is scaled before backward (run.scaler; disabled otherwise) and a step whose scaled gradients
-    overflow is skipped while the scale backs off, as in the released fine-tuning loop."""
+def accumulation_groups(loader, accum, steps):
+    """The loader's micro-batches, `accum` per optimizer step, for `steps` steps (micro-batches past the epoch's last
+    full step are not drawn)."""
+    batches = iter(loader)
+    for _ in range(steps):
+        yield [next(batches) for _ in range(accum)]
+
+
+def prepare_batch(videos, labels, run, num_classes, smoothing, device):
+    """One micro-batch from the loader -> (normalised, erased, mixed clips (B, 3, T, S, S), soft targets (B, C)) on
+    the device. MixUp / CutMix pair clips within the micro-batch, as the release does with --update_freq."""
+    # uint8 clips travel to the device (a quarter of float32's bytes) and are normalised there.
+    videos, labels = normalize(videos.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+    if videos.dim() == 6:  # repeated sampling: (B, R, 3, T, S, S) -> (B*R, ...)
+        videos, labels = videos.flatten(0, 1), labels.flatten()
+    videos = erase_clips(videos, run.eraser)  # (B, 3, T, S, S), after normalisation as released
+    return mix_batch(videos, labels.long(), run.mixer, num_classes, smoothing)  # (B, 3, T, S, S), (B, C)
+
+
+def train_step(run, micro_batches, rate, autocast):
+    """One optimizer step at lr `rate` (scaled per layer) on run.accum micro-batches, (clips, soft targets) pairs ->
+    (this rank's loss, gradient norm), 0-d device tensors (read later by StepLog, so the host need not wait for the
+    step). Each micro-batch's loss is divided by run.accum, so the accumulated gradient is the mean over all the
+    step's clips, as one batch of them would give; under DDP the ranks' gradients are averaged once, after the
+    last micro-batch. The step is taken whatever the loss: a non-finite one is found at the next read, which stops
+    every rank before the next checkpoint is written. Under fp16 the loss is scaled before backward (run.scaler;
+    disabled otherwise) and a step whose scaled gradients overflow is skipped while the scale backs off, as in the
+    released fine-tuning loop."""
     for g in run.optimizer.param_groups:  # per-step cosine, scaled per layer
         g["lr"] = rate * g["lr_scale"]
-    with autocast():
-        logits = run.model(videos)  # (B, C)
-    loss = F.cross_entropy(logits.float(), targets)  # soft-target cross-entropy
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    total = 0.0
+    for i, (videos, targets) in enumerate(micro_batches):
+        last = i == run.accum - 1
+        with contextlib.nullcontext() if last or not isinstance(run.model, DDP) else run.model.no_sync():
+            with autocast():
+                logits = run.model(videos)  # (B, C)
+            loss = F.cross_entropy(logits.float(), targets) / run.accum  # soft-target cross-entropy
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
     run.scaler.unscale_(run.optimizer)  # the logged norm is of the true gradients
     # No clipping in the released recipe; max_norm=inf only measures the norm for the log.
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), float("inf"))
     run.scaler.step(run.optimizer)  # = optimizer.step() unless fp16 gradients overflowed
     run.scaler.update()
-    return loss.detach(), grad_norm
+    return total, grad_norm
 
 
 class StepLog:
@@ -785,10 +893,14 @@ def write_results(args, data, run, acc, train_seconds):
 def bench(args, num_classes=400):
     """FLOPs per clip of forward + backward (torch.utils.flop_counter) and per-GPU memory: fp32 weights, grads
     and AdamW moments (16 bytes per parameter) + the tensors autograd saves for backward, counted on one clip
-    under bf16 autocast and scaled to --batch_size (an estimate: allocator slack and workspaces not included);
+    under bf16 autocast and scaled to --micro_batch (an estimate: allocator slack and workspaces not included);
     then the CPU time of the training augmentation per clip (measured)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
+    try:
+        cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
+    except ValueError as err:  # Config.validate: e.g. an --img_size that is not a multiple of the patch
+        raise UsageError(f"--arch {args.arch or 'vit_b'} {' '.join(f'--{k} {v}' for k, v in overrides.items())}: "
+                         f"{err}") from None
     model = Classifier(Encoder(cfg, drop_path=args.drop_path), num_classes).train()
     videos = torch.randn(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     with FlopCounterMode(display=False) as counter:
@@ -802,7 +914,7 @@ def bench(args, num_classes=400):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(videos)
     params = sum(p.numel() for p in model.parameters())
-    static, acts = 16 * params / 2 ** 30, args.batch_size * sum(saved.values()) / 2 ** 30
+    static, acts = 16 * params / 2 ** 30, args.micro_batch * sum(saved.values()) / 2 ** 30
     # The training augmentation's CPU cost per clip (one thread), on frames of K400's usual 340 x 256.
     transform = ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio, args.flip)
     frames = torch.randint(0, 256, (cfg.num_frames, 256, 340, 3), dtype=torch.uint8)  # (T, H, W, 3)
@@ -816,7 +928,7 @@ def bench(args, num_classes=400):
     print(f"{args.arch or 'vit_b'} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, "
           f"{params:,} parameters ({num_classes} classes):\n"
           f"  {counter.get_total_flops() / 1e9:.1f} GFLOP per training clip (forward + backward)\n"
-          f"  estimated memory per GPU at --batch_size {args.batch_size}: {static + acts:.1f} GiB = {static:.1f} "
+          f"  estimated memory per GPU at --micro_batch {args.micro_batch}: {static + acts:.1f} GiB = {static:.1f} "
           f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)\n"
           f"  training augmentation (--randaug {' '.join(f'{v:g}' for v in args.randaug)}, crop, flip): "
           f"{aug_ms:.0f} ms CPU per {cfg.num_frames}x256x340 clip on one thread, decoding not included")
@@ -824,5 +936,4 @@ def bench(args, num_classes=400):
 
 
 if __name__ == "__main__":
-    result = main()
-    sys.exit(result if isinstance(result, int) else 0)
+    sys.exit(run_cli(main, "eval_finetune.py"))

@@ -12,6 +12,7 @@ SSv2, whose labels say left or right, and on the synthetic set (kept at one pass
 
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
     python eval_linear.py --ckpt random --arch tiny --dataset synthetic         # the baseline row
+    python eval_linear.py --ckpt out/fashion_tiny_mlp_sigma/ckpt.pth --dataset fashion   # train.py's default set
     python eval_linear.py --ckpt sigma_vitb_k400.pth --arch vit_b --dataset ucf101 --data_root data/ucf101
     torchrun --nproc_per_node=8 eval_linear.py --ckpt sigma_vitb_k400.pth --arch vit_b \\
         --dataset k400 --data_root data/k400 --test_clips 5 --test_crops 3   # multi-view testing
@@ -48,18 +49,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ranks
-from data import Video, VideoClips, build_video_dataset, make_loader, normalize
-from model import PRESETS, describe_state_dict, inference_autocast, load_encoder, load_weights
+from data import DEFAULT_STRIDE, Video, VideoClips, build_video_dataset, make_loader, normalize
+from model import PRESETS, Config, describe_state_dict, inference_autocast, load_encoder, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
-VIDEO_DATASETS = ["synthetic", "k400", "ssv2", "ucf101", "hmdb51", "list"]
+# The built-in sets (generated on first use, as train.py's --dataset of the same name), then the benchmarks' layouts.
+BUILT_IN = ["fashion", "synthetic"]
+VIDEO_DATASETS = [*BUILT_IN, "k400", "ssv2", "ucf101", "hmdb51", "list"]
 IMAGE_DATASETS = ["imagenet", "cifar100"]
 # The paper's Table 9 protocol: head epochs per dataset (everything else 100), and flip everywhere except
 # SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
 # shows another class. The synthetic set's classes are mirror-symmetric, so --flip is valid there;
 # it is off by default only to keep the laptop-scale study (README) at one backbone pass per clip.
 EPOCHS = {"ssv2": 30, "k400": 40, "imagenet": 30}
-NO_FLIP = {"ssv2", "synthetic"}
+NO_FLIP = {"ssv2", *BUILT_IN}
 # Clip sampling per dataset (data.VideoClips sampling=): the released SSv2 loader samples TSN-style
 # segments over the whole video and tests 2 temporal views x 3 crops; the others default to stride
 # sampling and one centre view (the released K400 / UCF / HMDB probes test more views: --test_clips).
@@ -79,64 +82,109 @@ PROTOCOL = dict(
         "features cached once per view (centre clip, its mirror, --aug_views random crops) instead of "
         "re-augmented clips in every epoch"])
 
+# ============ command line, shared by the evaluation scripts (eval_finetune.py and eval_vos.py import it) ============
+
+
+class UsageError(ValueError):
+    """A user's mistake found after parsing (a checkpoint that does not fit, a model setting the model refuses, a
+    dataset folder that does not hold its layout): the command line prints the message alone and exits 2."""
+
+
+# What run_cli turns into a message and exit status 2: UsageError, a path that is not there (data.py names the
+# layout it expected) and ranks that read different inputs (ranks.agree names them).
+USER_ERRORS = (UsageError, FileNotFoundError, ranks.RanksDisagree)
+
+
+def run_cli(main, prog):
+    """`python <prog>`: main() -> its exit status; a user error stops with 'prog: error: <message>' and status 2,
+    no traceback. main() itself raises, so that scripts calling it (train.py's first look, the tests) can catch."""
+    try:
+        result = main()
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's '(default: X)' after each help, except for required options and where the help says its default
+    itself (it mentions 'default'): an option left at None takes its value from a recipe, the dataset or the
+    checkpoint, and its help names those values instead of 'None'."""
+
+    def _get_help_string(self, action):
+        says_it = action.required or "default" in (action.help or "").lower()
+        return action.help if says_it else super()._get_help_string(action)
+
+
+def add_device_option(p, note):
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if a GPU is present, else "
+                   f"cpu; under torchrun each rank takes cuda:LOCAL_RANK); {note}")
+
+
+def resolve_device(name):
+    """--device (None = the default) -> the device's name ('cpu', 'cuda', 'cuda:N'), or UsageError naming the
+    option and a valid value. Under torchrun (LOCAL_RANK set) 'cuda' is the rank's own GPU, cuda:LOCAL_RANK."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: choose cpu or cuda (cuda:N for GPU N), e.g. --device cpu")
+    if device.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device, use --device cpu")
+    if device.index is not None and local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError(f"--device {name}: under torchrun every rank takes its own GPU (cuda:LOCAL_RANK); "
+                         f"pass --device cuda")
+    index = int(local_rank) if local_rank is not None and device.index is None else device.index
+    if index is not None and index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"e.g. --device cuda:0")
+    return "cuda" if index is None else f"cuda:{index}"
+
+
+def setup_distributed(device_name):
+    """DDP like nanoGPT: torchrun sets RANK; a plain `python <script>` is one process. The process group's
+    backend follows the device (--device cpu under torchrun: gloo, even on a machine with GPUs).
+    -> (ddp, rank, world, torch.device)."""
+    device = torch.device(device_name)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ranks.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                             device_id=device if device.type == "cuda" else None)  # restart-safe (ranks.py)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def open_encoder(ckpt, arch=None, **overrides):
+    """model.load_encoder, with a user's mistake raised as UsageError naming the options: a file torch cannot read,
+    a checkpoint that is not an encoder or does not fit --arch, a --num_frames / --img_size the model refuses
+    (Config.validate). -> (encoder, cfg)."""
+    given = " ".join([f"--ckpt {ckpt}"] + [f"--{k} {v}" for k, v in (("arch", arch), *overrides.items()) if v])
+    try:
+        return load_encoder(ckpt, arch, **overrides)
+    except ValueError as err:
+        raise UsageError(f"{given}: {err}") from None
+    except RuntimeError as err:  # model.load_checkpoint names the file and says why it cannot be read
+        if str(ckpt) not in str(err):
+            raise
+        raise UsageError(f"--ckpt: {err}") from None
+
+
+def default_workers():
+    return min(8, os.cpu_count() or 1)
+
+
 # ============ settings ============
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (the paper's Table 9).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # what to evaluate
-    a("--ckpt", required=True, help="our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
-      "pretraining checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
-    a("--arch", default=None, help="tiny | vit_s | vit_b, for released checkpoints and 'random' (default tiny); "
-      "our checkpoints carry theirs")
-    a("--num_frames", type=int, default=None, help="clip length for released checkpoints / random (preset's)")
-    a("--img_size", type=int, default=None, help="input side for released checkpoints / random (preset's)")
-    a("--final_norm", action="store_true", help="pool the encoder's output after its last LayerNorm; the "
-      "released probe drops that norm (its mean-pooling ViT sets norm = Identity) and learns fc_norm instead")
-    # data
-    a("--dataset", required=True, choices=VIDEO_DATASETS + IMAGE_DATASETS)
-    a("--data_root", default=None, help="dataset folder (data.py LAYOUTS; ImageFolder train/ val/ for imagenet, "
-      "the torchvision CIFAR-100 folder for cifar100); synthetic: generated on first use if omitted")
-    a("--train_split", default="train")
-    a("--test_split", default="val", help="'val' is the official test list for ucf101 / hmdb51, test set of cifar100")
-    a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3); papers report split 1")
-    a("--stride", type=int, default=None, help="frames between sampled frames with --sampling stride "
-      "(data.py default: 4, SSv2 2)")
-    a("--sampling", default=None, choices=["stride", "segments"], help="clip frames: 'segments' = one per "
-      "equal segment of the whole video (the released SSv2 loader; default for ssv2), 'stride' = consecutive "
-      "frames --stride apart (default elsewhere)")
-    a("--flip", action=argparse.BooleanOptionalAction, default=None,
-      help="cache a mirrored copy of each training clip (default: on, except SSv2, whose labels name "
-      "left/right, and synthetic, for speed); costs one backbone pass per clip")
-    a("--aug_views", type=int, default=0, help="also cache this many random multi-scale crops per training clip "
-      "(one backbone pass each); 0 keeps the probe at 2 passes per clip")
-    a("--test_clips", type=int, default=None, help="temporal clips per test video, softmax scores averaged "
-      "(default 1; with --sampling segments 2, as the released SSv2 probe; VideoMAE K400 fine-tuning: 5 x 3)")
-    a("--test_crops", type=int, default=None, help="spatial crops per test clip along the long side (default 1 "
-      "= centre; with --sampling segments 3, as the released SSv2 probe)")
-    # the head (the paper's Table 9). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
-    # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
-    a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
-      help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
-    a("--epochs", type=int, default=None, help="head epochs (default: 30 SSv2 / 40 K400 / 30 IN-1K / 100 others); "
-      "cheap on cached features, so more is fine if the train accuracy is still rising")
-    a("--lr", type=float, default=1e-3, help="AdamW peak lr, used as given (not scaled by batch size)")
-    a("--weight_decay", type=float, default=0.05, help="on the Linear weight only (not biases, not the norm)")
-    a("--batch_size", type=int, default=128)
-    a("--warmup_epochs", type=int, default=0, help="linear warmup before the cosine (the released script: 5)")
-    # system
-    a("--extract_batch", type=int, default=32, help="clips per backbone forward pass (per GPU); lower it on OOM")
-    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes per rank")
-    a("--out", default=None, help="results JSON (default: <ckpt>.linear_<dataset>.json, out/ for 'random')")
-    a("--cache_dir", default=None, help="feature cache (default: features/ beside the JSON); safe to delete")
-    a("--seed", type=int, default=0, help="random encoder init, head init and view sampling")
-    a("--probes", type=parse_probes, default=None, help=f"probes to run beside the Table 9 head, comma-separated "
-      f"from {','.join(PROBES)} or 'none' (default: all on synthetic, linear_converged,knn elsewhere; dense and "
-      f"attentive cache every output token: clips x tokens x D x 2 bytes)")
-    a("--bench", action="store_true", help="recompute the features (ignore the cache) and report the cost of "
-      "a probe: backbone passes per training clip, extraction and head-training wall time")
+    """Parse, check every option (a bad one stops here, before any file is read), fill the per-dataset defaults."""
+    p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
     args.epochs = args.epochs or EPOCHS.get(args.dataset, 100)
@@ -146,11 +194,101 @@ def get_args(argv=None):
     args.sampling = args.sampling or SAMPLING.get(args.dataset, "stride")
     views = SEGMENT_TEST_VIEWS if args.sampling == "segments" else (1, 1)
     args.test_clips, args.test_crops = args.test_clips or views[0], args.test_crops or views[1]
+    args.workers = default_workers() if args.workers is None else args.workers
     if args.out is None:
         base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random" else os.path.splitext(args.ckpt)[0])
         args.out = f"{base}.linear_{args.dataset}.json"
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "features")
     return args
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Frozen linear probe of a SIGMA / VideoMAE encoder (the paper's Table 9).",
+                                formatter_class=HelpFormatter)
+    a = p.add_argument
+    # what to evaluate
+    a("--ckpt", required=True, help="our checkpoint (carries its architecture), a released SIGMA / VideoMAE "
+      "pretraining checkpoint (pass --arch), or 'random' (randomly initialised --arch: the baseline row)")
+    a("--arch", default=None, help=f"{' | '.join(PRESETS)}; default: our checkpoints' own, tiny for 'random'; "
+      "released checkpoints need it")
+    a("--num_frames", type=int, default=None, help="clip length; default: our checkpoints' own, else the --arch "
+      f"preset's: {preset_values('num_frames')}")
+    a("--img_size", type=int, default=None, help="input side; default: our checkpoints' own, else the --arch "
+      f"preset's: {preset_values('img_size')}")
+    a("--final_norm", action="store_true", help="pool the encoder's output after its last LayerNorm; the "
+      "released probe drops that norm (its mean-pooling ViT sets norm = Identity) and learns fc_norm instead")
+    # data
+    a("--dataset", required=True, choices=VIDEO_DATASETS + IMAGE_DATASETS, help="fashion (moving Fashion-MNIST) and "
+      "synthetic: the built-in sets train.py pretrains on, generated on first use; the others: data.py LAYOUTS, "
+      "torchvision ImageFolder (imagenet) or CIFAR-100 (cifar100)")
+    a("--data_root", default=None, help="dataset folder (data.py LAYOUTS; ImageFolder train/ val/ for imagenet, "
+      "the torchvision CIFAR-100 folder for cifar100); default for fashion / synthetic: the generated set "
+      "(synthetic.fashion_dataset() / synthetic_dataset(), cached); required for the others")
+    a("--train_split", default="train", help="split the head is trained on")
+    a("--test_split", default="val", help="split it is tested on; 'val' is the official test list for ucf101 / "
+      "hmdb51, the test set of cifar100")
+    a("--fold", type=int, default=1, help="UCF101 / HMDB51 split (1-3); papers report split 1")
+    a("--stride", type=int, default=None, help="frames between sampled frames with --sampling stride; default: "
+      f"data.py's per dataset: {per_dataset(DEFAULT_STRIDE, VIDEO_DATASETS)}")
+    a("--sampling", default=None, choices=["stride", "segments"], help="clip frames: 'segments' = one per "
+      "equal segment of the whole video (the released SSv2 loader), 'stride' = consecutive frames --stride apart; "
+      "default: segments for ssv2, stride for the others")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None,
+      help="cache a mirrored copy of each training clip; costs one backbone pass per clip. Default: on, except "
+      f"for {', '.join(sorted(NO_FLIP))} (SSv2's labels name left / right; the built-in sets: for speed)")
+    a("--aug_views", type=int, default=0, help="also cache this many random multi-scale crops per training clip "
+      "(one backbone pass each); 0 keeps the probe at 2 passes per clip")
+    a("--test_clips", type=int, default=None, help="temporal clips per test video, softmax scores averaged; "
+      f"default: 1, or {SEGMENT_TEST_VIEWS[0]} with --sampling segments (the released SSv2 probe; VideoMAE K400 "
+      "fine-tuning tests 5 x 3)")
+    a("--test_crops", type=int, default=None, help="spatial crops per test clip along the long side; default: "
+      f"1 (the centre), or {SEGMENT_TEST_VIEWS[1]} with --sampling segments (the released SSv2 probe)")
+    # the head (the paper's Table 9). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
+    # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
+    a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
+      help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
+    a("--epochs", type=int, default=None, help="head epochs; cheap on cached features, so more is fine if the train "
+      f"accuracy is still rising. Default: {per_dataset(EPOCHS, VIDEO_DATASETS + IMAGE_DATASETS, 100)}")
+    a("--lr", type=float, default=1e-3, help="AdamW peak lr, used as given (not scaled by batch size)")
+    a("--weight_decay", type=float, default=0.05, help="on the Linear weight only (not biases, not the norm)")
+    a("--batch_size", type=int, default=128, help="cached features per head step (the head trains in one process)")
+    a("--warmup_epochs", type=int, default=0, help="linear warmup before the cosine (the released script: 5)")
+    # system
+    a("--extract_batch", type=int, default=32, help="clips per backbone forward pass per GPU; lower it on OOM")
+    a("--workers", type=int, default=None, help=f"DataLoader workers (decoding processes) per GPU; default: "
+      f"min(8, CPU cores) = {default_workers()} here")
+    add_device_option(p, "the encoder runs in bf16 / fp16 on CUDA, fp32 on the CPU")
+    a("--out", default=None, help="results JSON; default: <ckpt without .pth>.linear_<dataset>.json, "
+      "out/random_<arch>.linear_<dataset>.json for 'random'")
+    a("--cache_dir", default=None, help="feature cache, safe to delete; default: features/ beside the JSON")
+    a("--seed", type=int, default=0, help="random encoder init, head init and view sampling")
+    a("--probes", type=parse_probes, default=None, help=f"probes to run beside the Table 9 head, comma-separated "
+      f"from {','.join(PROBES)} or 'none'; default: all on the built-in sets ({', '.join(BUILT_IN)}), "
+      f"linear_converged,knn elsewhere (dense and attentive cache every output token: clips x tokens x D x 2 bytes)")
+    a("--bench", action="store_true", help="recompute the features (ignore the cache) and report the cost of "
+      "a probe: backbone passes per training clip, extraction and head-training wall time")
+    return p
+
+
+def preset_values(field):
+    """'16 (vit_s, vit_b), 8 (tiny)': a model preset field's values, for the help."""
+    full = {name: {**asdict(Config()), **preset}[field] for name, preset in PRESETS.items()}
+    return grouped_values(full)
+
+
+def per_dataset(values, datasets, otherwise=None):
+    """'2 (fashion, synthetic, ssv2), 4 (k400, ...)': each dataset's value (`otherwise` where it has none)."""
+    return grouped_values({d: values.get(d, otherwise) for d in datasets})
+
+
+def grouped_values(by_name):
+    """{name: value} -> 'value (names), ...', or just the value where every name has the same one."""
+    groups = {}
+    for name, value in by_name.items():
+        groups.setdefault(value, []).append(name)
+    if len(groups) == 1:
+        return str(next(iter(groups)))
+    return ", ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
 
 
 def check_args(p, args):
@@ -164,11 +302,13 @@ def check_args(p, args):
 
     need(args.ckpt == "random" or os.path.isfile(args.ckpt), f"--ckpt {args.ckpt!r} does not exist (or pass 'random')")
     need(args.arch is None or args.arch in PRESETS, f"--arch {args.arch}: choose one of {', '.join(PRESETS)}")
+    need(args.data_root is not None or args.dataset in BUILT_IN, f"--data_root is required for --dataset "
+         f"{args.dataset}: the folder holding its layout (data.py LAYOUTS), e.g. --data_root data/{args.dataset}")
     # Unset (None) options take a per-dataset default later; a value given must be in range.
     for name, low, example in [("num_frames", 2, 16), ("img_size", 1, 224), ("stride", 1, 4), ("test_clips", 1, 1),
                                ("test_crops", 1, 3), ("epochs", 1, 100), ("batch_size", 1, 128),
                                ("extract_batch", 1, 32), ("aug_views", 0, 0), ("warmup_epochs", 0, 5),
-                               ("num_workers", 0, 8)]:
+                               ("workers", 0, 8)]:
         value = getattr(args, name)
         need(value is None or value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
     need(args.fold in (1, 2, 3), f"--fold {args.fold}: UCF101 / HMDB51 have splits 1, 2 and 3, e.g. 1")
@@ -177,6 +317,10 @@ def check_args(p, args):
     epochs = args.epochs or EPOCHS.get(args.dataset, 100)
     need(args.warmup_epochs < epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than the {epochs} "
          f"head epochs (the lr would never reach its peak), e.g. --warmup_epochs {min(5, epochs - 1)}")
+    try:
+        args.device = resolve_device(args.device)
+    except UsageError as err:
+        problems.append(str(err))
     if problems:
         p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
 
@@ -338,7 +482,7 @@ def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     V = key["views_per_item"]
     # Shard r holds clips r, r+world, ... (no padding, unlike DistributedSampler: every clip counts once).
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = make_loader(shard, max(1, args.extract_batch // V), args.num_workers, shuffle=False,
+    loader = make_loader(shard, max(1, args.extract_batch // V), args.workers, shuffle=False,
                          drop_last=False, seed=args.seed, distributed=False)
     # A rank past the last clip (fewer clips than ranks) has nothing to encode, but still joins the gather.
     part = extract(encoder, loader, device, key["flip"], show=rank == 0,
@@ -485,8 +629,8 @@ def parse_probes(text):
 
 
 def default_probes(dataset):
-    """All four on the built-in sets (read through the 'synthetic' layout); the pooled ones elsewhere."""
-    return PROBES if dataset == "synthetic" else ("linear_converged", "knn")
+    """All four on the built-in sets (their videos carry dense-label sidecars); the pooled ones elsewhere."""
+    return PROBES if dataset in BUILT_IN else ("linear_converged", "knn")
 
 # ---- token features (dense and attentive probes) ----
 
@@ -511,7 +655,7 @@ def cached_tokens(encoder, dataset, key, args, device):
     path = cache_path(args.cache_dir, key)
     entry = None if args.bench else load_features(path, key)
     if entry is None:
-        loader = make_loader(dataset, args.extract_batch, args.num_workers, shuffle=False, drop_last=False,
+        loader = make_loader(dataset, args.extract_batch, args.workers, shuffle=False, drop_last=False,
                              seed=args.seed, distributed=False)
         tokens, labels = extract_tokens(encoder, loader, device)
         save_features(path, key, tokens, labels, passes=len(dataset))
@@ -583,7 +727,7 @@ def usable_probes(args, cfg, train_set, test_set, say=print):
         problem = ("dense labels exist only for video sets" if not isinstance(train_set, VideoClips)
                    else dense_problem(train_set, cfg) or dense_problem(test_set, cfg))
         if problem and args.probes_given:
-            raise ValueError(f"--probes dense: {problem}")
+            raise UsageError(f"--probes dense: {problem}")
         if problem:
             say(f"dense probe skipped: {problem}")
             probes = tuple(p for p in probes if p != "dense")
@@ -653,30 +797,11 @@ def print_probe_table(table9, probes):
 # ============ main ============
 
 
-def setup_distributed():
-    """DDP like nanoGPT: torchrun sets RANK; a plain `python eval_linear.py` is one process.
-    -> (ddp, rank, world, device)."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available()
-    if not ddp:
-        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
 def frozen_encoder(args, device, world, say):
     """The encoder to probe, frozen, in eval mode, on `device` (a misfit architecture fails here, naming the
     preset that fits). -> (encoder, cfg, missing keys, unexpected keys)."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
-    try:
-        encoder, cfg = load_encoder(args.ckpt, args.arch, **overrides)
-    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
-        if args.ckpt not in str(e):
-            raise
-        sys.exit(f"eval_linear.py: error: --ckpt: {e}")
+    encoder, cfg = open_encoder(args.ckpt, args.arch, **overrides)  # a misfit: UsageError naming the options
     missing, unexpected = [], []
     if args.ckpt != "random":
         # load_encoder already refused missing encoder weights; read the file once more for the exact key
@@ -708,12 +833,13 @@ def build_view_sets(args, cfg, say):
     if args.aug_views:  # random crops (mirrored at random if --flip), drawn once per clip and cached like the rest
         augmented = build_dataset(args, cfg, args.train_split, train=True, repeats=args.aug_views)
         # Each clip's crops are drawn from (seed, clip index) alone (data.VideoClips, FrameClips), so they are the
-        # same for any world size, --num_workers and --extract_batch: the cache key needs none of them.
+        # same for any world size, --workers and --extract_batch: the cache key needs none of them.
         augmented.seed = args.seed
         view_sets.insert(1, ("train_aug", f"aug{args.aug_views}-seed{args.seed}", args.aug_views, False, augmented))
     train, test = view_sets[0][-1], view_sets[-1][-1]
     if train.num_classes != test.num_classes:
-        raise ValueError(f"train split has {train.num_classes} classes, test split {test.num_classes}")
+        raise UsageError(f"--train_split {args.train_split} has {train.num_classes} classes, --test_split "
+                         f"{args.test_split} {test.num_classes}: both splits must list the same classes")
     return view_sets, f"{clips}x{crops}"
 
 
@@ -770,7 +896,7 @@ def print_results(results, args, seconds, device):
 
 def main(argv=None):
     args = get_args(argv)  # every option checked before anything is read
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the 'random' encoder's init
     encoder, cfg, missing, unexpected = frozen_encoder(args, device, world, say)
@@ -821,4 +947,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "eval_linear.py"))

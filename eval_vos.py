@@ -16,6 +16,8 @@ dataset score is the mean over clips.
     python eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS --vis 4
     python eval_vos.py --ckpt random --arch vit_b --dataset davis2017 --data_root /data/DAVIS
     python eval_vos.py --ckpt random --arch tiny --dataset synthetic --vis 2
+    python eval_vos.py --ckpt out/fashion_tiny_mlp_sigma/ckpt.pth --dataset fashion --sampling consecutive \\
+        --features l2                # train.py's default set, read as study.py reads it
     torchrun --nproc_per_node=8 eval_vos.py --ckpt out/ckpt.pth --dataset ytvos --data_root /data/YTVOS
     python eval_vos.py --bench       # seconds per clip on this machine, features vs clustering
 
@@ -60,28 +62,44 @@ from tqdm import tqdm
 
 import ranks
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
+from eval_linear import HelpFormatter, UsageError, add_device_option, open_encoder, resolve_device, run_cli
 from model import PRESETS, SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
-from synthetic import synthetic_dataset, vos_chance
+from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
 # Clip length of each benchmark (the paper's Table 4, after TimeT): DAVIS clips of 16 frames, YouTube-VOS of 4 (its
-# train split is annotated every 5th frame). The synthetic set uses the model's own clip length.
-PROTOCOL_FRAMES = {"davis2017": 16, "davis2016": 16, "ytvos": 4}
+# train split is annotated every 5th frame); moving Fashion-MNIST's DAVIS-layout clips as DAVIS (study.py reads them
+# as davis2017). The synthetic set uses the model's own clip length.
+PROTOCOL_FRAMES = {"davis2017": 16, "davis2016": 16, "ytvos": 4, "fashion": 16}
+# The built-in sets (train.py's --dataset names): their DAVIS-layout VOS clips live in <set>/davis, the set generated
+# on first use (synthetic.fashion_dataset, synthetic_dataset).
+BUILT_IN_VOS = ("fashion", "synthetic")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Parse and check every option (a bad one stops here, before any weight or frame is read)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     # ============ what to evaluate ============
     p.add_argument("--ckpt", default="random", help="one of our checkpoints (stores its architecture), a released "
                    "SIGMA / VideoMAE checkpoint (then pass --arch), or 'random' for a random-init baseline of --arch")
-    p.add_argument("--arch", default=None, help="tiny | vit_s | vit_b; needed for released checkpoints, "
-                   "and for 'random' (default tiny)")
-    p.add_argument("--dataset", default="synthetic", choices=["davis2017", "davis2016", "ytvos", "synthetic"],
+    p.add_argument("--arch", default=None, help=f"{' | '.join(PRESETS)}; default: our checkpoints' own, tiny for "
+                   "'random'; released checkpoints need it")
+    p.add_argument("--dataset", default="synthetic", choices=["davis2017", "davis2016", "ytvos", *BUILT_IN_VOS],
                    help="davis2017: val, instance ids; davis2016: val, binary; ytvos: seeded 20%% of train; "
-                        "synthetic: the built-in set (synthetic.synthetic_dataset), no download")
-    p.add_argument("--data_root", default="", help="dataset folder holding JPEGImages/ and Annotations/")
-    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the protocol's (16 DAVIS, "
-                   "4 YouTube-VOS; the model's own for synthetic). The encoder's position table follows")
+                        "fashion / synthetic: the DAVIS-layout clips of train.py's built-in sets (moving "
+                        "Fashion-MNIST, read as davis2017; the procedural set), generated on first use")
+    p.add_argument("--data_root", default=None, help="davis2017 / davis2016 / ytvos: the folder holding "
+                   "JPEGImages/ and Annotations/ (required); fashion / synthetic: the set's folder, as train.py's "
+                   "--data_root (its davis/ holds the clips), default: the generated set (synthetic."
+                   "fashion_dataset() / synthetic_dataset(), cached)")
+    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the protocol's (16 DAVIS and "
+                   "fashion, 4 YouTube-VOS; the model's own for synthetic). The encoder's position table follows")
     p.add_argument("--img_size", type=int, default=0, help="frame side in pixels; 0 = the model's (224, tiny 64)")
     p.add_argument("--sampling", default="uniform", choices=list(VOS_SAMPLING), help="uniform: TimeT's protocol, "
                    "one clip of T frames spread over each whole sequence (seeded by --seed); consecutive: "
@@ -103,20 +121,18 @@ def get_args(argv=None):
                    "subset and the random-init encoder")
     p.add_argument("--max_clips", type=int, default=0, help="evaluate only the first N clips (0 = all); for smoke runs")
     # ============ output ============
-    p.add_argument("--out", default="", help="JSON path; default <ckpt dir>/vos_<dataset>.json, or "
+    p.add_argument("--out", default="", help="JSON path; default: <ckpt dir>/vos_<dataset>.json, or "
                    "out/vos_<dataset>_random_<arch>.json for random")
     p.add_argument("--vis", type=int, default=0, help="draw PNGs for the first N clips: cluster maps (paper Fig. 3) "
                    "and the tubes that score highest on prototypes (Fig. 4, our checkpoints only)")
     p.add_argument("--protos", type=int, nargs="*", default=[], help="prototype ids for the Fig. 4 view; default: "
                    "the (up to) 3 that most of the clip's tubes choose")
     p.add_argument("--proto_frac", type=float, default=0.1, help="fraction of a clip's tubes highlighted per prototype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 encoder on cuda, fp32 on cpu")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    add_device_option(p, "the encoder runs in bf16 / fp16 on CUDA, fp32 on the CPU")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decoding processes) per GPU")
     p.add_argument("--bench", action="store_true", help="time feature extraction and clustering instead")
     p.add_argument("--bench_archs", nargs="+", default=["tiny", "vit_s", "vit_b"], help="random-init presets for --bench")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return p
 
 
 def check_args(p, args):
@@ -140,9 +156,12 @@ def check_args(p, args):
     need(args.tol >= 0, f"--tol {args.tol}: must be >= 0, e.g. 1e-4")
     need(all(i >= 0 for i in args.protos), f"--protos {' '.join(map(str, args.protos))}: ids are >= 0, e.g. 0 1 2")
     need(0 < args.proto_frac <= 1, f"--proto_frac {args.proto_frac}: must be in (0, 1], e.g. 0.1")
-    device = args.device.split(":")[0]
-    need(device in ("cpu", "cuda"), f"--device {args.device!r}: choose cpu or cuda (cuda:N for one GPU)")
-    need(device != "cuda" or torch.cuda.is_available(), f"--device {args.device}: no CUDA device, use --device cpu")
+    need(args.data_root is not None or args.dataset in BUILT_IN_VOS or args.bench, f"--data_root is required for "
+         f"--dataset {args.dataset}: the folder holding JPEGImages/ and Annotations/, e.g. --data_root data/DAVIS")
+    try:
+        args.device = resolve_device(args.device)
+    except UsageError as err:
+        problems.append(str(err))
     if problems:
         p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
 
@@ -389,7 +408,7 @@ def prototype_model(args, overrides):
         sigma, why = load_sigma(args.ckpt, overrides)
         K = len(sigma.prototypes) if sigma is not None else None
         if K is not None and not all(p < K for p in args.protos):
-            raise ValueError(f"--protos {' '.join(map(str, args.protos))}: {args.ckpt} has prototypes 0..{K - 1}")
+            raise UsageError(f"--protos {' '.join(map(str, args.protos))}: {args.ckpt} has prototypes 0..{K - 1}")
     return sigma, why
 
 
@@ -422,11 +441,12 @@ def draw_prototypes(path, sigma, videos, protos, frac):
 # ============ evaluation ============
 
 def build_dataset(args, num_frames, img_size):
-    if args.dataset == "synthetic":
-        root, layout = Path(synthetic_dataset()) / "davis", "davis2017"
+    if args.dataset in BUILT_IN_VOS:
+        generate = fashion_dataset if args.dataset == "fashion" else synthetic_dataset
+        root, layout = Path(args.data_root or generate()) / "davis", "davis2017"
     else:
         root, layout = Path(args.data_root), args.dataset
-        if not args.data_root or not root.is_dir():
+        if not root.is_dir():
             raise FileNotFoundError(f"--data_root {args.data_root!r} is not a folder: point it at the {args.dataset} "
                                     "folder that holds JPEGImages/ and Annotations/ (or use --dataset synthetic)")
     return VOSDataset(root, layout, clip_len=num_frames, size=img_size, seed=args.seed, sampling=args.sampling)
@@ -459,14 +479,13 @@ def protocol_line(args):
 def setup_distributed(args):
     """Each rank takes every world-th clip. Launched by torchrun (RANK set), main() starts the process group and
     ends it; called inside a process that has one already (train.py's first look under torchrun), it uses that
-    group and leaves it as it is. -> (rank, world, whether main() started a group); sets args.device."""
+    group and leaves it as it is. -> (rank, world, whether main() started a group)."""
     started = not (dist.is_available() and dist.is_initialized())
     if started and "RANK" not in os.environ:
         return 0, 1, False
-    if started:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    if args.device == "cuda":
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if started:  # args.device is cuda:LOCAL_RANK under torchrun (resolve_device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.device.startswith("cuda"):
         torch.cuda.set_device(args.device)
     return dist.get_rank(), dist.get_world_size(), started
 
@@ -481,12 +500,7 @@ def frozen_encoder(args):
         overrides["img_size"] = args.img_size
     arch = args.arch or ("tiny" if args.ckpt == "random" else None)
     torch.manual_seed(args.seed)  # the random-init baseline is reproducible
-    try:
-        encoder, cfg = load_encoder(args.ckpt, arch, **overrides)  # raises with the architecture if it does not fit
-    except RuntimeError as e:  # a file torch cannot read: model.load_checkpoint's message names it and says why
-        if args.ckpt not in str(e):
-            raise
-        sys.exit(f"eval_vos.py: error: --ckpt: {e}")
+    encoder, cfg = open_encoder(args.ckpt, arch, **overrides)  # a misfit: UsageError naming the options
     return encoder.to(args.device).eval().requires_grad_(False), cfg, arch, overrides
 
 
@@ -669,4 +683,4 @@ def bench(args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "eval_vos.py"))

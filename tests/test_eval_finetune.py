@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
+import eval_finetune
 import launch
 from data import DEFAULT_STRIDE, build_video_dataset, open_video
 from eval_finetune import (AugmentedClips, Classifier, ClipErasing, ClipRandAugment, ClipTransform, build_mixer,
@@ -265,24 +267,32 @@ def test_training_clips_come_from_the_decoded_frames(tiny_synthetic):
 # ============ presets: the released scripts, value by value ============
 
 # Copied from the released scripts (scripts_finetune/finetune_kinetics.sh, finetune_ssv2.sh) and the defaults of
-# run_class_finetuning.py they keep. lr, min_lr are per 256 clips; batch_size per GPU (8 GPUs, update_freq 1).
+# run_class_finetuning.py they keep. lr, min_lr are per 256 clips; the scripts' --batch_size 4 is clips per GPU
+# (--micro_batch here) on 8 GPUs with update_freq 1: 32 clips per step (--batch_size here, the total).
 RELEASED = dict(lr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.75,
                 drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=(4, 7.0, 0.5),
-                crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333), reprob=0.25, batch_size=4, repeats=1,
-                test_crops=3)
+                crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333), reprob=0.25, batch_size=32, micro_batch=4,
+                repeats=1, test_crops=3)
 RELEASED_K400 = dict(RELEASED, epochs=100, test_clips=7, flip=True, sampling="stride")  # --sampling_rate 4
 RELEASED_SSV2 = dict(RELEASED, epochs=40, test_clips=2, flip=False, sampling="segments")  # 16 segments
 
 
 @pytest.mark.parametrize("dataset, released", [("k400", RELEASED_K400), ("ssv2", RELEASED_SSV2)])
-def test_presets_equal_the_released_scripts(dataset, released):
-    args = get_args(["--ckpt", "random", "--dataset", dataset])
+def test_presets_equal_the_released_scripts(dataset, released, monkeypatch):
+    args = get_args(["--ckpt", "random", "--dataset", dataset, "--data_root", "/data"])
     assert {k: getattr(args, k) for k in released} == released
     assert args.stride is None and DEFAULT_STRIDE["k400"] == 4  # K400: data.py's stride 4 = --sampling_rate 4
-    assert args.lr * args.batch_size * 8 / 256 == pytest.approx(1.25e-4)  # lr_abs on the release's 8 GPUs
-    paper = get_args(["--ckpt", "random", "--dataset", dataset, "--recipe", "paper"])
+    assert args.lr * args.batch_size / 256 == pytest.approx(1.25e-4)  # the released lr_abs, on any number of GPUs
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under torchrun on the release's 8 GPUs: 8 x 4 clips, no accumulation
+    on_8 = get_args(["--ckpt", "random", "--dataset", dataset, "--data_root", "/data"])
+    assert (on_8.batch_size, on_8.micro_batch) == (32, 4)
+    monkeypatch.setenv("WORLD_SIZE", "16")  # 16 GPUs: the default micro-batch is lowered to keep 32 clips per step
+    assert get_args(["--ckpt", "random", "--dataset", dataset, "--data_root", "/data"]).micro_batch == 2
+    monkeypatch.delenv("WORLD_SIZE")  # (the --recipe paper checks below: one process)
+    paper = get_args(["--ckpt", "random", "--dataset", dataset, "--data_root", "/data", "--recipe", "paper"])
     assert paper.randaug == (2, 9.0, 0.5) and paper.epochs == {"k400": 75, "ssv2": 50}[dataset]
-    assert get_args(["--ckpt", "random", "--dataset", dataset, "--recipe", "paper", "--epochs", "30"]).epochs == 30
+    assert get_args(["--ckpt", "random", "--dataset", dataset, "--data_root", "/data", "--recipe", "paper",
+                     "--epochs", "30"]).epochs == 30
 # ============ command line, end to end, resume ============
 
 
@@ -291,6 +301,8 @@ def test_presets_equal_the_released_scripts(dataset, released):
                                          (["--warmup_epochs", "200"], "--warmup_epochs"),
                                          (["--randaug", "2", "12", "0.5"], "--randaug"),
                                          (["--batch_size", "3", "--repeats", "2"], "--batch_size"),
+                                         (["--batch_size", "16", "--micro_batch", "5"], "--micro_batch 4"),
+                                         (["--micro_batch", "3", "--repeats", "2"], "--micro_batch"),
                                          (["--epochs", "0"], "--epochs"),
                                          (["--batch_size", "0"], "--batch_size"),
                                          (["--lr", "-1"], "--lr"),
@@ -299,9 +311,10 @@ def test_presets_equal_the_released_scripts(dataset, released):
                                          (["--crop_scale", "0", "1"], "--crop_scale"),
                                          (["--randaug", "2.5", "7", "0.5"], "--randaug"),
                                          (["--fold", "4"], "--fold"),
-                                         (["--num_workers", "-1"], "--num_workers")])
+                                         (["--workers", "-1"], "--workers"),
+                                         (["--device", "tpu"], "--device")])
 def test_bad_settings_stop_at_start_naming_the_option(bad, option, capsys, monkeypatch):
-    monkeypatch.setattr("eval_finetune.load_encoder", lambda *a, **k: pytest.fail("read a checkpoint"))
+    monkeypatch.setattr("eval_finetune.open_encoder", lambda *a, **k: pytest.fail("read a checkpoint"))
     with pytest.raises(SystemExit) as stop:  # argparse's exit: no exception escapes, no traceback
         main(["--ckpt", "random", "--dataset", "synthetic", "--data_root", "/nonexistent", *bad])
     err = capsys.readouterr().err
@@ -311,7 +324,7 @@ def test_bad_settings_stop_at_start_naming_the_option(bad, option, capsys, monke
 def run(ckpt, data, out, *extra):
     """4 clips per step, 4 steps per epoch on the 16 tiny videos; 2 x 1 test views of the 8 val videos."""
     return main(["--ckpt", str(ckpt), "--dataset", "synthetic", "--data_root", str(data), "--out", str(out),
-                 "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4", "--num_workers", "0", *extra])
+                 "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4", "--workers", "0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -361,9 +374,9 @@ def test_random_init_runs_and_weights_move(tiny_synthetic, tmp_path):
 
 
 def test_bench_counts_flops_and_memory(capsys):
-    assert main(["--bench", "--arch", "tiny", "--dataset", "synthetic", "--batch_size", "2"]) == 0
+    assert main(["--bench", "--arch", "tiny", "--dataset", "synthetic", "--micro_batch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "GFLOP per training clip" in out and "estimated memory per GPU at --batch_size 2" in out
+    assert "GFLOP per training clip" in out and "estimated memory per GPU at --micro_batch 2" in out
     assert "ms CPU per 8x256x340 clip" in out
 
 
@@ -375,17 +388,17 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
     assert precision == "fp16" and scaler.is_enabled()
     torch.manual_seed(0)
     net = torch.nn.Linear(16, 3)
-    run = SimpleNamespace(model=net, raw_model=net, scaler=scaler,
+    run = SimpleNamespace(model=net, raw_model=net, scaler=scaler, accum=1,
                           optimizer=torch.optim.AdamW([dict(params=list(net.parameters()), lr_scale=1.0)]))
     targets = F.one_hot(torch.arange(8) % 3, 3).float()
     big = 1e3 * torch.randn(8, 16)  # x 65536 (the initial scale): weight gradients far past fp16's 65504
     before = net.weight.detach().clone()
-    loss, _ = train_step(run, big, targets, 1e-2, autocast)
+    loss, _ = train_step(run, [(big, targets)], 1e-2, autocast)
     assert math.isfinite(loss.item()) and torch.equal(net.weight, before) and scaler.get_scale() == 2.0 ** 15
     small = torch.randn(8, 16)
     true = torch.func.grad(lambda w, b: F.cross_entropy(small @ w.T + b, targets), argnums=(0, 1))(
         net.weight.detach(), net.bias.detach())
-    loss, grad_norm = train_step(run, small, targets, 1e-2, autocast)
+    loss, grad_norm = train_step(run, [(small, targets)], 1e-2, autocast)
     true_norm = torch.cat([g.flatten() for g in true]).norm().item()
     assert grad_norm.item() == pytest.approx(true_norm, rel=0.02)  # the true gradient's norm, not x 32768
     assert not torch.equal(net.weight, before)  # this step was taken
@@ -443,8 +456,8 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_synt
 def torchrun_args(out, data, *extra):
     """eval_finetune.py on 2 ranks: 4 clips per rank and step, 2 steps per epoch on the 16 tiny videos."""
     return [launch.ROOT / "eval_finetune.py", "--ckpt", "random", "--arch", "tiny", "--dataset", "synthetic",
-            "--data_root", data, "--out", out, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4",
-            "--num_workers", "0", *extra]
+            "--data_root", data, "--out", out, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "8",
+            "--workers", "0", *extra]
 
 
 @pytest.mark.rehearsal  # torchrun on 2 ranks: `python -m pytest -q -m rehearsal` (CI runs it)
@@ -506,3 +519,79 @@ def test_fewer_test_videos_than_ranks_give_the_one_process_result(tmp_path):
     for line in lines:
         alone, shared = line.split(": alone ")[1].split(", shared ")
         assert alone == shared and "'num_test': 1" in shared, line
+
+# ============ the command line: help, accumulation, datasets by train.py's names, user errors ============
+
+from test_eval_linear import help_problems  # noqa: E402
+
+# Options whose None is their genuine meaning: none here; each would be listed with the words saying what it means.
+NONE_MEANS = {}
+
+
+def test_help_explains_every_option_and_shows_no_none_default():
+    parser = eval_finetune.build_parser()
+    assert help_problems(parser, NONE_MEANS) == []
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    # The recipe's values, written out per dataset (and where --recipe paper changes them).
+    for shown in ("default: 16 (fashion, synthetic), 32 (k400, ssv2, list)", "4 (k400, ssv2, list)",
+                  "40 (ssv2); --recipe paper: 75 (k400), 50 (ssv2)", "default: on (fashion, synthetic, k400"):
+        assert shown in text, shown
+
+
+NO_RANDOMNESS_HERE = ["--randaug", "0", "0", "0", "--crop_scale", "1", "1", "--crop_ratio", "1", "1", "--no-flip",
+                      "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--drop_path", "0", "--stride", "3"]
+
+
+def test_accumulated_micro_batches_step_as_one_batch(tiny_synthetic, tmp_path):
+    """--batch_size 16 as 4 micro-batches of 4 (accumulation) or one of 16: the same step. Without the random
+    augmentation (as in the 4-rank rehearsal) the gradient is the mean over the same 16 clips either way (LayerNorm
+    only, no batch statistics), summed in another order: the weights agree to far less than a step (AdamW's first
+    step moves each weight by lr_abs = 6.25e-4; a loss not divided by the accumulation count would still move
+    them alike, but logs a 4x loss)."""
+    outs = {}
+    for micro in (4, 16):
+        outs[micro] = run("random", tiny_synthetic, tmp_path / str(micro), "--arch", "tiny", "--epochs", "1",
+                          "--warmup_epochs", "0", "--batch_size", "16", "--micro_batch", str(micro),
+                          *NO_RANDOMNESS_HERE)
+    assert outs[4]["config"]["accum"] == 4 and outs[16]["config"]["accum"] == 1
+    assert outs[4]["config"]["lr_abs"] == outs[16]["config"]["lr_abs"] == pytest.approx(1e-2 * 16 / 256)
+    (a,), (b,) = ([json.loads(line) for line in (tmp_path / str(m) / "log.jsonl").read_text().splitlines()]
+                  for m in (4, 16))
+    assert a["step"] == b["step"] == 1
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa, wb = (torch.load(tmp_path / str(m) / "ckpt.pth", weights_only=True)["model"] for m in (4, 16))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_fashion_is_read_by_its_train_py_name_from_the_generated_root(tmp_path, monkeypatch):
+    # Without --data_root the set comes from synthetic.fashion_dataset() (here: a small one), as in train.py.
+    import data
+    from synthetic import fashion_dataset
+    small = fashion_dataset(tmp_path / "fashion", num_train=8, num_val=4, num_vos=2)
+    monkeypatch.setattr(data, "fashion_dataset", lambda root=None: small)
+    args = get_args(["--ckpt", "random", "--dataset", "fashion"])
+    assert (args.epochs, args.batch_size, args.lr, args.test_clips) == (5, 16, 1e-2, 2)  # the built-in recipe
+    out = main(["--ckpt", "random", "--dataset", "fashion", "--out", str(tmp_path / "out"), "--epochs", "1",
+                "--warmup_epochs", "0", "--batch_size", "4", "--workers", "0"])
+    assert (out["dataset"], out["num_train"], out["num_test"], out["num_classes"]) == ("fashion", 8, 4, 4)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--ckpt", "random", "--img_size", "60"], "img_size 60 is not a multiple of patch_size 8"),
+    (["--ckpt", "{not_ours}"], "is not one of our checkpoints: pass its arch"),
+    (["--ckpt", "{corrupt}"], "truncated or corrupt"),
+    (["--bench", "--arch", "tiny", "--num_frames", "7"], "num_frames 7 is not a multiple of tubelet_size"),
+])
+def test_user_errors_reach_the_command_line_as_a_message(extra, words, tiny_synthetic, tmp_path):
+    """A model setting the model refuses, a checkpoint that is not an encoder or cannot be read: exit 2 with the
+    message naming the option, no traceback."""
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "not_ours.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    extra = [e.format(not_ours=tmp_path / "not_ours.pth", corrupt=tmp_path / "corrupt.pth") for e in extra]
+    cmd = [sys.executable, "eval_finetune.py", *extra, "--dataset", "synthetic", "--data_root", str(tiny_synthetic),
+           "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0"]
+    done = subprocess.run(cmd, cwd=launch.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("eval_finetune.py: error: --") and words in done.stderr, done.stderr

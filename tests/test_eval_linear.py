@@ -28,7 +28,7 @@ def run_args(ckpt, data, out, *extra, probes="none"):
     """A fast probe: 20 head epochs, no worker processes, no probes beside Table 9 unless asked (None: the
     default, all four on the built-in sets)."""
     return ["--ckpt", str(ckpt), "--dataset", "synthetic", "--data_root", str(data), "--out", str(out),
-            "--epochs", "20", "--num_workers", "0", *extra] + (["--probes", probes] if probes else [])
+            "--epochs", "20", "--workers", "0", *extra] + (["--probes", probes] if probes else [])
 
 
 def briefly_pretrained(data, path, steps=24, batch=4):
@@ -154,7 +154,7 @@ def head_accuracy_by_hand(result, cache_dir):
 def test_pretrained_tiny_end_to_end_with_cache(pretrained_ckpt, tiny_synthetic, capsys):
     out = pretrained_ckpt.with_suffix(".linear_synthetic.json")  # the default: next to the checkpoint
     args = ["--ckpt", str(pretrained_ckpt), "--dataset", "synthetic", "--data_root", str(tiny_synthetic),
-            "--epochs", "20", "--num_workers", "0", "--flip", "--probes", "none"]  # flip: off by default here
+            "--epochs", "20", "--workers", "0", "--flip", "--probes", "none"]  # flip: off by default here
     first = main(args)
     saved = json.loads(out.read_text())
     assert saved["top1"] == first["top1"]
@@ -352,7 +352,7 @@ def test_images_are_clips_of_one_repeated_frame(tmp_path):
     assert clip.shape == (3, cfg.num_frames, cfg.img_size, cfg.img_size) and label == 0
     assert all(torch.equal(clip[:, t], clip[:, 0]) for t in range(cfg.num_frames))
     res = main(["--ckpt", "random", "--arch", "tiny", "--dataset", "imagenet", "--data_root", str(tmp_path),
-                "--out", str(tmp_path / "r.json"), "--num_workers", "0"])
+                "--out", str(tmp_path / "r.json"), "--workers", "0"])
     assert res["num_train"] == res["num_test"] == 8 and res["num_classes"] == 2
     assert res["args"]["epochs"] == 30 and res["forward_passes_per_train_clip"] == 2.0  # IN-1K preset, flip on
     assert res["top1"] == 100.0  # colour is linearly readable even from a random encoder
@@ -438,9 +438,9 @@ def test_probes_option_refuses_unknown_names(capsys):
         eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101", "--probes", "knn,linaer"])
     err = capsys.readouterr().err
     assert "linaer" in err and "linear_converged,knn,dense,attentive" in err
-    args = eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101"])
-    assert args.probes == ("linear_converged", "knn")  # token probes are opt-in on real datasets
-    assert eval_linear.get_args(["--ckpt", "random", "--dataset", "ucf101", "--probes", "none"]).probes == ()
+    ucf = ["--ckpt", "random", "--dataset", "ucf101", "--data_root", "data/ucf101"]
+    assert eval_linear.get_args(ucf).probes == ("linear_converged", "knn")  # token probes: opt-in on real datasets
+    assert eval_linear.get_args([*ucf, "--probes", "none"]).probes == ()
 
 
 def write_dense_set(root, per_class=(6, 3), frames=40, size=64):
@@ -580,7 +580,7 @@ def test_dense_probe_refused_without_native_resolution_or_sidecars(dense_set, ti
 
 # ============ bad options stop at start ============
 
-BASE = ["--ckpt", "random", "--dataset", "synthetic", "--num_workers", "0"]
+BASE = ["--ckpt", "random", "--dataset", "synthetic", "--workers", "0"]
 
 
 @pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--lr", "-1"), ("--epochs", "0"),
@@ -611,10 +611,10 @@ def test_truncated_checkpoint_is_named(tmp_path):
     torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
     bad = tmp_path / "cut.pth"
     bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
-    with pytest.raises(SystemExit) as info:  # a message, not a traceback
+    with pytest.raises(eval_linear.UsageError) as info:  # the command line prints the message alone (exit 2)
         main(["--ckpt", str(bad), "--dataset", "synthetic", "--data_root", str(tmp_path / "nowhere"),
               "--out", str(tmp_path / "r.json")])
-    assert re.search(r"--ckpt: cannot read checkpoint .*cut\.pth.*truncated or corrupt", str(info.value.code))
+    assert re.search(r"--ckpt: cannot read checkpoint .*cut\.pth.*truncated or corrupt", str(info.value))
 
 
 class Payload:
@@ -626,9 +626,9 @@ class Payload:
 
 def test_checkpoint_with_pickled_code_is_refused_as_such(tmp_path, capsys):
     torch.save({"model": build_model("tiny").state_dict(), "extra": Payload()}, tmp_path / "code.pth")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(eval_linear.UsageError) as info:
         main(["--ckpt", str(tmp_path / "code.pth"), "--dataset", "synthetic", "--out", str(tmp_path / "r.json")])
-    message = str(info.value.code)
+    message = str(info.value)
     assert "refusing to load" in message and "pickled code" in message and "truncated" not in message
     assert "payload executed" not in capsys.readouterr().out
 
@@ -656,3 +656,107 @@ def test_token_variance_shares_against_the_decomposition():
     shares = probes.token_variance_shares(tokens + 3.0, chunk=7)  # an offset and uneven chunks change nothing
     assert shares["clip"] == pytest.approx((a / (a + b)).item(), rel=1e-4)
     assert shares["position"] == pytest.approx((b / (a + b)).item(), rel=1e-4)
+
+
+# ============ the command line tells the truth: help, device, datasets, user errors ============
+
+def help_problems(parser, none_means):
+    """What is wrong with a parser's --help: an option without help, or one that shows '(default: None)' although a
+    recipe, the dataset or the checkpoint supplies its value. Only an option of `none_means` ({option: the words
+    of its help that say what None means}) may show it, and only with those words."""
+    formatter = parser._get_formatter()
+    problems = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0]
+        shown = formatter._expand_help(action) if action.help else ""  # the text --help prints for it
+        if not action.help:
+            problems.append(f"{name}: no help")
+        elif "(default: None)" in shown and not (name in none_means and none_means[name] in shown):
+            problems.append(f"{name}: {shown!r}")
+    return problems
+
+
+# Options whose None is their genuine meaning: none here; each would be listed with the words saying what it means.
+NONE_MEANS = {}
+
+
+def test_help_explains_every_option_and_shows_no_none_default():
+    parser = eval_linear.build_parser()
+    assert help_problems(parser, NONE_MEANS) == []
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    # The values that come from elsewhere are written out: head epochs per dataset, the presets' clip lengths.
+    for shown in ("100 (fashion, synthetic", "40 (k400)", "8 (tiny), 16 (vit_s, vit_b)", "--workers"):
+        assert shown in " ".join(text.split()), shown
+
+
+def test_device_default_and_torchrun_rank_and_bad_values(monkeypatch):
+    resolve = eval_linear.resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve(None) == "cpu" and resolve("cpu") == "cpu"
+    with pytest.raises(eval_linear.UsageError, match="--device cuda: no CUDA device, use --device cpu"):
+        resolve("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve(None) == "cuda" and resolve("cuda:1") == "cuda:1"
+    with pytest.raises(eval_linear.UsageError, match="has 2 GPU"):
+        resolve("cuda:2")
+    for bad in ("tpu", "cuda:x", "mps"):
+        with pytest.raises(eval_linear.UsageError, match="choose cpu or cuda"):
+            resolve(bad)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: each rank its own GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve(None) == "cuda:1" and resolve("cuda") == "cuda:1" and resolve("cpu") == "cpu"
+    with pytest.raises(eval_linear.UsageError, match="pass --device cuda"):
+        resolve("cuda:0")
+
+
+def test_bad_device_stops_at_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_linear, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(SystemExit) as info:
+        main(BASE + ["--out", str(tmp_path / "r.json"), "--device", "gpu"])
+    assert info.value.code == 2 and "--device 'gpu': choose cpu or cuda" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_fashion(tmp_path_factory):
+    """A few clips of moving Fashion-MNIST (synthetic.fashion_dataset): 8 train / 4 val videos, 4 classes."""
+    from synthetic import fashion_dataset
+    return fashion_dataset(tmp_path_factory.mktemp("fashion") / "set", num_train=8, num_val=4, num_vos=2)
+
+
+def test_fashion_is_read_by_its_train_py_name_from_the_generated_root(small_fashion, tmp_path, monkeypatch):
+    # Without --data_root the set comes from synthetic.fashion_dataset() (here: the small one), as in train.py.
+    import data
+    monkeypatch.setattr(data, "fashion_dataset", lambda root=None: small_fashion)
+    args = eval_linear.get_args(["--ckpt", "random", "--dataset", "fashion"])
+    assert args.data_root is None and not args.flip and args.probes == eval_linear.PROBES  # a built-in set's defaults
+    res = main(["--ckpt", "random", "--dataset", "fashion", "--out", str(tmp_path / "r.json"), "--epochs", "2",
+                "--workers", "0", "--probes", "knn"])
+    assert (res["dataset"], res["num_train"], res["num_test"], res["num_classes"]) == ("fashion", 8, 4, 4)
+    assert "knn" in res["probes"]
+
+
+USER_ERRORS = [  # (extra arguments, words of the message)
+    (["--ckpt", "random", "--img_size", "60"], "img_size 60 is not a multiple of patch_size 8"),
+    (["--ckpt", "random", "--arch", "tiny", "--num_frames", "7"], "num_frames 7 is not a multiple of tubelet_size"),
+    (["--ckpt", "{not_ours}"], "is not one of our checkpoints: pass its arch"),
+    (["--ckpt", "{not_ours}", "--arch", "tiny"], "lacks encoder weights"),
+    (["--ckpt", "{corrupt}"], "truncated or corrupt"),
+]
+
+
+@pytest.mark.parametrize("extra, words", USER_ERRORS)
+def test_user_errors_reach_the_command_line_as_a_message(extra, words, tiny_synthetic, tmp_path):
+    """A model setting the model refuses, a checkpoint that is not an encoder or cannot be read: exit 2 with the
+    message naming the option, no traceback."""
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "not_ours.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    extra = [e.format(not_ours=tmp_path / "not_ours.pth", corrupt=tmp_path / "corrupt.pth") for e in extra]
+    cmd = [sys.executable, "eval_linear.py", *extra, "--dataset", "synthetic", "--data_root", str(tiny_synthetic),
+           "--out", str(tmp_path / "r.json"), "--device", "cpu", "--workers", "0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("eval_linear.py: error: --") and words in done.stderr, done.stderr

@@ -468,7 +468,7 @@ def test_torchrun_bad_protos_on_one_rank_stop_every_rank_before_any_clip(tmp_pat
                                     "--data_root", str(DAVIS), "--num_frames", "8", "--workers", "0", "--vis", "1",
                                     "--protos", "9", "--out", str(tmp_path / "r.json")])
     assert code != 0
-    assert re.search(r"rank 0 failed while loading the prototypes for --vis: ValueError: --protos 9: \S*ckpt0\.pth "
+    assert re.search(r"rank 0 failed while loading the prototypes for --vis: UsageError: --protos 9: \S*ckpt0\.pth "
                      r"has prototypes 0\.\.7", err), err[-3000:]
     assert not any((tmp_path / "r_vis").iterdir())  # stopped before the first clip's pictures
 
@@ -529,15 +529,16 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
 @pytest.mark.parametrize("option, value", [("--k_over", "0"), ("--pca_dim", "0"), ("--restarts", "0"),
                                            ("--iters", "0"), ("--tol", "-1"), ("--proto_frac", "0"),
                                            ("--feat_size", "-2"), ("--arch", "vit_h"), ("--bench_archs", "vit_h"),
-                                           ("--workers", "-1"), ("--protos", "-3")])
+                                           ("--workers", "-1"), ("--protos", "-3"), ("--device", "tpu")])
 def test_bad_option_stops_before_any_data_with_its_name(option, value, capsys, monkeypatch):
     """Each bad value exits 2 (argparse's code) naming the option, before a frame or weight is read."""
     monkeypatch.setattr(eval_vos, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
-    monkeypatch.setattr(eval_vos, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    monkeypatch.setattr(eval_vos, "open_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
     with pytest.raises(SystemExit) as info:
         eval_vos.main(["--dataset", "synthetic", "--device", "cpu", option, value])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and f"{option} {value}" in err and ("e.g." in err or "choose from" in err)
+    assert info.value.code == 2 and f"{option} {value}".replace("tpu", "'tpu'") in err
+    assert "e.g." in err or "choose from" in err
 
 
 def test_cuda_device_without_a_gpu_is_refused(capsys, monkeypatch):
@@ -565,6 +566,53 @@ def test_truncated_checkpoint_is_named(tmp_path):
     bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
     done = subprocess.run([sys.executable, "eval_vos.py", "--ckpt", str(bad), "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--ckpt: cannot read checkpoint" in done.stderr and "cut.pth" in done.stderr
     assert "truncated or corrupt" in done.stderr and "pickled code" not in done.stderr
+
+
+# ============ the command line: help, datasets by train.py's names, user errors ============
+
+from test_eval_linear import help_problems  # noqa: E402
+
+# Options whose None is their genuine meaning: none here; each would be listed with the words saying what it means.
+NONE_MEANS = {}
+
+
+def test_help_explains_every_option_and_shows_no_none_default():
+    parser = eval_vos.build_parser()
+    assert help_problems(parser, NONE_MEANS) == []
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "--device DEVICE cpu, cuda or cuda:N (default: cuda if a GPU" in text
+
+
+def test_fashion_reads_the_clips_study_py_reads_from_the_generated_root(tmp_path, monkeypatch):
+    """--dataset fashion = the DAVIS-layout clips in the fashion set's davis/ folder, the clips study.py reads
+    (--data_root <set>/davis --dataset davis2017); without --data_root the set synthetic.fashion_dataset() makes."""
+    from synthetic import fashion_dataset
+    small = fashion_dataset(tmp_path / "fashion", num_train=4, num_val=4, num_vos=2)
+    monkeypatch.setattr(eval_vos, "fashion_dataset", lambda: small)
+    common = ["--ckpt", "random", "--arch", "tiny", "--sampling", "consecutive", "--features", "l2", "--workers", "0",
+              "--device", "cpu"]
+    ours = eval_vos.main([*common, "--dataset", "fashion", "--out", str(tmp_path / "a.json")])
+    study = eval_vos.main([*common, "--dataset", "davis2017", "--data_root", str(small / "davis"),
+                           "--out", str(tmp_path / "b.json")])
+    assert ours["num_clips"] == study["num_clips"] == 2 and ours["config"]["num_frames"] == 16
+    assert ours["clips"] == study["clips"] and ours["mean"] == study["mean"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--img_size", "60"], "img_size 60 is not a multiple of patch_size 8"),
+    (["--num_frames", "7"], "num_frames 7 is not a multiple of tubelet_size"),
+    (["--ckpt", "{not_ours}"], "is not one of our checkpoints: pass its arch"),
+    (["--dataset", "davis2016", "--data_root", "{nowhere}"], "is not a folder"),
+])
+def test_user_errors_reach_the_command_line_as_a_message(extra, words, tmp_path):
+    """A model setting the model refuses, a checkpoint that is not an encoder, a data folder that is not there:
+    exit 2 with the message naming the option, no traceback."""
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "not_ours.pth")
+    extra = [e.format(not_ours=tmp_path / "not_ours.pth", nowhere=tmp_path / "nowhere") for e in extra]
+    done = subprocess.run([sys.executable, "eval_vos.py", "--device", "cpu", "--workers", "0", *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("eval_vos.py: error: --") and words in done.stderr, done.stderr

@@ -76,7 +76,7 @@ def linear_args(data, out):
     return [launch.ROOT / "eval_linear.py", "--ckpt", "random", "--arch", "tiny", "--dataset", "k400",
             "--data_root", data, "--out", out / "linear.json", "--epochs", "5", "--batch_size", "4",
             "--aug_views", "1", "--test_clips", "2", "--test_crops", "3", "--extract_batch", "2",
-            "--num_workers", "1"]
+            "--workers", "1"]
 
 
 def same_features(single, multi):
@@ -118,7 +118,8 @@ def test_eval_linear_on_4_ranks_equals_one_process(tmp_path):
 
 
 def finetune_args(data, out, batch_size, *extra):
-    """Random tiny encoder on the 16 synthetic training videos, one epoch without warmup."""
+    """Random tiny encoder on the 16 synthetic training videos, one epoch without warmup; batch_size clips per step
+    over all ranks."""
     return [launch.ROOT / "eval_finetune.py", "--ckpt", "random", "--arch", "tiny", "--dataset", "synthetic",
             "--data_root", data, "--out", out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size",
             str(batch_size), *extra]
@@ -129,15 +130,16 @@ def finetune_args(data, out, batch_size, *extra):
 # frames (start 0 always). Label smoothing stays: it is arithmetic.
 NO_RANDOMNESS = ("--randaug", "0", "0", "0", "--crop_scale", "1", "1", "--crop_ratio", "1", "1", "--no-flip",
                  "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--drop_path", "0", "--stride", "3",
-                 "--num_workers", "0")
+                 "--workers", "0")
 
 
 def test_eval_finetune_on_4_ranks_equals_one_process(tiny_synthetic, tmp_path):
-    on_ranks(finetune_args(tiny_synthetic, tmp_path / "ranks", 16 // WORLD, *NO_RANDOMNESS), tmp_path)
+    on_ranks(finetune_args(tiny_synthetic, tmp_path / "ranks", 16, *NO_RANDOMNESS), tmp_path)  # 4 clips per rank
     one_process(finetune_args(tiny_synthetic, tmp_path / "one", 16, *NO_RANDOMNESS))
     single, multi = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "ranks"))
     assert multi["config"]["total_batch"] == single["config"]["total_batch"] == 16
-    assert multi["config"]["lr_abs"] == single["config"]["lr_abs"]  # lr x clips per rank x ranks / 256
+    assert multi["config"]["lr_abs"] == single["config"]["lr_abs"]  # lr x clips per step / 256
+    assert (multi["config"]["micro_batch"], single["config"]["micro_batch"]) == (16 // WORLD, 16)
     # The step: DDP averages the 4 ranks' gradients, each the mean over 4 clips, i.e. the mean over the 16 clips of
     # the one process (the model has no batch statistics: LayerNorm only), summed in another order. The logged loss
     # is the ranks' mean and the gradient norm the averaged gradient's: both equal the one process's to rounding
@@ -161,8 +163,8 @@ def test_eval_finetune_on_4_ranks_equals_one_process(tiny_synthetic, tmp_path):
 
 def test_eval_finetune_recipe_on_4_ranks_tests_its_checkpoint_as_one_process(tiny_synthetic, tmp_path):
     # The synthetic recipe as it is (RandAugment, crops, flip, erasing, MixUp / CutMix, drop path, 2 DataLoader
-    # workers per rank), 4 clips per rank: one step.
-    argv = finetune_args(tiny_synthetic, tmp_path / "ranks", 4)
+    # workers per rank), 4 clips per rank: one step of 16.
+    argv = finetune_args(tiny_synthetic, tmp_path / "ranks", 16, "--micro_batch", "4")
     r = on_ranks(argv, tmp_path)
     assert "fine-tuned synthetic" in r.out
     multi = json.loads((tmp_path / "ranks" / "results.json").read_text())
@@ -172,7 +174,7 @@ def test_eval_finetune_recipe_on_4_ranks_tests_its_checkpoint_as_one_process(tin
     data = eval_finetune.build_data(args, world=1)
     model, _, _ = eval_finetune.build_classifier(args, data.source, data.num_classes)
     model.load_state_dict(torch.load(tmp_path / "ranks" / "ckpt.pth", weights_only=True)["model"])
-    alone = eval_finetune.evaluate(model, data.test_set, args.batch_size, 0, torch.device("cpu"),
+    alone = eval_finetune.evaluate(model, data.test_set, args.micro_batch, 0, torch.device("cpu"),
                                    contextlib.nullcontext)
     assert (alone["top1"], alone["top5"], alone["num_test"]) == (multi["top1"], multi["top5"], multi["num_test"])
 
