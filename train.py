@@ -19,19 +19,18 @@ result; ranks that find different checkpoints stop at once; a DataLoader worker 
 its rank after --loader_timeout; skipped videos are listed in <out>/bad_videos.txt.
 
 Read in run order: recipes -> options and their checks -> distributed set-up -> precision ->
-optimizer and schedule -> checkpoints and resume -> train() and the loop -> monitoring. The tools at
-the end (--bench, the matmul ceiling, the memory estimate) are not part of a run.
+optimizer and schedule -> checkpoints and resume -> train() and the loop -> monitoring. What is not part of
+a run (--bench, --dry_run's plan, the memory estimate) is in bench.py.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
-import resource
+import re
 import subprocess
 import sys
 import threading
@@ -45,10 +44,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import ranks
-import sinkhorn
+from bench import accumulation_note, bench, device_memory_gib, peak_memory_gb, plan
 from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
-from model import (PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions,
-                   train_step_flops)
+from model import PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions
 from synthetic import MotionObjects, fashion_dataset
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
@@ -95,72 +93,103 @@ class UsageError(ValueError):
     """A bad option or a run that cannot resume as asked: `python train.py` prints the message, no traceback."""
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SIGMA pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Options left at None take their value from the recipe chosen by --dataset (and --arch).
+def show(value):
+    """A default as the help prints it: 0.00015, 512 512, vit_b."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def per_recipe(key):
+    """Help text of an option whose value comes from the recipe: its value in each recipe of RECIPES."""
+    return "default per recipe: " + ", ".join(f"{name} {show(r[key])}" for name, r in RECIPES.items() if key in r)
+
+
+def per_arch(field):
+    """Help text of an option whose value comes from the --arch preset: the model Config's value per preset."""
+    return "default per --arch: " + ", ".join(f"{arch} {show(getattr(build_config(arch), field))}" for arch in PRESETS)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' after every option whose default is its value; an option left at None (or "") takes its
+    value from the recipe, the --arch preset or another option, or is off, and its help says which."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="SIGMA pretraining", formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--dataset", default="fashion", help="fashion | synthetic | k400 | ssv2 | ucf101 | hmdb51 | list (data.py "
-      "layouts; fashion and synthetic are generated on first use)")
-    a("--data_root", default=None, help="dataset folder (or list file for 'list'); fashion / synthetic: cache folder")
+    own = [d for d in LAYOUTS if d not in RECIPES]
+    a("--dataset", default="fashion", help=f"{' | '.join(LAYOUTS)} (data.py layouts; fashion, synthetic and noise "
+      f"are generated on first use). It picks the recipe (RECIPES) that sets every option marked 'default per "
+      f"recipe': <dataset>_<arch> where one exists ({', '.join(r for r in RECIPES if r not in LAYOUTS)}), else "
+      f"<dataset>'s, else k400's ({', '.join(own)})")
+    a("--data_root", default=None, help="dataset folder (or list file for 'list'); fashion / synthetic / noise: the "
+      "folder they are generated into (default: data.py's cache folder)")
     a("--first_look", action=argparse.BooleanOptionalAction, default=True, help="--dataset fashion: at the end, "
       "segment the val clips with this run's encoder and with the random-init encoder it started from, print both "
       "mIoUs and draw first_look.png")
-    a("--split", default="train")
+    a("--split", default="train", help="the dataset split to train on")
     a("--out", default=None, help="output folder for ckpt.pth and log.jsonl (default out/<dataset>_<arch>_<target>_<loss>); "
       "on several nodes it must be on a file system every node sees")
+    a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when a GPU is visible -- under torchrun "
+      "cuda:LOCAL_RANK, one GPU per rank -- else cpu)")
     # model
-    a("--arch", default=None, help="tiny | vit_s | vit_b")
+    a("--arch", default=None, help=f"{' | '.join(PRESETS)}; {per_recipe('arch')}")
     a("--target", default=None, help="projection phi: mlp (SIGMA-MLP) | dino (SIGMA-DINO) | pixel; default mlp, pixel for --loss pixel")
     a("--loss", default="sigma", help="sigma | l2 (Eq. 2; collapses with mlp) | pixel (VideoMAE)")
     a("--dino_weights", default="", help="local DINO ViT-*/16 checkpoint for --target dino")
     a("--dino_arch", default="vit_b", help="vit_b (D=768) | vit_s (D=384)")
-    a("--num_prototypes", type=int, default=None, help="K; paper ablation peaks at 4000")
-    a("--sk_eps", type=float, default=None, help="Sinkhorn entropy; lower = sharper codes (SSv2 ViT-B: 0.03)")
-    a("--sk_iters", type=int, default=10)
+    a("--num_prototypes", type=int, default=None, help=f"K; paper ablation peaks at 4000; {per_recipe('num_prototypes')}")
+    a("--sk_eps", type=float, default=None, help=f"Sinkhorn entropy; lower = sharper codes; {per_recipe('sk_eps')}")
+    a("--sk_iters", type=int, default=10, help="Sinkhorn iterations per step")
     a("--temperature", type=float, default=0.1, help="tau of the swapped-prediction cross-entropy")
     a("--soft_codes", action="store_true", help="paper's soft codes instead of the released hard argmax")
-    a("--decoder_depth", type=int, default=None, help="decoder blocks (preset: 4; tiny 2); 0 = no decoder: mask "
-      "tokens for --predict_share of the masked tubes go through the encoder, a linear head predicts them (ViDROP; "
-      "docs/forking.md)")
+    a("--decoder_depth", type=int, default=None, help="decoder blocks; 0 = no decoder: mask tokens for "
+      f"--predict_share of the masked tubes go through the encoder, a linear head predicts them (ViDROP; "
+      f"docs/forking.md); {per_arch('dec_depth')}")
     a("--predict_share", type=float, default=0.25, help="--decoder_depth 0: share of the masked tubes that get a mask "
       "token in the encoder and are predicted; the rest are dropped")
     a("--clip_loss", type=float, default=0.0, help="weight of a clip-level swapped prediction between two views of "
       "each video (needs --repeats 2; docs/forking.md); 0 = off")
     a("--clip_prototypes", type=int, default=32, help="--clip_loss: prototypes of the clip-level term (Sinkhorn "
       "balances them over the clips of a micro-batch x GPUs)")
-    a("--proj_hidden", type=int, nargs="+", default=None, help="hidden widths of the mlp phi (released: 1024 1024 512; "
-      "the paper describes a shallower MLP, e.g. 1024 1024)")
+    a("--proj_hidden", type=int, nargs="+", default=None, help="hidden widths of the mlp phi (the paper describes a "
+      f"shallower MLP, e.g. 1024 1024); {per_arch('proj_hidden')}")
     # data
-    a("--num_frames", type=int, default=None, help="frames per clip (16; tiny: 8)")
-    a("--img_size", type=int, default=None, help="crop size (224; tiny: 64)")
-    a("--stride", type=int, default=None, help="temporal stride between frames (K400 4, SSv2 2)")
+    a("--num_frames", type=int, default=None, help=f"frames per clip; {per_arch('num_frames')}")
+    a("--img_size", type=int, default=None, help=f"crop size; {per_arch('img_size')}")
+    a("--stride", type=int, default=None, help=f"temporal stride between frames; {per_recipe('stride')}")
     a("--mask_ratio", type=float, default=0.9, help="share of spatial positions masked in every tube slice")
     a("--repeats", type=int, default=1, help="clips sampled per decoded video (repeated sampling amortises decoding)")
     a("--color_jitter", type=float, default=0.0, help="per-clip colour jitter of this strength (brightness, contrast, "
       "saturation +-S, hue +-S/4; SimCLR's is 0.4); 0 = off, as released")
     a("--motion_objects", type=int, default=None, help="moving cut-outs overlaid on every clip before crop and mask "
-      "(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; --dataset noise: 2")
+      f"(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; {per_recipe('motion_objects')}, other recipes 0")
     a("--motion_objects_dir", default=None, help="folder of RGBA PNG cut-outs for --motion_objects (default: the "
       "Fashion-MNIST items shipped in assets/)")
-    a("--workers", type=int, default=None, help="DataLoader workers per GPU")
+    a("--workers", type=int, default=None, help=f"DataLoader workers per GPU; {per_recipe('workers')}")
     a("--loader_timeout", type=float, default=300, help="seconds to wait for one batch from the workers before "
       "stopping with a message (a worker stuck in FFmpeg); below the NCCL timeout (10 min); 0 = wait forever")
     # optimisation (the released pretraining scripts)
-    a("--batch_size", type=int, default=None, help="total clips per optimizer step, over all GPUs")
+    a("--batch_size", type=int, default=None, help=f"total clips per optimizer step, over all GPUs; {per_recipe('batch_size')}")
     a("--micro_batch", type=int, default=None, help="clips per GPU per forward; accumulation fills the rest. "
-      "Sinkhorn balances over micro_batch x GPUs clips, so it is part of the recipe")
-    a("--epochs", type=int, default=None)
-    a("--warmup_epochs", type=int, default=None, help="linear warmup from 0, then per-step cosine")
-    a("--lr", type=float, default=None, help="base lr per 256 clips: lr = base * batch_size / 256")
-    a("--min_lr", type=float, default=None, help="final lr per 256 clips")
+      f"Sinkhorn balances over micro_batch x GPUs clips, so it is part of the recipe; {per_recipe('micro_batch')}")
+    a("--epochs", type=int, default=None, help=f"passes over the training videos; {per_recipe('epochs')}")
+    a("--warmup_epochs", type=int, default=None, help=f"linear warmup from 0, then per-step cosine; {per_recipe('warmup_epochs')}")
+    a("--lr", type=float, default=None, help=f"base lr per 256 clips: lr = base * batch_size / 256; {per_recipe('lr')}")
+    a("--min_lr", type=float, default=None, help=f"final lr per 256 clips; {per_recipe('min_lr')}")
     a("--weight_decay", type=float, default=0.05, help="not applied to biases, norms, 1-D params, mask token")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW's beta1 beta2")
     a("--precision", default="auto", help="auto (bf16 on GPUs of compute capability 8.0+, fp16 below, fp32 on CPU) | bf16 | fp16 (+GradScaler) | fp32")
     a("--compile", nargs="?", const="inductor", default=None, help="torch.compile the model, optionally naming the "
-      "backend (--compile = inductor; aot_eager compiles fast, for checks); the first steps are slow")
+      "backend (--compile = inductor; aot_eager compiles fast, for checks); the first steps are slow; default: off")
     # bookkeeping
-    a("--seed", type=int, default=0)
-    a("--save_every", type=int, default=None, help="epochs between checkpoints (always one at the end)")
+    a("--seed", type=int, default=0, help="initial weights, and with the epoch and rank every epoch's randomness")
+    a("--save_every", type=int, default=None, help=f"epochs between checkpoints (always one at the end); "
+      f"{per_recipe('save_every')}")
     a("--max_epochs_this_run", type=int, default=0, help="stop after this many epochs (with a checkpoint); "
       "re-run the same command to continue -- for time-limited cluster jobs")
     a("--log_every", type=int, default=10, help="steps between reads of the logged values from the GPU (each read "
@@ -169,12 +198,15 @@ def get_args(argv=None):
       "steps in a row (--loss sigma); 0 = never stop")
     a("--dry_run", action="store_true", help="print the resolved configuration, the batch arithmetic, steps per "
       "epoch and the memory estimate, then exit without training (lists the dataset, decodes nothing)")
-    a("--bench", action="store_true", help="time --bench_steps steps on random input and exit")
-    a("--bench_steps", type=int, default=10)
+    a("--bench", action="store_true", help="time --bench_steps steps on random input and exit (bench.py)")
+    a("--bench_steps", type=int, default=10, help="--bench: timed steps, after two warm-up steps")
     a("--bench_batch", type=int, default=None, help="clips per timed step (default: --micro_batch on GPU, 2 on "
       "CPU); the memory estimate is always for --micro_batch")
-    args = p.parse_args(argv)
+    return p
 
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     # The most specific recipe that exists: dataset_arch, then dataset, then the K400 one.
     args.recipe = next((n for n in (f"{args.dataset}_{args.arch}", args.dataset) if n in RECIPES), "k400")
     for k, v in RECIPES[args.recipe].items():
@@ -219,8 +251,15 @@ def check_args(args, world):
     need(all(0 <= b < 1 for b in args.betas), f"--betas {args.betas}: each in [0, 1), e.g. 0.9 0.95")
     need(args.loader_timeout >= 0, f"--loader_timeout {args.loader_timeout}: seconds >= 0, e.g. 300 (0 = off)")
     need(args.bench_batch is None or args.bench_batch >= 1, f"--bench_batch {args.bench_batch}: must be >= 1")
-    need(not args.motion_objects_dir or os.path.isdir(args.motion_objects_dir), f"--motion_objects_dir "
-         f"{args.motion_objects_dir}: not a folder; give a folder of RGBA PNGs or drop it (Fashion-MNIST items)")
+    need(not args.motion_objects_dir or any(Path(args.motion_objects_dir).expanduser().glob("*.png")),
+         f"--motion_objects_dir {args.motion_objects_dir}: no folder of *.png files; give a folder of RGBA PNGs or "
+         "drop it (Fashion-MNIST items)")
+    need(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file: give a folder for "
+         "ckpt.pth and log.jsonl, e.g. --out out/run1")
+    if args.compile:  # an unknown backend would fail only at the first forward
+        from torch._dynamo import list_backends
+        need(args.compile in list_backends(exclude_tags=()), f"--compile {args.compile}: unknown backend, choose "
+             "inductor (the default of --compile) or aot_eager")
     need(not args.proj_hidden or min(args.proj_hidden) >= 1, f"--proj_hidden {args.proj_hidden}: widths >= 1, e.g. 1024 1024 512")
     # Combinations.
     need(args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than --epochs "
@@ -267,17 +306,37 @@ def model_options(args):
 
 # ============ distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ============
 
-def setup_distributed():
-    """Returns (rank, world_size, device). Plain `python train.py` is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+def resolve_device(name):
+    """--device -> torch.device, or UsageError naming the option and a valid value. None: cuda when a GPU is
+    visible, else cpu. Under torchrun 'cuda' is the rank's own GPU, cuda:LOCAL_RANK."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UsageError(f"--device {name!r}: choose cpu, cuda or cuda:N (GPU N), e.g. --device cpu")
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.index is not None:
+        raise UsageError(f"--device {name}: under torchrun every rank takes its own GPU (cuda:LOCAL_RANK); "
+                         "use --device cuda")
+    if "RANK" in os.environ and device.index is None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), e.g. --device cuda:0")
+    return device
+
+
+def setup_distributed(device_name):
+    """Returns (rank, world_size, device). Plain `python train.py` is a world of one. Under torchrun the process
+    group's backend follows the device: nccl on GPUs, gloo on CPU (--device cpu, or a machine without GPUs)."""
+    device = resolve_device(device_name)
+    if device.index is not None:
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    ranks.init_process_group(backend, device_id=device if backend == "nccl" else None)  # restart-safe (ranks.py)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    cuda = device.type == "cuda"
+    ranks.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)  # restart-safe (ranks.py)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -347,10 +406,10 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
 # An allow-list: these settings may change between restarts (where files are, how fast, how often to save
 # or log, when to stop). Every other setting -- including micro_batch (Sinkhorn's batch), the GPU count and
 # the steps per epoch (the dataset) -- changes the result, and resuming with a different value is refused.
-# precision may change so that a run can move between GPU generations (fp16 <-> bf16); it changes the
-# rounding, not the recipe.
-RESUME_MAY_CHANGE = ("out", "data_root", "workers", "loader_timeout", "precision", "compile", "save_every",
-                     "max_epochs_this_run", "log_every", "collapse_patience", "bench", "bench_steps",
+# precision and device may change so that a run can move between GPU generations (fp16 <-> bf16) or machines;
+# they change the rounding, not the recipe.
+RESUME_MAY_CHANGE = ("out", "data_root", "device", "workers", "loader_timeout", "precision", "compile",
+                     "save_every", "max_epochs_this_run", "log_every", "collapse_patience", "bench", "bench_steps",
                      "bench_batch", "dry_run", "git")
 
 
@@ -437,6 +496,10 @@ def git_hash():
         return None
 
 
+def shapes(state_dict):
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
 def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
     """Auto-resume from <out>/ckpt.pth if it exists: returns (start_epoch, step), the same on every rank.
 
@@ -451,6 +514,10 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
         except RuntimeError as err:  # truncated, corrupt, or pickled code: model.load_checkpoint says which
             problem = (f"{err}\n  Move it away to start this run afresh in --out, or restore an earlier copy of "
                        f"it (a backup, or the checkpoint of an earlier epoch if you keep one) as {ckpt_path}.")
+    keys = ("config", "model", "optimizer", "scaler", "epoch", "step")
+    if ckpt is not None and not (isinstance(ckpt, dict) and all(k in ckpt for k in keys)):
+        ckpt, problem = None, (f"{ckpt_path} is not a checkpoint of train.py (it lacks some of {', '.join(keys)}): "
+                               "use another --out, or move the file away to start this run afresh there")
     if ckpt is not None:
         same = lambda v: json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
         # An option added to train.py after the checkpoint was written counts as left at its default (what the
@@ -462,6 +529,9 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
         if changed:
             problem = (f"{ckpt_path} was trained with other settings {changed} (saved, now): use another --out or the "
                        f"same settings (only {', '.join(RESUME_MAY_CHANGE)} may change between restarts)")
+        elif shapes(ckpt["model"]) != shapes(model.state_dict()):
+            problem = (f"{ckpt_path} holds weights of another model (parameter names or shapes differ from this "
+                       "run's, e.g. written by other code): use another --out, or move the file away")
         else:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -490,7 +560,7 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device)
     try:
         return train(args, rank, world, device)
     finally:
@@ -504,21 +574,31 @@ def train(args, rank, world, device):
     precision, autocast, scaler = choose_precision(args, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its convolutions once
     torch.manual_seed(args.seed)  # same initial weights for a given seed, on every rank
-    model = build_model(args.arch, **model_options(args)).to(device)
+    try:
+        model = build_model(args.arch, **model_options(args))
+    except RuntimeError as err:  # with --target dino the one file read here is --dino_weights: the user's to fix
+        if args.target != "dino":
+            raise
+        raise UsageError(f"--dino_weights {args.dino_weights}: {' '.join(str(err).split())[:300]}; give a DINO "
+                         f"ViT-{args.dino_arch[-1].upper()}/16 checkpoint (--dino_arch {args.dino_arch})") from None
+    model = model.to(device)
     if args.bench:
-        return bench(model, cfg, args, device, autocast, precision)
+        return bench(model, cfg, args, device, autocast, precision, param_groups(model, args.weight_decay))
 
     # ============ batch arithmetic ============
-    # batch_size (total clips per optimizer step) = world x micro_batch x accum. The released K400 run used
-    # 16 GPUs x 40 clips; on 8 GPUs the same 640 clips come from 2 accumulated micro-batches. The lr
-    # follows the total batch (linear scaling rule, as released: base lr per 256 clips).
+    # batch_size (clips per optimizer step) = world x micro_batch x accum: 8 GPUs x 40 clips x 2 make the released
+    # 640 of 16 GPUs. The lr follows the total batch (linear scaling rule, as released: base lr per 256 clips).
     accum = args.batch_size // (world * args.micro_batch)
     lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
 
     # ============ preparing data ============
     paths = {name: os.path.join(args.out, name) for name in ("ckpt.pth", "log.jsonl", "bad_videos.txt")}
     if not args.dry_run:
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {args.out}: cannot create this folder ({err.strerror}); give a folder you can "
+                             "write to, e.g. --out out/run1") from None
         if master:
             remove_stale_temporaries(paths["ckpt.pth"])  # a write killed mid-way left a full-size temporary
     dataset, loader = build_loader(args, cfg, paths)
@@ -539,14 +619,12 @@ def train(args, rank, world, device):
         return 0
 
     # ============ optimizer, resume ============
-    # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor. The run's config (all
-    # options + what was derived from them) is printed, stored in every checkpoint, and compared on resume:
-    # the same command restarts from <out>/ckpt.pth if every setting outside RESUME_MAY_CHANGE matches and
-    # every rank found the same checkpoint (resume()).
+    # fused AdamW on CUDA: one kernel for all parameters. The config (the options and what follows from them) is
+    # printed, stored in every checkpoint and compared on a restart (resume()).
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda")
     config = {**vars(args), "world_size": world, "accum": accum, "lr_abs": lr, "min_lr_abs": min_lr,
-              "precision": precision, "steps_per_epoch": steps_per_epoch, "git": git_hash()}
+              "precision": precision, "device": str(device), "steps_per_epoch": steps_per_epoch, "git": git_hash()}
     start_epoch, step = resume(paths["ckpt.pth"], config, model, optimizer, scaler, world, device)
     step_model = wrap_model(model, args, world, device)
     if master:
@@ -560,15 +638,12 @@ def train(args, rank, world, device):
             print(accumulation_note(model, cfg, args, world, autocast, device_memory_gib(device)))
 
     # ============ training ============
-    # Run holds the log and the monitors; an epoch returns stop=True after a NaN loss or a collapse, on every
-    # rank at once (the values it checks are averaged over ranks first), so no rank is left waiting.
-    # Checkpoints are written by rank 0 in the background (CheckpointWriter): no rank waits for the disk.
+    # Run holds the log and the monitors: an epoch returns stop=True after a NaN loss or a collapse, on every rank
+    # at once. Rank 0 writes the checkpoints in the background (CheckpointWriter): no rank waits for the disk.
     run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
     writer = run.writer
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
-        # This epoch's randomness (augmentation, shuffle, masks) depends on (seed, epoch, rank) only,
-        # so a run resumed from an end-of-epoch checkpoint continues exactly like an uninterrupted one.
         mask_gen = seed_everything(args.seed, epoch, rank)
         set_epoch(loader, epoch)
         step_model.train()
@@ -620,50 +695,11 @@ def build_loader(args, cfg, paths):
     return dataset, loader
 
 
-def plan(args, cfg, model, world, accum, steps_per_epoch, num_videos, device, autocast, precision):
-    """What --dry_run prints: the resolved run, without training it."""
-    lr, min_lr = args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256
-    static, saved, scores = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
-    lines = [f"config: {json.dumps({**vars(args), 'world_size': world, 'accum': accum}, default=str)}",
-             f"model: {args.arch} target={cfg.target} loss={cfg.loss}, "
-             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters; {device}, "
-             f"{precision}",
-             f"batch: {world} ranks x {args.micro_batch} clips x {accum} accumulation = {args.batch_size} clips per "
-             f"step; Sinkhorn balances {world * args.micro_batch} clips at a time",
-             f"data: {num_videos:,} videos -> {steps_per_epoch:,} steps per epoch, {steps_per_epoch * args.epochs:,} "
-             f"steps in {args.epochs} epochs ({args.warmup_epochs} of warmup); lr {lr:.3g} -> {min_lr:.3g} "
-             f"(--lr {args.lr:g} x {args.batch_size} / 256)",
-             f"memory per rank for {args.micro_batch} clips per forward: ~{static + saved + scores:.1f} GiB = "
-             f"{static:.1f} weights+grads+AdamW + {saved:.1f} saved for backward + {scores:.1f} score/Sinkhorn "
-             f"temporaries (+10-20% allocator slack), of this device's {device_memory_gib(device):.0f} GiB"]
-    if accum > 1:
-        lines.append(accumulation_note(model, cfg, args, world, autocast, device_memory_gib(device)))
-    return "\n".join(lines)
-
-
 def relative_samples(samples):
     """[(path, label)] with the paths relative to the folder they share: what ranks compare (ranks.agree)."""
     paths = [str(p) for p, _ in samples]
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
     return [(os.path.relpath(p, root), y) for p, (_, y) in zip(paths, samples)]
-
-
-def accumulation_note(model, cfg, args, world, autocast, memory_gib):
-    """The start-up note of a run that accumulates gradients: Sinkhorn's equipartition then covers each forward's
-    world x micro_batch clips, not the whole step's batch_size as in the released run (K400: 16 GPUs x 40 = 640
-    clips at once; 8 GPUs x 40 x 2 accumulation steps balance 320 at a time). Says whether batch_size / world
-    clips per forward fit this device by the memory estimate (+20% allocator slack), and the option that uses them.
-    The micro-batch is not changed automatically: it is part of the recipe (a restart on another GPU model must
-    not change the result), so the choice stays on the command line."""
-    full, accum = args.batch_size // world, args.batch_size // (world * args.micro_batch)
-    need = sum(estimate_memory_gb(model, cfg, full, autocast, args.mask_ratio))
-    fits = 1.2 * need <= memory_gib
-    return (f"note: {accum} accumulation steps, so Sinkhorn balances {world * args.micro_batch} clips at a time; the "
-            f"released run balanced all {args.batch_size} at once. {full} clips per GPU need ~{need:.0f} GiB "
-            f"(estimate) of this device's {memory_gib:.0f} GiB: "
-            + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
-               f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
-               f"{args.micro_batch}."))
 
 
 def train_one_epoch(run, step_model, model, optimizer, scaler, autocast, loader, mask_gen, epoch, step):
@@ -919,150 +955,6 @@ def check_ranks_agree(model, master):
         raise RuntimeError(f"model weights differ across ranks: {digests}")
     if master:
         print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
-
-
-def device_memory_gib(device):
-    """Memory of the device a rank trains on: the GPU's, or on CPU the host's RAM (the value the start-up note
-    compares the memory estimate with)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30  # a host-side counter: no sync
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (process RSS)
-
-
-# ============================================================================================================
-# ============ tools (not part of a training run): --bench, the matmul ceiling, the memory estimate ============
-# ============================================================================================================
-
-def bench(model, cfg, args, device, autocast, precision):
-    """What a node delivers on one training step, timed as the loop runs it: uint8 clips and the mask copied from
-    pinned host memory, normalised on the device, forward + backward + AdamW. Prints the median step time (wall
-    and process CPU time), the achieved FLOP/s as a share of this device's matmul ceiling at the autocast dtype
-    (and, on CUDA, of the TF32 ceiling that the fp32 regions run at), the bytes copied host-to-device per step,
-    and the measured peak memory against the estimate (estimate_memory_gb)."""
-    batch = args.bench_batch or (args.micro_batch if device.type == "cuda" else min(2 * args.repeats, args.micro_batch))
-    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    ceiling = matmul_flops_per_second(device, amp_dtype)
-    with tf32_in_fp32_regions(device, "bf16"):  # CUDA: fp32 matmuls in TF32; CPU: plain fp32
-        tf32_ceiling = matmul_flops_per_second(device, torch.float32) if device.type == "cuda" else None
-    flops = train_step_flops(model, batch)  # forward + backward, counted by torch on a real step (model.py)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-5, fused=device.type == "cuda")
-    step_model = torch.compile(model, backend=args.compile) if args.compile else model
-    clips = torch.randint(0, 256, (batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
-    clips = clips.pin_memory() if device.type == "cuda" else clips  # (B, 3, T, H, W), as the DataLoader pins it
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, cpu_times, copied = [], [], 0
-    for i in range(args.bench_steps + 2):  # two warm-up steps
-        if i == 2 and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        mask = tube_mask(batch, cfg.grid, args.mask_ratio)  # (B, N) on the host
-        n_masked = int(mask[0].sum())
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        videos, mask = normalize(to_device(clips, device)), to_device(mask, device)  # what the loop copies
-        with tf32_in_fp32_regions(device, precision):
-            with autocast():
-                loss = step_model(videos, mask, n_masked=n_masked, views=args.repeats)["loss"]
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        copied = clips.nbytes + mask.nbytes
-    median = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731
-    t, cpu = median(times), median(cpu_times)
-    share = f"{flops / t / ceiling:.0%} of this device's {ceiling / 1e9:.0f} GFLOP/s {precision} matmul ceiling"
-    if tf32_ceiling:
-        share += f" (TF32, the fp32 regions' rate: {tf32_ceiling / 1e9:.0f} GFLOP/s)"
-    print(f"{args.arch} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, target {cfg.target}, loss {cfg.loss}, "
-          f"batch {batch}, {device} {precision}, {torch.get_num_threads()} threads:\n"
-          f"  step {t * 1e3:.1f} ms (median of {args.bench_steps}; process CPU time {cpu * 1e3:.1f} ms), "
-          f"{t / batch * 1e3:.1f} ms/clip, {batch / t:.1f} clips/s\n"
-          f"  {flops / batch / 1e9:.1f} GFLOP per clip (fwd+bwd), achieved {flops / t / 1e9:.1f} GFLOP/s = {share}\n"
-          f"  host-to-device per step: {copied / 2 ** 20:.1f} MiB (uint8 clips + mask; float32 clips would be "
-          f"{(4 * clips.nbytes + mask.nbytes) / 2 ** 20:.1f} MiB)")
-    if device.type == "cuda":
-        est = sum(estimate_memory_gb(model, cfg, batch, autocast, args.mask_ratio))
-        print(f"  peak memory {peak_memory_gb(device):.2f} GiB measured vs {est:.2f} GiB estimated for {batch} clips")
-    static, acts, sk = estimate_memory_gb(model, cfg, args.micro_batch, autocast, args.mask_ratio)
-    print(f"  estimated memory per GPU for {args.micro_batch} clips/forward (--micro_batch): {static + acts + sk:.1f} GiB "
-          f"= {static:.1f} weights+grads+AdamW + {acts:.1f} saved for backward + {sk:.1f} score/Sinkhorn temporaries "
-          f"(+10-20% allocator slack)")
-    return 0
-
-
-def matmul_flops_per_second(device, dtype, n=2048, seconds=2.0):
-    """Throughput of one large matmul on this device: the practical ceiling of a training step."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
-
-
-def saved_for_backward_bytes(model, cfg, batch, autocast, mask_ratio):
-    """Bytes of the tensors autograd saves for backward in one forward of `batch` clips (distinct storages;
-    the parameters themselves are left out: they are counted with the weights)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[(ptr, t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    device = model.mask_token.device
-    videos = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)  # (B, 3, T, H, W)
-    mask = tube_mask(batch, cfg.grid, mask_ratio).to(device)  # (B, N)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        model(videos, mask, views=2 if cfg.clip_loss else 1)
-    return sum(saved.values()), int(mask[0].sum())
-
-
-def estimate_memory_gb(model, cfg, batch, autocast, mask_ratio):
-    """Per-GPU memory of a training step on `batch` clips, estimated without a GPU; (static, saved, scores) GiB.
-
-    static: fp32 weights, grads and the two AdamW moments (16 bytes per trainable parameter; 4 per frozen one).
-    saved: the tensors autograd keeps for backward, counted under the run's autocast on 1 and on 2 clips and
-      extrapolated linearly, a + b * batch. The constant a holds what does not grow with the batch -- the bf16
-      copies of the weights that autocast saves for the backward matmuls -- which a plain "one clip x batch"
-      would multiply by the batch (overcounting ViT-B by ~40 x 0.2 GB under bf16).
-    scores: the (N, K) fp32 matrices of the loss that are alive at the forward's peak but not saved: s_phi and
-      s_psi, the two Sinkhorn plans (the returned codes), and one s / tau temporary -- 5 N K x 4 bytes, with
-      N = batch x masked tokens per clip. The two log-probability matrices the cross-entropy saves are already
-      in `saved`; the backward's (N, K) gradients (at most 2 at a time: of the log-probabilities and of the
-      logits) are freed before the encoder's, so the forward peak is the larger one.
-    Allocator slack and kernel workspaces are not included (add ~10-20%).
-
-    Safe on one rank alone (train.py prints it from rank 0 only): the forwards run on a copy of the model (the
-    real one's prototypes would be renormalised in place) with Sinkhorn's all-reduces switched off, so it issues
-    no collective and leaves every parameter of `model` bit-identical.
-    """
-    model = copy.deepcopy(model)
-    with sinkhorn.local_only():
-        unit = 2 if cfg.clip_loss else 1  # the clip-level term needs two views of each video
-        one, n_masked = saved_for_backward_bytes(model, cfg, unit, autocast, mask_ratio)
-        two, _ = saved_for_backward_bytes(model, cfg, 2 * unit, autocast, mask_ratio)
-    per_clip = (two - one) / unit
-    fixed = one - unit * per_clip
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    static = 16 * trainable + 4 * frozen
-    predicted = n_masked if cfg.dec_depth else max(1, round(cfg.predict_share * n_masked))  # tokens scored per clip
-    scores = 5 * 4 * batch * predicted * cfg.num_prototypes if cfg.loss == "sigma" else 0
-    return static / 2 ** 30, (fixed + batch * per_clip) / 2 ** 30, scores / 2 ** 30
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ unreadable videos are listed; DDP, torch.compile and the memory estimate."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import bench
 import launch
 import train
 from model import SIGMA, config_from_dict, load_checkpoint
@@ -379,9 +381,9 @@ def test_memory_estimate_does_not_scale_weights_by_the_batch():
     from model import build_model
     model = build_model("tiny", num_prototypes=32)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    _, saved, _ = train.estimate_memory_gb(model, model.cfg, 3, autocast, 0.9)
-    direct, _ = train.saved_for_backward_bytes(model, model.cfg, 3, autocast, 0.9)
-    one, _ = train.saved_for_backward_bytes(model, model.cfg, 1, autocast, 0.9)
+    _, saved, _ = bench.estimate_memory_gb(model, model.cfg, 3, autocast, 0.9)
+    direct, _ = bench.saved_for_backward_bytes(model, model.cfg, 3, autocast, 0.9)
+    one, _ = bench.saved_for_backward_bytes(model, model.cfg, 1, autocast, 0.9)
     assert abs(saved * 2 ** 30 - direct) < 1e-3 * direct
     assert 3 * one > 1.02 * direct  # the plain "one clip x batch" of before overcounts
 
@@ -408,9 +410,9 @@ def test_accumulation_note_says_whether_the_released_batch_fits():
     from model import build_model
     model = build_model("tiny", num_prototypes=32)
     args = train.get_args(["--dataset", "k400", "--arch", "tiny", "--batch_size", "640", "--micro_batch", "40"])
-    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=80)
+    note = bench.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=80)
     assert "balances 320 clips" in note and "all 640" in note and "--micro_batch 80" in note
-    note = train.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=0.1)
+    note = bench.accumulation_note(model, model.cfg, args, 8, contextlib.nullcontext, memory_gib=0.1)
     assert "do not fit" in note and "16 GPUs" in note
 
 
@@ -429,7 +431,7 @@ def test_memory_estimate_runs_on_one_rank_alone_without_collectives_or_changes(m
     with torch.no_grad():
         model.prototypes.mul_(3.0)  # off the unit sphere, as after an optimizer step: a forward renormalises them
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    static, saved, scores = train.estimate_memory_gb(model, model.cfg, 4, contextlib.nullcontext, 0.9)
+    static, saved, scores = bench.estimate_memory_gb(model, model.cfg, 4, contextlib.nullcontext, 0.9)
     assert calls == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert static > 0 and saved > 0 and scores > 0
@@ -585,3 +587,83 @@ def test_color_jitter_changes_each_views_colours_and_nothing_else(tiny_synthetic
     assert (edges(plain) == edges(jittered)).float().mean() > 0.9
     with_zero = train.get_args(tiny_args(tiny_synthetic, tmp_path, "--repeats", "2"))
     assert with_zero.color_jitter == 0
+
+
+# ------------------------------------------------------------------------ the command line tells the truth
+
+def listed_values(help_text, marker):
+    """'... <marker> a 1, b 0.05, c 1024 1024 512' -> {'a': '1', 'b': '0.05', 'c': '1024 1024 512'}."""
+    listing = " ".join(help_text.split()).split(marker, 1)[1]
+    return dict(item.strip().split(" ", 1) for item in listing.split(","))
+
+
+def test_help_shows_each_recipes_and_presets_value_and_never_default_none():
+    from model import PRESETS, build_config
+    parser = train.build_parser()
+    assert "(default: None)" not in parser.format_help()
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all(helps.values()), [dest for dest, text in helps.items() if not text]
+    # An option left at None gets its value elsewhere: its help says where.
+    assert all("default" in a.help for a in parser._actions if a.default is None), \
+        [a.dest for a in parser._actions if a.default is None and "default" not in a.help]
+    for name, recipe in train.RECIPES.items():
+        for key, value in recipe.items():
+            shown = listed_values(helps[key], "default per recipe:")[name]
+            assert (tuple(map(int, shown.split())) if isinstance(value, tuple) else type(value)(shown)) == value, \
+                (key, name, shown)
+    for option, field in [("num_frames", "num_frames"), ("img_size", "img_size"), ("decoder_depth", "dec_depth"),
+                          ("proj_hidden", "proj_hidden")]:
+        shown = listed_values(helps[option], "default per --arch:")
+        assert shown.keys() == PRESETS.keys()
+        for arch in PRESETS:
+            value = getattr(build_config(arch), field)
+            assert (tuple(map(int, shown[arch].split())) if isinstance(value, tuple) else int(shown[arch])) == value
+
+
+def test_device_cpu_trains_and_is_recorded(tiny_synthetic, tmp_path):
+    assert train.main(tiny_args(tiny_synthetic, tmp_path, "--device", "cpu", "--epochs", "1",
+                                "--warmup_epochs", "0")) == 0
+    assert load_checkpoint(str(tmp_path / "ckpt.pth"))["config"]["device"] == "cpu"
+    assert "device" in train.RESUME_MAY_CHANGE  # a run may move between machines: the recipe stays
+
+
+def not_a_train_checkpoint(tmp_path):
+    """An --out holding a ckpt.pth that torch reads but train.py did not write (e.g. a DINO file)."""
+    (tmp_path / "out").mkdir()
+    torch.save({"w": torch.ones(2)}, tmp_path / "out" / "ckpt.pth")
+    return []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "--device 'tpu': choose cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA device here; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (["--out", "{tmp}/a_file"], "is a file: give a folder"),
+    (["--out", "{tmp}/a_file/run"], "cannot create this folder"),
+    (["--target", "dino", "--dino_weights", "{tmp}/a_file"], "--dino_weights {tmp}/a_file: cannot read checkpoint"),
+    (["--target", "dino", "--dino_weights", "{tmp}/other.pth"], "give a DINO ViT-B/16 checkpoint"),
+    (["--compile", "no_such_backend"], "--compile no_such_backend: unknown backend"),
+    (["--motion_objects", "2", "--motion_objects_dir", "{tmp}"], "no folder of *.png files"),
+    (not_a_train_checkpoint, "is not a checkpoint of train.py"),
+])
+def test_a_users_mistake_stops_at_start_with_the_message_alone(tiny_synthetic, tmp_path, flags, message):
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    torch.save({"w": torch.ones(2)}, tmp_path / "other.pth")  # readable, but not DINO weights
+    flags = flags(tmp_path) if callable(flags) else [f.format(tmp=tmp_path) for f in flags]
+    argv = tiny_args(tiny_synthetic, tmp_path / "out", "--arch", "tiny", *flags)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert message.format(tmp=tmp_path) in done.stderr, done.stderr
+
+
+def test_a_checkpoint_of_another_model_in_out_stops_with_the_message_alone(tiny_synthetic, tmp_path):
+    # Same settings, other weights (e.g. written by other code): refused before any state is loaded.
+    assert train.main(tiny_args(tiny_synthetic, tmp_path, "--max_epochs_this_run", "1")) == 0
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pth"))
+    ckpt["model"]["mask_token"] = torch.zeros(1, 1, 7)
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *tiny_args(tiny_synthetic, tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "holds weights of another model" in done.stderr
