@@ -8,7 +8,10 @@ hold, measured without an optimisation budget to argue about.
   dense             a converged linear classifier per output token against per-token labels
   attentive         V-JEPA's attentive probe: one learned query cross-attends over the frozen tokens
 
-Pure tensor code: no datasets, files or encoders (those are eval_linear.py's). Tests: tests/test_eval_linear.py.
+  (study.py's semantic read-out: layer_features, effective_rank, knn_top1 with optional standardisation)
+
+Tensor code: no datasets or files (those are eval_linear.py's and study.py's). Tests: tests/test_eval_linear.py,
+tests/test_study.py.
 """
 import contextlib
 import math
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import normalize
 
 # ============ defaults ============
 # L2 strengths tried (objective: mean CE + lam/2 |W|^2 on standardised inputs). Below 1e-4 the problem on a few
@@ -301,3 +306,42 @@ def token_variance_shares(tokens, chunk=256):
     position_mean = sum(c.double().sum(0) for c in tokens.split(chunk)) / tokens.shape[0]  # (n, D)
     position = (position_mean - mean).pow(2).sum().item() * tokens.shape[0]
     return dict(clip=clip / total, position=position / total)
+
+
+# ============ the laptop study's semantic read-out (study.py) ============
+
+def layer_features(encoder, clips):
+    """Every block's tokens of uint8 clips (N, 3, T, S, S), mean-pooled -> (N, L, D) with L = depth + 1 (the last
+    entry after the final LayerNorm), and per layer: the mean cosine similarity of two tokens of one clip (1 = one
+    vector per clip) and the largest channel's RMS over the median channel's (L,) each."""
+    pooled, similarity, channel_ms = [], 0, 0
+    with torch.no_grad():
+        for batch in clips.split(100):
+            t = encoder.patch_embed(normalize(batch)) + encoder.pos_embed  # (b, N, D)
+            layers = []
+            for block in encoder.blocks:
+                t = block(t)
+                layers.append(t)
+            layers = torch.stack([*layers, encoder.norm(t)], dim=1)  # (b, L, N, D)
+            pooled.append(layers.mean(2))
+            unit = F.normalize(layers, dim=-1).sum(2)  # (b, L, D): sum of unit tokens
+            n = layers.shape[2]
+            similarity = similarity + ((unit.square().sum(-1) - n) / (n * (n - 1))).sum(0)  # (L,)
+            channel_ms = channel_ms + layers.square().mean(2).sum(0)  # (L, D)
+    rms = (channel_ms / len(clips)).sqrt()  # (L, D)
+    return torch.cat(pooled), similarity / len(clips), rms.amax(1) / rms.median(1).values
+
+
+def effective_rank(x):
+    """exp(entropy) of the normalised singular values of centred features (N, D): 1 = one direction, D = all."""
+    s = torch.linalg.svdvals((x - x.mean(0)).double())
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))
+
+
+def knn_top1(bank, bank_y, queries, query_y, standardise):
+    """20-NN top-1 (%) of queries against a bank; standardise: every channel to the bank's mean and SD first."""
+    if standardise:
+        mean, sd = bank.mean(0), bank.std(0) + 1e-6
+        bank, queries = (bank - mean) / sd, (queries - mean) / sd
+    return knn_probe(bank, bank_y, queries[:, None], query_y, int(bank_y.max()) + 1)["top1"]

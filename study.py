@@ -59,8 +59,8 @@ import torch.nn.functional as F
 
 import data
 import model
-import probes
 import train
+from probes import effective_rank, knn_top1, layer_features
 from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
 HERE = Path(__file__).resolve().parent
@@ -424,43 +424,6 @@ def make_row(arm, seed, seg, lin, folder, cpu, sem):
 # unchanged to every arm on the val clips (bank: all train clips). docs/study.md has the ranking it gave.
 READOUT_BANK = 1500
 SEMANTIC_READOUT = None  # set from choose_readout's outcome (docs/study.md, "The semantic read-out")
-
-
-def layer_features(encoder, clips):
-    """Every block's tokens of uint8 clips (N, 3, T, S, S), mean-pooled -> (N, L, D) with L = depth + 1 (the last
-    entry after the final LayerNorm), and per layer: the mean cosine similarity of two tokens of one clip (1 = one
-    vector per clip) and the largest channel's RMS over the median channel's (L,) each."""
-    pooled, similarity, channel_ms = [], 0, 0
-    with torch.no_grad():
-        for batch in clips.split(100):
-            t = encoder.patch_embed(data.normalize(batch)) + encoder.pos_embed  # (b, N, D)
-            layers = []
-            for block in encoder.blocks:
-                t = block(t)
-                layers.append(t)
-            layers = torch.stack([*layers, encoder.norm(t)], dim=1)  # (b, L, N, D)
-            pooled.append(layers.mean(2))
-            unit = F.normalize(layers, dim=-1).sum(2)  # (b, L, D): sum of unit tokens
-            n = layers.shape[2]
-            similarity = similarity + ((unit.square().sum(-1) - n) / (n * (n - 1))).sum(0)  # (L,)
-            channel_ms = channel_ms + layers.square().mean(2).sum(0)  # (L, D)
-    rms = (channel_ms / len(clips)).sqrt()  # (L, D)
-    return torch.cat(pooled), similarity / len(clips), rms.amax(1) / rms.median(1).values
-
-
-def effective_rank(x):
-    """exp(entropy) of the normalised singular values of centred features (N, D): 1 = one direction, D = all."""
-    s = torch.linalg.svdvals((x - x.mean(0)).double())
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))
-
-
-def knn_top1(bank, bank_y, queries, query_y, standardise):
-    """20-NN top-1 (%) of queries against a bank; standardise: every channel to the bank's mean and SD first."""
-    if standardise:
-        mean, sd = bank.mean(0), bank.std(0) + 1e-6
-        bank, queries = (bank - mean) / sd, (queries - mean) / sd
-    return probes.knn_probe(bank, bank_y, queries[:, None], query_y, int(bank_y.max()) + 1)["top1"]
 
 
 def readout_names(layers):

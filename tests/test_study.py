@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model
+import probes
 import study
 
 
@@ -287,7 +288,7 @@ def test_layer_features_pool_every_block_and_measure_the_tokens_as_written_out()
     encoder, cfg = study.model.load_encoder("random", "tiny", enc_depth=2)
     encoder.eval()
     x = torch.randint(0, 256, (3, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
-    pooled, similarity, channels = study.layer_features(encoder, x)
+    pooled, similarity, channels = probes.layer_features(encoder, x)
     with torch.no_grad():
         t = encoder.patch_embed(study.data.normalize(x)) + encoder.pos_embed
         layers = [t := block(t) for block in encoder.blocks]
@@ -302,5 +303,5 @@ def test_layer_features_pool_every_block_and_measure_the_tokens_as_written_out()
         rms = tokens.square().mean((0, 1)).sqrt()
         assert channels[i] == pytest.approx(float(rms.max() / rms.median()), rel=1e-4)
     # Effective rank: D equal singular values give D, one direction gives 1.
-    assert study.effective_rank(torch.eye(8).repeat(2, 1)) == pytest.approx(8, rel=0.15)
-    assert study.effective_rank(torch.randn(50, 1) * torch.randn(1, 8)) == pytest.approx(1, abs=1e-3)
+    assert probes.effective_rank(torch.eye(8).repeat(2, 1)) == pytest.approx(8, rel=0.15)
+    assert probes.effective_rank(torch.randn(50, 1) * torch.randn(1, 8)) == pytest.approx(1, abs=1e-3)
