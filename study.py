@@ -300,7 +300,7 @@ def eval_fingerprint(root):
     with torch.no_grad():
         tokens = encoder(data.normalize(x))
     code = {f: source_digest(read_source(f)) for f in ("eval_vos.py", "eval_linear.py", "probes.py")}
-    return dict(code=digest(code, semantic_key(), VOS, LINEAR),
+    return dict(code=digest(code, semantic_functions(), VOS, LINEAR),
                 behaviour=tensor_digest([("clips", x), ("masks", vos["masks"]), ("tokens", tokens)]))
 
 
@@ -462,9 +462,13 @@ def run_semantic(ckpt, root, seed, out, log, threads):
 
 def semantic_key():
     """What a semantic read-out depends on besides the encoder: its functions and the code they call."""
-    return digest(READOUT_BANK, code_digest(["model.py", "data.py", "probes.py", "synthetic.py"]),
-                  [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                   (semantic_readout, layer_features, effective_rank, knn_top1, readout_names, decoded)])
+    return digest(code_digest(["model.py", "data.py", "probes.py", "synthetic.py"]), semantic_functions())
+
+
+def semantic_functions():
+    """The semantic read-out's own code: READOUT_BANK and the syntax trees of its functions."""
+    return digest(READOUT_BANK, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
+                                 (semantic_readout, readout_names, decoded)])
 
 
 def choose_readout(reference, random_init):
