@@ -1,29 +1,31 @@
 """
 SIGMA: Sinkhorn-Guided Masked Video Modeling (Salehi et al., ECCV 2024) -- the model and its loss.
 
-SIGMA is VideoMAE with a learned target space. A ViT encoder sees the ~10% of space-time
-tubes left visible by tube masking; a light decoder predicts a feature for every masked tube.
-VideoMAE regresses the tubes' pixels. SIGMA instead embeds the masked tubes with a projection
-network phi (an MLP trained jointly, or a frozen DINO image ViT), scores both phi's features and
-the decoder's predictions against K learnable prototypes, balances each side's assignments
-with Sinkhorn-Knopp (sinkhorn.py) and makes each side predict the other's cluster.
+SIGMA is VideoMAE with a learned target space. A ViT encoder sees the ~10% of space-time tubes left visible by
+tube masking; a light decoder predicts a feature for every masked tube. VideoMAE regresses the tubes' pixels.
+SIGMA instead embeds the masked tubes with a projection network phi (an MLP trained jointly, or a frozen DINO
+image ViT), scores both phi's features and the decoder's predictions against K learnable prototypes, balances each
+side's assignments with Sinkhorn-Knopp (sinkhorn.py) and makes each side predict the other's cluster.
 
-Read top to bottom:
-  1. tubes: patchify videos into tube pixels, the tube embedding, fixed sinusoid positions
+Read top to bottom, after Config (the fields every part reads): 1-6 are the method, 7-8 helpers.
+  1. tubes: patchify videos into tube pixels, the tube embedding, the token order of a mask, sinusoid positions
   2. the transformer block (VideoMAE attention: q and v biases, no k bias)
   3. encoder (visible tokens only) and decoder (mask tokens)
   4. the projection networks phi: pixels, MLP, frozen DINO
   5. SIGMA: prototypes, the swapped-prediction loss and the two ablation losses
-  6. presets, build_model, loading released checkpoints without unpickling code
+  6. presets and build_model
+  7. checkpoints: reading them without unpickling code, fitting them to a model
+  8. parameter and FLOP counts
+Which dtype each device computes in, and TF32 for the matmuls kept fp32, is precision.py's. Where the GPU shapes
+the code, a "Plain version:" note says what the textbook form would be and why it is not used.
 
     python model.py      # parameter counts and forward+backward FLOPs per clip for each preset
 
-Conventions: videos are (B, 3, T, H, W), ImageNet-normalised. Tokens are ordered (t, h, w),
-row-major. A mask is (B, N) bool with True = masked (hidden from the encoder, predicted by the
-decoder), as in the released code; every clip of a batch masks the same number of tokens.
+Conventions: videos are (B, 3, T, H, W), ImageNet-normalised. Tokens are ordered (t, h, w), row-major. A mask is
+(B, N) bool with True = masked (hidden from the encoder, predicted by the decoder), as in the released code; every
+clip of a batch masks the same number of tokens.
 """
 import argparse
-import contextlib
 import math
 import os
 import pickle
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import IMAGENET_MEAN, IMAGENET_STD, tube_mask
+from precision import autocast_dtype, inference_autocast, tf32_in_fp32_regions  # noqa: F401 (`from model import`)
 from sinkhorn import sinkhorn, swapped_prediction_loss
 
 
@@ -44,8 +47,8 @@ from sinkhorn import sinkhorn, swapped_prediction_loss
 
 @dataclass(frozen=True)
 class Config:
-    # input: clip of num_frames frames at img_size x img_size, cut into tubes of
-    # tubelet_size frames x patch_size x patch_size pixels (released VideoMAE / SIGMA: 16x224x224, tubes 2x16x16)
+    # input: num_frames frames of img_size x img_size, cut into tubes of tubelet_size frames x patch_size x
+    # patch_size pixels (released VideoMAE / SIGMA: 16x224x224, tubes 2x16x16)
     img_size: int = 224
     num_frames: int = 16
     patch_size: int = 16
@@ -60,8 +63,8 @@ class Config:
     mlp_ratio: float = 4.0
     # projection network phi of the paper: 'mlp' (trained jointly), 'dino' (frozen), 'pixel'
     target: str = "mlp"
-    # hidden widths of the mlp phi: released 4 Linear layers. The paper's text describes a shallower
-    # MLP (in its method section) whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
+    # hidden widths of the mlp phi: released 4 Linear layers. The paper's method section describes a shallower MLP
+    # whose widths we could not check; e.g. (1024, 1024) keeps 3 Linear layers.
     proj_hidden: tuple = (1024, 1024, 512)
     proj_dim: int = 256                     # D of the mlp target
     dino_weights: str = ""                  # local DINO checkpoint (official key layout)
@@ -81,8 +84,7 @@ class Config:
     predict_share: float = 0.25
     # clip_loss > 0: add clip_loss x a clip-level swapped prediction between two views of each video (SwAV / iBOT's
     # [CLS] term, ViDROP's global loss): each view's mean-pooled encoder tokens, through a small head, are scored
-    # against clip_prototypes prototypes and predict the other view's Sinkhorn code. Needs views (train.py
-    # --repeats 2).
+    # against clip_prototypes prototypes and predict the other view's Sinkhorn code (train.py --repeats 2).
     clip_loss: float = 0.0
     clip_prototypes: int = 32
 
@@ -153,55 +155,13 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# 0. Precision: which low-precision dtype a device runs at, and the regions that stay fp32
-
-def autocast_dtype(device):
-    """The autocast dtype of `--precision auto` on `device`: bf16 on GPUs with native bf16 (compute
-    capability 8.0 and up: A100, H100, L4, RTX 30xx+), fp16 on older GPUs (V100, T4: the release trained
-    on V100s in fp16 with a GradScaler), None = fp32 on CPU. torch.cuda.is_bf16_supported() is no guide:
-    below 8.0 it answers True and emulates bf16 at a fraction of the fp16 rate. Used by train.py and
-    every evaluation script."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
-def inference_autocast(device):
-    """The evaluation scripts' precision context: autocast_dtype(device), or nothing (fp32) on CPU."""
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def tf32_in_fp32_regions(device, precision):
-    """On CUDA under bf16 / fp16 autocast, let fp32 matmuls use TF32 tensor cores: inputs keep 10 mantissa bits,
-    accumulation and outputs stay fp32, at ~8x the plain fp32 rate of an A100 / H100.
-
-    Under autocast every other matmul already runs in bf16 / fp16, so the only fp32 matmuls left are the
-    regions that switch autocast off on purpose: the frozen DINO target (SIGMA.targets) and the prototype scores
-    (SIGMA.prototype_scores, forward and backward). At K = 3000, 10 mantissa bits flip no more argmax codes than
-    the released fp16 path (tests/test_model.py). train.py enters this around its loop, outside the model: a
-    flag flipped inside a torch.compile graph would break the graph. --precision fp32 and CPUs: no effect.
-    """
-    if device.type != "cuda" or precision == "fp32":
-        yield
-        return
-    before = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"  # cuDNN convolutions use TF32 by default already
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before
-
-
-# ----------------------------------------------------------------------------------------------
 # 1. Tubes
 
 def patchify(videos, tubelet, patch):
     """Cut videos into tubes of raw values: (B, C, T, H, W) -> (B, N, tubelet*patch*patch, C).
 
-    Tubes are in (t, h, w) token order; inside a tube values are in (p0, p1, p2) order, the
-    released code's `b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c`.
+    Tubes are in (t, h, w) token order; inside a tube values are in (p0, p1, p2) order, the released code's
+    `b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c`.
     """
     B, C, T, H, W = videos.shape
     t, h, w = T // tubelet, H // patch, W // patch
@@ -213,9 +173,9 @@ def patchify(videos, tubelet, patch):
 def tube_pixel_targets(videos, tubelet, patch):
     """VideoMAE's standardised pixel target and the input of the MLP phi (released `modeling_pretrain.py`).
 
-    videos: (B, 3, T, H, W) ImageNet-normalised. Returns (B, N, tubelet*patch*patch*3): each
-    tube un-normalised to [0, 1], then standardised per colour channel over its pixels
-    (unbiased std + 1e-6, as released), flattened in (p0 p1 p2 c) order.
+    videos: (B, 3, T, H, W) ImageNet-normalised. Returns (B, N, tubelet*patch*patch*3): each tube un-normalised to
+    [0, 1], then standardised per colour channel over its pixels (unbiased std + 1e-6, as released), flattened in
+    (p0 p1 p2 c) order.
     """
     mean = videos.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     std = videos.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
@@ -226,15 +186,16 @@ def tube_pixel_targets(videos, tubelet, patch):
 
 class TubeEmbed(nn.Module):
     """The released tube embedding, a Conv3d with kernel = stride = (tubelet, patch, patch): (B, 3, T, H, W) ->
-    (B, N, D). Its parameters (proj.weight (D, 3, tubelet, patch, patch), proj.bias), names and default init are
-    the Conv3d's, so checkpoints are unchanged; but since the kernels do not overlap, the convolution is one
-    matmul of each tube's values with the flattened kernel, and that is how it is computed: a plain GEMM that
-    runs on bf16 tensor cores, where a cuDNN Conv3d of this shape is a slow path (tests/test_model.py checks
-    forward and backward against the Conv3d in fp64).
+    (B, N, D); its parameters proj.weight (D, 3, tubelet, patch, patch) and proj.bias keep the Conv3d's names and
+    default init, so checkpoints are unchanged.
+
+    Plain version: self.proj(videos).flatten(2).transpose(1, 2); not used: cuDNN runs this Conv3d on a slow path.
+    The kernels do not overlap, so the convolution is one matmul of each tube's values with the flattened kernel,
+    a GEMM on bf16 tensor cores (tests/test_model.py checks forward and backward against the Conv3d in fp64).
 
     forward(videos, index=None) -> (B, N, D); given index (B, M) token indices, those tubes only: (B, M, D). The
-    encoder passes its visible tokens: at 90% masking the matmul and the tube values it saves for backward are a
-    tenth of those of embedding every tube, with the same result for the visible ones.
+    encoder passes its visible tokens: at 90% masking, a tenth of the matmul and of the tube values saved for
+    backward, with the same result for the visible tubes.
     """
 
     def __init__(self, dim, tubelet, patch, in_chans=3):
@@ -255,12 +216,11 @@ def mask_order(mask, n_masked=None):
     """Token indices of a tube mask (B, N) bool, True = masked -> (visible (B, N - n_masked), masked (B, n_masked)),
     each in ascending token order.
 
-    A stable argsort of the mask puts every clip's visible tokens first and its masked ones after, each group in
-    token order; since every clip masks the same number of tokens, both index sets have a fixed size and the
-    tokens are gathered with them (torch.take_along_dim). Boolean-mask indexing (x[mask]) would instead call
-    nonzero, whose output size depends on the data: on a GPU the host waits for it every time, and it breaks a
-    torch.compile graph. n_masked: masked tokens per clip, known on the host where the masks are drawn (train.py
-    passes it); when None it is read from the mask -- one host sync on a GPU, fine outside a training loop.
+    Plain version: x[~mask].view(B, -1, D); not used: nonzero's data-dependent size syncs the host and breaks
+    torch.compile. A stable argsort of the mask puts each clip's visible tokens first and its masked ones after,
+    each group in token order; as every clip masks the same number of tokens, both index sets have a fixed size,
+    and gather_tokens picks the tokens with them. n_masked: masked tokens per clip, known on the host where the
+    masks are drawn (train.py passes it); None reads it from the mask: one host sync, fine outside a training loop.
     """
     if n_masked is None:
         n_masked = int(mask[0].sum())
@@ -277,8 +237,8 @@ def gather_tokens(x, index):
 def sinusoid_table(n_positions, dim):
     """Fixed 1-D sine-cosine position table (Vaswani et al.), (1, n_positions, dim).
 
-    Channel 2i is sin(pos / 10000^(2i/dim)) and channel 2i+1 the matching cos, as in VideoMAE's
-    table. Not a parameter and not saved: checkpoints never contain it (as in the released checkpoints).
+    Channel 2i is sin(pos / 10000^(2i/dim)) and channel 2i+1 the matching cos, as in VideoMAE's table. Not a
+    parameter and not saved: checkpoints never contain it (nor do the released ones).
     """
     pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
     freq = 10000.0 ** (-(torch.arange(dim) // 2 * 2).double() / dim)  # (dim,) pairs share one freq
@@ -293,8 +253,8 @@ def sinusoid_table(n_positions, dim):
 class Attention(nn.Module):
     """Multi-head self-attention with VideoMAE's biases: q and v have one, k has none.
 
-    A bias on the keys adds q.b_k to every logit of a query's row, which softmax ignores, so the
-    k bias is redundant; dropping it is exact (this is also how DINO weights load, section 4).
+    A bias on the keys adds q.b_k to every logit of a query's row, which softmax ignores, so the k bias is
+    redundant; dropping it is exact (this is also how DINO weights load, section 4).
     """
 
     def __init__(self, dim, heads):
@@ -310,6 +270,8 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # (3C,)
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3C)
         q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, C/h)
+        # Plain version: softmax(q @ k^T / sqrt(C/h)) @ v; not used: SDPA computes the same in one fused kernel
+        # (flash attention on a GPU) that never stores the (B, h, N, N) attention matrix.
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h), scale (C/h)^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -325,9 +287,9 @@ class MLP(nn.Module):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth (Huang et al. 2016) on a residual branch x (B, ...): in training, zero the
-    whole branch for each sample with probability p and scale the kept ones by 1 / (1 - p), so the
-    expected output is unchanged. Identity (the same tensor, bit for bit) when p == 0 or in eval."""
+    """Stochastic depth (Huang et al. 2016) on a residual branch x (B, ...): in training, zero the whole branch
+    for each sample with probability p and scale the kept ones by 1 / (1 - p), so the expected output is
+    unchanged. Identity (the same tensor, bit for bit) when p == 0 or in eval."""
     if p == 0.0 or not training:
         return x
     keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p  # (B, 1, 1) per sample
@@ -337,8 +299,8 @@ def drop_path(x, p, training):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). LayerNorm eps 1e-6.
 
-    drop_path: stochastic depth of both residual branches; 0 in pretraining (released recipe), used by
-    fine-tuning (eval_finetune.py). It has no parameters, so checkpoints are the same either way.
+    drop_path: stochastic depth of both residual branches; 0 in pretraining (released recipe), used by fine-tuning
+    (eval_finetune.py). It has no parameters, so checkpoints are the same either way.
     """
 
     def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
@@ -372,8 +334,8 @@ def init_vit_weights(module):
 class Encoder(nn.Module):
     """ViT over tubes. Sees only visible tokens during pretraining, all tokens for evaluation.
 
-    drop_path: the stochastic-depth rate of the last block; block i gets drop_path * i / (depth - 1),
-    rising linearly from 0 as in the released fine-tuning model. 0 (pretraining) = no drop path.
+    drop_path: the stochastic-depth rate of the last block; block i gets drop_path * i / (depth - 1), rising
+    linearly from 0 as in the released fine-tuning model. 0 (pretraining) = no drop path.
     """
 
     def __init__(self, cfg, drop_path=0.0):
@@ -445,9 +407,9 @@ DINO_ARCHS = {"vit_s": dict(dim=384, depth=12, heads=6), "vit_b": dict(dim=768, 
 class DINO(nn.Module):
     """Frozen DINO ViT-*/16 image encoder (Caron et al. 2021) built from the blocks above.
 
-    forward: frames (B', 3, H, W) ImageNet-normalised -> patch tokens (B', h*w, D) after the
-    final LayerNorm, CLS dropped. Its qkv bias is split into q_bias / v_bias at load time (the k
-    part is provably irrelevant, see Attention), so the official key layout loads unchanged.
+    forward: frames (B', 3, H, W) ImageNet-normalised -> patch tokens (B', h*w, D) after the final LayerNorm, CLS
+    dropped. Its qkv bias is split into q_bias / v_bias at load time (the k part is provably irrelevant, see
+    Attention), so the official key layout loads unchanged.
     """
 
     def __init__(self, arch="vit_b", img_size=224):
@@ -503,9 +465,9 @@ def _resize_pos_embed(pos, grid):
 def dino_targets(dino, videos, grid):
     """SIGMA-DINO target (released `modeling_pretrain.py`): (B, 3, T, H, W) -> (B, N, D), standardised per clip.
 
-    DINO sees frames 0, 2, 4, ... (one per tube slice); its (h, w) patch tokens line up with the
-    tubes of that slice (resized bilinearly if the grids differ). Each channel is standardised
-    over the clip's N tokens (unbiased std + 1e-6), as released.
+    DINO sees frames 0, 2, 4, ... (one per tube slice); its (h, w) patch tokens line up with the tubes of that slice
+    (resized bilinearly if the grids differ). Each channel is standardised over the clip's N tokens (unbiased
+    std + 1e-6), as released.
     """
     B, _, T, H, W = videos.shape
     t, h, w = grid
@@ -527,12 +489,18 @@ def dino_targets(dino, videos, grid):
 class SIGMA(nn.Module):
     """The pretraining module: encoder + decoder (Psi), projection phi, prototypes and loss.
 
-    forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked, n_masked = masked tokens per clip if known
-    on the host) -> dict with 'loss' (scalar to backpropagate), its terms, and collapse monitors: all 0-d
-    tensors left on the device (the monitors are global over ranks). With n_masked given (train.py) the step
-    has no host sync and compiles into one graph; without it, the count is read from the mask (one sync).
-    state_dict() holds exactly the released checkpoint keys (released `modeling_pretrain.py` names): no positional tables
-    and no frozen DINO weights.
+    The loss path of forward(videos (B, 3, T, H, W), mask (B, N) bool, True = masked), methods in this order below:
+      _predict           Psi: encoder on the visible tubes, + a mask token per masked tube, decoder -> pred (B, N_m, D)
+                         phi of the masked tubes (MLP on their pixels, frozen DINO, or pixels)   -> target (B, N_m, D)
+      loss 'sigma'       prototype_scores: fp32 cosines of pred and target against K prototypes -> (B*N_m, K) each;
+                         swapped_prediction_loss (sinkhorn.py): each side predicts the other's Sinkhorn code (Eq. 5-6)
+      loss 'l2', 'pixel' mean squared error of pred against target (Eq. 2; 'pixel' is VideoMAE)
+      clip_loss > 0      + clip_loss x clip_term: the views of a video predict each other's clip-level code
+    Returns a dict: 'loss' (to backpropagate), its terms and collapse monitors, all 0-d tensors left on the device
+    (the monitors are global over ranks). n_masked = masked tokens per clip if known on the host (train.py): the
+    step then has no host sync and compiles into one graph; None reads it from the mask (one sync).
+    state_dict() holds exactly the released checkpoint keys (released `modeling_pretrain.py` names): no positional
+    tables and no frozen DINO weights.
     """
 
     def __init__(self, cfg):
@@ -565,41 +533,29 @@ class SIGMA(nn.Module):
             self.clip_head = projection_mlp(cfg.enc_dim, (CLIP_HIDDEN,), CLIP_DIM)
             self.clip_prototypes = nn.Parameter(F.normalize(torch.randn(cfg.clip_prototypes, CLIP_DIM), dim=1))
 
-    @torch.no_grad()
-    def normalize_prototypes(self):
-        """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
-        self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
-        if self.cfg.clip_loss:
-            self.clip_prototypes.copy_(F.normalize(self.clip_prototypes.float(), dim=1))
-
-    def targets(self, videos, mask, n_masked=None):
-        """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
-        return self.phi(videos, mask_order(mask, n_masked)[1])
-
-    def phi(self, videos, index):
-        """phi of the tubes at token indices `index` (B, M), in that order: (B, M, D)."""
+    def forward(self, videos, mask, n_masked=None, views=1):
         cfg = self.cfg
-        if cfg.target == "dino":
-            # Released code: the frozen DINO runs in fp32, outside the training autocast (its features
-            # are the targets; bf16 would round them to 8 mantissa bits before the standardisation). On CUDA
-            # its matmuls may use TF32 (tf32_in_fp32_regions): 10-bit inputs, fp32 accumulation and output.
-            with torch.autocast(videos.device.type, enabled=False):
-                y = dino_targets(self.dino, videos.float(), cfg.grid)  # (B, N, D), frozen, fp32
+        pred, target, encoded = self._predict(videos, mask, n_masked)  # (B, N_m, D) each, (B, N_vis, C_e)
+        out = {}
+        if cfg.loss in ("l2", "pixel"):
+            # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant) has zero loss --
+            # the collapse SIGMA exists to prevent. With pixels it is VideoMAE.
+            out["loss"] = F.mse_loss(pred.float(), target.float())
         else:
-            with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
-                y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
-        y = gather_tokens(y, index)  # (B, M, .) the asked tubes only
-        return self.head(y) if cfg.target == "mlp" else y
-
-    def predict(self, videos, mask, n_masked=None):
-        """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors (decoder-free:
-        for the predicted share of them, (B, M, D))."""
-        return self._predict(videos, mask, n_masked)[:2]
+            s_phi, s_psi = self.prototype_scores(pred, target)  # (B*N_m, K) each
+            out.update(swapped_prediction_loss(s_phi, s_psi, cfg.sk_eps, cfg.sk_iters, cfg.temperature,
+                                               hard=not cfg.soft_codes))
+        # Per-token spread of phi (mean over channels of the std over masked tokens): 0 if the target collapses.
+        out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean()  # 0-d, stays on device
+        if cfg.clip_loss:
+            out["loss_clip"] = self.clip_term(encoded, views)
+            out["loss"] = out["loss"] + cfg.clip_loss * out["loss_clip"]
+        return out
 
     def _predict(self, videos, mask, n_masked=None):
         """predict() and the encoder's visible tokens (B, N_vis, C_e), which the clip-level term reads."""
         visible, masked = mask_order(mask, n_masked)  # (B, N_vis), (B, N_m) token indices
-        # Checked on the device (an `if` on a GPU tensor would make the host wait for the GPU every step).
+        # Plain version: if (mask.sum(dim=1) != masked.shape[1]).any(): raise; not used: the `if` waits for the GPU.
         torch._assert_async((mask.sum(dim=1) == masked.shape[1]).all(),
                             "every clip in a batch must mask the same number of tokens (tube masking does)")
         if not self.cfg.dec_depth:
@@ -615,25 +571,48 @@ class SIGMA(nn.Module):
         pred = self.decoder(x, masked.shape[1])  # (B, N_m, D)
         return pred, self.phi(videos, masked), encoded
 
+    def predict(self, videos, mask, n_masked=None):
+        """Psi's predictions and phi's targets for the masked tubes: two (B, N_m, D) tensors (decoder-free:
+        for the predicted share of them, (B, M, D))."""
+        return self._predict(videos, mask, n_masked)[:2]
+
     def _predict_without_decoder(self, videos, mask, masked):
         """dec_depth = 0: a random predict_share of each clip's masked tubes get a mask token (with its position)
         in the encoder's input; the rest are dropped. The choice uses torch's global generator, which train.py
         seeds per (seed, epoch, rank), so a resumed run draws the same."""
         n_pred = max(1, round(self.cfg.predict_share * masked.shape[1]))
+        # Plain version: torch.randperm per clip; not used: a loop of B draws, where argsort of noise is one kernel.
         pick = torch.rand(masked.shape, device=masked.device).argsort(dim=1)[:, :n_pred]  # (B, M) of N_m
         where = masked.gather(1, pick.sort(dim=1).values)  # (B, M) token indices, ascending
         queries = self.mask_token + gather_tokens(self.encoder.pos_embed, where)  # (B, M, C_e)
         x = self.encoder(videos, mask, masked.shape[1], extra=queries)  # (B, N_vis + M, C_e)
         return self.decoder(x[:, -n_pred:]), self.phi(videos, where), x[:, :-n_pred]
 
+    def phi(self, videos, index):
+        """phi of the tubes at token indices `index` (B, M), in that order: (B, M, D)."""
+        cfg = self.cfg
+        if cfg.target == "dino":
+            # Released code: the frozen DINO runs in fp32 outside the training autocast (its features are the
+            # targets; bf16 would round them to 8 mantissa bits before the standardisation). TF32: precision.py.
+            with torch.autocast(videos.device.type, enabled=False):
+                y = dino_targets(self.dino, videos.float(), cfg.grid)  # (B, N, D), frozen, fp32
+        else:
+            with torch.no_grad():  # pixels are data; phi's gradient starts at the MLP below
+                y = tube_pixel_targets(videos, cfg.tubelet_size, cfg.patch_size)  # (B, N, P*3)
+        y = gather_tokens(y, index)  # (B, M, .) the asked tubes only
+        return self.head(y) if cfg.target == "mlp" else y
+
+    def targets(self, videos, mask, n_masked=None):
+        """phi of the masked tubes, (B, N_m, D): what the decoder's predictions are compared with."""
+        return self.phi(videos, mask_order(mask, n_masked)[1])
+
     def prototype_scores(self, pred, target):
         """Cosine scores against the prototypes: (s_phi, s_psi), each (B*N_m, K).
 
-        Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released).
-        fp32 with autocast off, like the released loss head: a bf16 matmul rounds the scores to 8 mantissa
-        bits, which at K=3000 flips the argmax code of ~1% of the tokens (eps 0.05) -- ten times what the
-        released fp16 path loses. On CUDA train.py lets this fp32 matmul use TF32 (tf32_in_fp32_regions),
-        which flips no more codes than fp16 (tests/test_model.py).
+        Only s_phi reaches the prototypes' gradient; s_psi uses detached prototypes (released). fp32 with autocast
+        off, like the released loss head: a bf16 matmul rounds the scores to 8 mantissa bits, which at K=3000 flips
+        the argmax code of ~1% of the tokens (eps 0.05), ten times what the released fp16 path loses; TF32 on CUDA
+        (precision.tf32_in_fp32_regions) flips no more than fp16 (tests/test_model.py).
         """
         self.normalize_prototypes()
         with torch.autocast(pred.device.type, enabled=False):
@@ -642,25 +621,12 @@ class SIGMA(nn.Module):
             protos = self.prototypes.float()  # (K, D)
             return z_phi @ protos.t(), z_psi @ protos.detach().t()  # (B*N_m, K) each, fp32
 
-    def forward(self, videos, mask, n_masked=None, views=1):
-        cfg = self.cfg
-        pred, target, encoded = self._predict(videos, mask, n_masked)  # (B, N_m, D) each, (B, N_vis, C_e)
-        out = {}
-        if cfg.loss in ("l2", "pixel"):
-            # Eq. 2: regress phi. With a jointly trained phi the trivial solution (phi constant)
-            # has zero loss -- the collapse SIGMA exists to prevent. With pixels it is VideoMAE.
-            out["loss"] = F.mse_loss(pred.float(), target.float())
-        else:
-            s_phi, s_psi = self.prototype_scores(pred, target)  # (B*N_m, K) each
-            out.update(swapped_prediction_loss(s_phi, s_psi, cfg.sk_eps, cfg.sk_iters, cfg.temperature,
-                                               hard=not cfg.soft_codes))
-        # Per-token spread of phi (mean over channels of the std over masked tokens); it
-        # shrinks to 0 when the target collapses to a constant.
-        out["target_std"] = target.detach().float().flatten(0, 1).std(dim=0).mean()  # 0-d, stays on device
-        if cfg.clip_loss:
-            out["loss_clip"] = self.clip_term(encoded, views)
-            out["loss"] = out["loss"] + cfg.clip_loss * out["loss_clip"]
-        return out
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """Project the prototypes back onto the unit sphere (in place, outside autograd)."""
+        self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
+        if self.cfg.clip_loss:
+            self.clip_prototypes.copy_(F.normalize(self.clip_prototypes.float(), dim=1))
 
     def clip_term(self, encoded, views):
         """The clip-level swapped prediction (clip_loss > 0): encoded (B*V, N_vis, C_e), the encoder's visible
@@ -691,7 +657,7 @@ def _ignore_missing_dino_keys(module, incompatible_keys):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Presets, build_model, checkpoints
+# 6. Presets and build_model
 
 PRESETS = {
     # Pretrains in minutes on a 2-core CPU on the built-in synthetic videos (64x64, 8 frames).
@@ -716,20 +682,21 @@ def build_config(arch, target="mlp", loss="sigma", num_prototypes=3000, **overri
 
 
 def build_model(arch, target="mlp", loss="sigma", num_prototypes=3000, **overrides):
-    """The pretraining module for a preset ('tiny', 'vit_s', 'vit_b'); any Config field can be
-    overridden, e.g. build_model('vit_b', target='dino', dino_weights='dino_vitbase16.pth')."""
+    """The pretraining module for a preset ('tiny', 'vit_s', 'vit_b'); any Config field can be overridden, e.g.
+    build_model('vit_b', target='dino', dino_weights='dino_vitbase16.pth')."""
     return SIGMA(build_config(arch, target, loss, num_prototypes, **overrides))
 
 
-def load_checkpoint(path):
-    """torch.load that never executes pickled code: tensors, containers and argparse.Namespace
-    (the released checkpoints' `args`) only.
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints: reading them without unpickling code, fitting them to a model
 
-    Two ways a file can fail, told apart because they need different fixes:
-      - it asks for more than weights_only=True allows (a class or function to run while unpickling):
-        refused, as loading it would execute pickled code;
-      - it cannot be read at all (cut short by an interrupted copy or download, or not a checkpoint):
-        named as truncated or corrupt, with its size, so the fix (copy it again) is obvious.
+def load_checkpoint(path):
+    """torch.load that never executes pickled code: tensors, containers and argparse.Namespace (the released
+    checkpoints' `args`) only. Two ways a file can fail, told apart because they need different fixes:
+      - it asks for more than weights_only=True allows (a class or function to run while unpickling): refused, as
+        loading it would execute pickled code;
+      - it cannot be read at all (cut short by an interrupted copy or download, or not a checkpoint): named as
+        truncated or corrupt, with its size, so the fix (copy it again) is obvious.
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -739,10 +706,10 @@ def load_checkpoint(path):
     except (IsADirectoryError, PermissionError) as e:  # the file is fine, or may be: say what is wrong instead
         raise RuntimeError(f"cannot read checkpoint {path!r}: {e.strerror}") from None
     except Exception as e:
-        # torch wraps the weights-only unpickler's UnpicklingError in a longer one; the original says
-        # what was refused. Globals, reduce calls and non-allowlisted classes are pickled code; anything
-        # else from the unpickler (an unknown opcode, a string running past the end) is damaged bytes,
-        # as are the zip reader's RuntimeError and the EOFError / OSError / KeyError of a short file.
+        # torch wraps the weights-only unpickler's UnpicklingError in a longer one; the original says what was
+        # refused. Globals, reduce calls and non-allowlisted classes are pickled code; anything else from the
+        # unpickler (an unknown opcode, a string running past the end) is damaged bytes, as are the zip reader's
+        # RuntimeError and the EOFError / OSError / KeyError of a short file.
         cause = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
         if isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL|allowlisted|reduce for", str(cause)):
             raise RuntimeError(f"refusing to load {path!r}: it needs more than weights_only=True allows (it "
@@ -754,8 +721,8 @@ def load_checkpoint(path):
 
 
 def clean_state_dict(sd):
-    """Unwrap {'model': ...} / {'module': ...} / {'state_dict': ...} containers and strip the
-    `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    """Unwrap {'model': ...} / {'module': ...} / {'state_dict': ...} containers and strip the `module.` (DDP) and
+    `_orig_mod.` (torch.compile) prefixes."""
     for key in ("model", "module", "state_dict"):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -766,10 +733,10 @@ def clean_state_dict(sd):
 def load_weights(module, sd):
     """Load a checkpoint (path or dict) into a SIGMA module or into an Encoder.
 
-    For an Encoder, keys are taken from the `encoder.` namespace of a pretraining checkpoint, or
-    used as they are (fine-tuned VideoMAE checkpoints store the encoder without a prefix);
-    decoder / phi / prototype keys are then unexpected by design and ignored. Returns
-    (missing, unexpected) key lists after a non-strict load -- callers decide what is fatal.
+    For an Encoder, keys are taken from the `encoder.` namespace of a pretraining checkpoint, or used as they are
+    (fine-tuned VideoMAE checkpoints store the encoder without a prefix); decoder / phi / prototype keys are then
+    unexpected by design and ignored. Returns (missing, unexpected) key lists after a non-strict load -- callers
+    decide what is fatal.
     """
     if isinstance(sd, str):
         sd = load_checkpoint(sd)
@@ -796,10 +763,9 @@ def config_from_dict(fields):
 def load_encoder(path, arch=None, **overrides):
     """Frozen-evaluation entry point: an Encoder built to match a checkpoint, with its weights.
 
-    path: one of our checkpoints (they carry their model config), a released SIGMA / VideoMAE
-    checkpoint (pass arch, plus overrides such as num_frames / img_size if not 16x224), or
-    'random' for a randomly initialised baseline of `arch`. Returns (encoder, config).
-    Raises with the architecture of the checkpoint if it does not fit.
+    path: one of our checkpoints (they carry their model config), a released SIGMA / VideoMAE checkpoint (pass
+    arch, plus overrides such as num_frames / img_size if not 16x224), or 'random' for a randomly initialised
+    baseline of `arch`. Returns (encoder, config). Raises with the architecture of the checkpoint if it does not fit.
     """
     if path == "random":
         cfg = build_config(arch or "tiny", target="pixel", loss="pixel", **overrides)
@@ -836,7 +802,7 @@ def describe_state_dict(sd):
 
 
 # ----------------------------------------------------------------------------------------------
-# `python model.py`: parameter counts and FLOPs
+# 8. Parameter counts and FLOPs (`python model.py`)
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -846,9 +812,9 @@ def train_step_flops(model, batch=1):
     """Forward + backward FLOPs of one training step on `batch` clips, counted by torch on 1 and 2 clips (2 and 4,
     two views each, with the clip-level term).
 
-    Every counted op grows linearly with the clips (attention is quadratic in a clip's tokens, not in the batch),
-    so the count is a + b * batch and the line through the two counts is exact; an fp32 step on `batch` clips,
-    which may not fit in memory at a large batch, is never run.
+    Every counted op grows linearly with the clips (attention is quadratic in a clip's tokens, not in the batch), so
+    the count is a + b * batch and the line through the two counts is exact; an fp32 step on `batch` clips, which
+    may not fit in memory at a large batch, is never run.
     """
     cfg, device = model.cfg, model.mask_token.device
     views = 2 if cfg.clip_loss else 1  # the clip-level term needs two views of each video

@@ -52,14 +52,16 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
     returns: (N, K) fp32 codes, or (S, N, K) for a list; each row sums to 1, and summed over the tokens of
              *all* ranks every prototype receives the same mass N_total / K.
 
-    Q = exp(scores / eps) is a transport plan between tokens and prototypes (small eps = sharper
-    codes). Sinkhorn-Knopp alternately rescales its prototype rows to mass 1/K each and its token
-    columns to mass 1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`, as in the released code). Every
-    rescaling multiplies Q by a diagonal matrix, so after any number of steps
-        Q = diag(v) P diag(u),   P = exp(scores / eps)  (tokens x prototypes here),
-    and it suffices to iterate the scaling vectors u (K,) and v (N,): each step is one
-    matrix-vector product instead of several passes over the N x K matrix. The result is the
-    same algorithm (tests/test_sinkhorn.py checks it against the literal matrix version).
+    Q = exp(scores / eps) is a transport plan between tokens (rows) and prototypes (columns); small eps = sharper
+    codes. Sinkhorn-Knopp alternately rescales its prototype columns to mass 1/K each and its token rows to mass
+    1/N_total each (Cuturi 2013; SwAV's `distributed_sinkhorn`, as in the released code).
+    Plain version: alternately normalise the columns and rows of Q, one call per problem; not used: each
+    normalisation is several passes over the N x K matrix, and a call per problem repeats every all-reduce.
+    Every rescaling multiplies Q by a diagonal matrix, so after any number of steps
+        Q = diag(v) P diag(u),   P = exp(scores / eps),   v (N,) scales the token rows, u (K,) the prototype columns,
+    and it suffices to iterate u and v: each step is one matrix-vector product per problem, and the S problems
+    share each step's all-reduce. The result is the same algorithm (tests/test_sinkhorn.py checks it against the
+    literal matrix version).
     """
     single = torch.is_tensor(scores)
     scores = [scores] if single else list(scores)
@@ -70,12 +72,14 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
         # the first normalisation absorbs exactly; it keeps exp() <= 1, so no overflow at small eps.
         s_max = _all_reduce(torch.stack([s.max() for s in scores]).float(), op=dist.ReduceOp.MAX)  # (S,)
         S, (N, K) = len(scores), scores[0].shape
-        P = scores[0].new_empty((S, N, K), dtype=torch.float32)  # the plans: the big matrices, updated in place
+        # Plain version: P = ((torch.stack(scores).float() - s_max[:, None, None]) / eps).exp(); not used: each op
+        # allocates another (S, N, K) fp32 tensor, the largest of the step; here one is filled, then updated in place.
+        P = scores[0].new_empty((S, N, K), dtype=torch.float32)  # the plans
         for p, s, m in zip(P, scores, s_max):
             torch.sub(s.float(), m, out=p)
         P.div_(eps).exp_()  # (S, N, K)
-        # Tokens per rank may differ (e.g. the last batch); count them globally. The count stays a
-        # (1,) tensor on the device (filled there, not copied from the host): no host sync per step.
+        # Plain version: N * world_size, a Python number; not used: tokens per rank may differ (e.g. the last batch),
+        # so they are all-reduced, into a (1,) tensor filled on the device that stays there: no host sync per step.
         n_total = _all_reduce(P.new_full((1,), float(N)))
 
         v = P.new_ones(S, N)  # token scaling: the first step weighs tokens equally
@@ -86,7 +90,7 @@ def sinkhorn(scores, eps=0.05, n_iters=10):
             u = 1.0 / (K * _all_reduce(torch.stack([p.t() @ x for p, x in zip(P, v)])))  # (S, K)
             # Tokens: mass of token j = v_j * sum_k P_jk u_k = 1/N_total. Local to this rank.
             v = 1.0 / (n_total * torch.stack([p @ x for p, x in zip(P, u)]))  # (S, N)
-        # Scale each token's column to sum to 1: a distribution over prototypes per token.
+        # Q = diag(N_total v) P diag(u): each token's row sums to 1, a distribution over prototypes per token.
         P.mul_(u.unsqueeze(1)).mul_((n_total * v).unsqueeze(2))  # (S, N, K)
         return P[0] if single else P
 
@@ -135,8 +139,8 @@ def assignment_stats(assignments, logp):
     only Sinkhorn's rebalancing still spreads the targets -- an early warning.
     """
     K = logp.shape[1]
-    # index_add_ rather than bincount: the output shape stays K (bincount's depends on the data, which
-    # breaks a torch.compile graph).
+    # Plain version: torch.bincount(assignments, minlength=K); not used: its output size depends on the data (on a
+    # GPU a host sync, and a torch.compile graph break), where index_add_ into K zeros keeps the shape K.
     counts = logp.new_zeros(K, dtype=torch.float32).index_add_(
         0, assignments, logp.new_ones(assignments.shape, dtype=torch.float32))  # (K,)
     p = logp.exp().sum(dim=0)  # (K,) summed soft mass
@@ -146,8 +150,8 @@ def assignment_stats(assignments, logp):
     counts, p, n = packed[:K], packed[K:2 * K], packed[-1]
     p = p / n
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    # 0-d tensors, left on the device: reading them (.item()) would make the host wait for the GPU
-    # every step; train.py reads all logged scalars at once per log interval instead.
+    # Plain version: return numbers read with .item(); not used: each read makes the host wait for the GPU, every
+    # step. These 0-d tensors stay on the device; train.py reads all logged scalars at once per log interval.
     return (counts > 0).sum(), entropy
 
 

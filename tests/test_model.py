@@ -457,7 +457,8 @@ def test_scores_codes_and_loss_are_fp32_under_bf16_autocast(monkeypatch):
     model = build_model("tiny", proj_dim=256, num_prototypes=3000)
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 600, 256, generator=g), torch.randn(2, 600, 256, generator=g)
-    monkeypatch.setattr(model, "predict", lambda videos, mask, n_masked=None: (pred, target))
+    # forward takes pred and target from _predict (its third output feeds only the clip-level term, off here)
+    monkeypatch.setattr(model, "_predict", lambda videos, mask, n_masked=None: (pred, target, None))
     codes, plain = [], sk.sinkhorn
     monkeypatch.setattr(sk, "sinkhorn", lambda s, *a: codes.extend(plain(s, *a).argmax(-1)) or plain(s, *a))
     x, mask = clips(model.cfg), tube_mask(2, model.cfg.grid, 0.9)
@@ -581,10 +582,18 @@ def test_tf32_scores_flip_no_more_codes_than_the_released_fp16_path():
     assert rates["tf32"] <= rates["fp16"] < rates["bf16"], rates
 
 
+def test_model_re_exports_the_precision_rule():
+    # train.py and the evaluation scripts import the precision helpers from model; they live in precision.py.
+    import model
+    import precision
+    for name in ("autocast_dtype", "inference_autocast", "tf32_in_fp32_regions"):
+        assert getattr(model, name) is getattr(precision, name), name
+
+
 def test_tf32_context_only_on_cuda_with_autocast(monkeypatch):
     # The flag is switched for the step on CUDA under bf16 / fp16 and restored after; fp32 runs and CPUs keep
     # true fp32 matmuls. (Setting the flag needs no GPU.)
-    from model import tf32_in_fp32_regions
+    from precision import tf32_in_fp32_regions
     before = torch.backends.cuda.matmul.fp32_precision
     for device, precision, inside in [("cuda", "bf16", "tf32"), ("cuda", "fp16", "tf32"), ("cuda", "fp32", before),
                                       ("cpu", "bf16", before)]:
