@@ -411,20 +411,22 @@ def _folder_per_class(name, split_dir):
 
 def _list_file(name, list_path, root):
     samples = []
-    for line in list_path.read_text().splitlines():
+    for number, line in enumerate(list_path.read_text().splitlines(), 1):
         if line.strip():
-            path, label = line.strip().rsplit(maxsplit=1)  # paths may contain spaces, labels cannot
-            samples.append((root / path, int(label)))  # an absolute path stays absolute
+            path, _, label = line.strip().rpartition(" ")  # paths may contain spaces, labels cannot
+            if not path or not label.lstrip("-").isdigit():
+                raise _layout_error(name, list_path, f"line {number} is not '<path> <integer label>': {line!r}")
+            samples.append((root / path.strip(), int(label)))  # an absolute path stays absolute
     return _existing(name, samples, list_path), None
 
 
-def _kinetics(root, split):
+def _kinetics(root, split, name="k400"):
     for csv_path in (root / "annotations" / f"{split}.csv", root / f"{split}.csv"):
         if not csv_path.is_file():
             continue
         text = csv_path.read_text()
         if not text.startswith("label,youtube_id"):
-            return _list_file("k400", csv_path, root)  # VideoMAE names its list files train.csv too
+            return _list_file(name, csv_path, root)  # VideoMAE names its list files train.csv too
         rows = list(csv.DictReader(text.splitlines()))
         # Class ids from the train CSV when present, so that every split shares one mapping.
         train_csv = csv_path.with_name("train.csv")
@@ -435,10 +437,10 @@ def _kinetics(root, split):
         names = [f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
                  for r in rows]
         samples = [(files.get(n, root / split / f"{n}.mp4"), ids[r["label"]]) for n, r in zip(names, rows)]
-        return _existing("k400", samples, root / split), classes
+        return _existing(name, samples, root / split), classes
     if (root / split).is_dir():
-        return _folder_per_class("k400", root / split)
-    raise _layout_error("k400", root, f"no {split}.csv and no {split}/ folder")
+        return _folder_per_class(name, root / split)
+    raise _layout_error(name, root, f"no {split}.csv and no {split}/ folder")
 
 
 def _ssv2(root, split):
@@ -500,10 +502,11 @@ def build_video_dataset(name, root, split="train", fold=1, **clip_kwargs):
     if name == "list" and root.is_file():  # root may be the list file itself; its paths are relative to its folder
         return VideoClips(*_list_file(name, root, root.parent), **clip_kwargs)
     if not root.is_dir():
-        raise _layout_error(name, root, "data root does not exist")
+        raise _layout_error(name, root, "data root is a file, not a folder" if root.exists() else
+                            "data root does not exist")
     store.check_root(root)  # a prepared store (python store.py --prepare) of another format version is refused
     if name in ("k400", "synthetic", "fashion", "noise"):
-        samples, classes = _kinetics(root, split)  # the built-in sets are folder-per-class, a K400 layout
+        samples, classes = _kinetics(root, split, name)  # the built-in sets: folder-per-class, a K400 layout
     elif name == "ssv2":
         samples, classes = _ssv2(root, split)
     elif name == "ucf101":

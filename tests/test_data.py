@@ -711,3 +711,18 @@ def test_distributed_loader_and_set_epoch(tmp_path):
         assert orders[0] == orders[2] != orders[1]
     finally:
         dist.destroy_process_group()
+
+
+def test_layout_errors_name_the_dataset_the_line_and_what_is_wrong(tmp_path):
+    from data import build_video_dataset
+    listing = tmp_path / "train.txt"
+    listing.write_text("a.mp4 0\nb.mp4\n")  # the second line has no label
+    with pytest.raises(FileNotFoundError, match=r"line 2 is not '<path> <integer label>'"):
+        build_video_dataset("list", listing)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(FileNotFoundError, match="data root is a file"):
+        build_video_dataset("k400", not_a_folder)
+    (tmp_path / "synth" / "train").mkdir(parents=True)  # an existing built-in root with no videos
+    with pytest.raises(FileNotFoundError, match=r"^synthetic: no <class>/<video> files"):
+        build_video_dataset("synthetic", tmp_path / "synth")
