@@ -17,12 +17,9 @@ docs/finetune.md for every setting, its released value and source file.
 Why not a mode of eval_linear.py: the probe trains a head on cached features of a frozen encoder (seconds);
 this is a training run with its own recipe (per-layer learning rates, drop path, augmentation that must be
 re-drawn every epoch, so nothing can be cached), checkpoints and exact resume like train.py. It imports the
-probe's dataset building, top-k code and command-line helpers (--device, DDP set-up), and train.py's seeding, lr
-schedule and checkpointing.
-
-Batch sizes mean what they mean in train.py: --batch_size is the clips of one optimizer step over all GPUs,
---micro_batch the clips per GPU per forward, and gradient accumulation makes up the difference. The defaults keep
-the released 32 clips per step (8 GPUs x 4) on any number of GPUs.
+probe's dataset building and top-k code, train.py's seeding, lr schedule and checkpointing, the step log
+(monitor.py) and the command line every script shares (cli.py). Batch sizes mean what they mean in train.py
+(the defaults block below).
 
 Outputs go to --out (default <ckpt folder>/finetune_<dataset>/): ckpt.pth (atomic, every --save_every epochs;
 rerun the same command to resume it exactly), log.jsonl (one line per step) and results.json (top-1 / top-5
@@ -32,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -52,9 +48,10 @@ from tqdm import tqdm
 import ranks
 from data import VideoClips, make_loader, normalize, open_video, set_epoch
 from data import DEFAULT_STRIDE
-from eval_linear import (BUILT_IN, SAMPLING, VIDEO_DATASETS, HelpFormatter, UsageError, add_device_option,
-                         build_dataset, open_encoder, per_dataset, preset_values, resolve_device, run_cli,
-                         setup_distributed, topk_accuracy)
+from cli import (HelpFormatter, UsageError, add_device_option, below_minimum, invalid_options, open_encoder,
+                 preset_values, resolve_device, run_cli, setup_distributed, show)
+from eval_linear import BUILT_IN, SAMPLING, VIDEO_DATASETS, build_dataset, per_dataset, topk_accuracy
+from monitor import StepLog
 from model import PRESETS, Encoder, build_config, describe_state_dict, load_checkpoint, load_weights
 from train import CheckpointWriter, choose_precision, git_hash, lr_at, relative_samples, seed_everything
 
@@ -118,7 +115,7 @@ def get_args(argv=None):
     resolve_recipe(args)
     problems = check_options(args)
     if problems:
-        p.error("; ".join(problems))  # usage + the messages on stderr, exit status 2, no traceback
+        p.error(invalid_options(problems))  # usage + the messages on stderr, exit status 2, no traceback
     if args.out is None and not args.bench:
         base = (f"out/random_{args.arch or 'tiny'}" if args.ckpt == "random"
                 else os.path.dirname(os.path.abspath(args.ckpt)))
@@ -126,12 +123,11 @@ def get_args(argv=None):
     return args
 
 
-def recipe_default(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
+def recipe_default(key, show=show):
     """The help's 'default: ...' of a recipe value: each dataset's (--recipe release), and where --recipe paper
     changes it, its values."""
-    tuple_show = lambda v: " ".join(map(show, v)) if isinstance(v, tuple) else show(v)
-    text = "default: " + per_dataset({d: tuple_show(recipe(d)[key]) for d in VIDEO_DATASETS}, VIDEO_DATASETS)
-    paper = {d: tuple_show(recipe(d, "paper")[key]) for d in VIDEO_DATASETS if recipe(d, "paper")[key] != recipe(d)[key]}
+    text = "default: " + per_dataset({d: show(recipe(d)[key]) for d in VIDEO_DATASETS}, VIDEO_DATASETS)
+    paper = {d: show(recipe(d, "paper")[key]) for d in VIDEO_DATASETS if recipe(d, "paper")[key] != recipe(d)[key]}
     return text + (f"; --recipe paper: {per_dataset(paper, paper)}" if paper else "")
 
 
@@ -281,11 +277,8 @@ def check_options(args):
         (0 < args.crop_ratio[0] <= args.crop_ratio[1],
          f"--crop_ratio {args.crop_ratio}: 0 < min <= max, e.g. 0.75 1.3333"),
         (0 <= args.reprob <= 1, f"--reprob {args.reprob} must be in [0, 1], e.g. 0.25"),
-        (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1, e.g. 100"),
         (args.epochs < 1 or 0 <= args.warmup_epochs < args.epochs, f"--warmup_epochs {args.warmup_epochs} must be "
          f"in [0, --epochs {args.epochs}), e.g. 5"),
-        (args.repeats >= 1, f"--repeats {args.repeats} must be >= 1, e.g. 1"),
-        (args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1, e.g. 32"),
         (micro >= 1 and micro % repeats == 0,
          f"--micro_batch {micro} must be a positive multiple of --repeats {args.repeats}, e.g. 4"),
         (args.batch_size < 1 or micro < 1 or args.batch_size % (world * micro) == 0,
@@ -295,19 +288,13 @@ def check_options(args):
         (args.mixup == args.cutmix == 0 or micro // repeats >= 2,
          "--mixup / --cutmix mix clips of different videos in one forward: --micro_batch must hold 2 or more "
          "videos, e.g. 4"),
-        (args.test_clips >= 1 and args.test_crops >= 1, "--test_clips / --test_crops must be >= 1, e.g. 5 3"),
-        (args.fold in (1, 2, 3), f"--fold {args.fold} must be 1, 2 or 3"),
-        (args.stride is None or args.stride >= 1, f"--stride {args.stride} must be >= 1, e.g. 4"),
-        (args.num_frames is None or args.num_frames >= 1, f"--num_frames {args.num_frames} must be >= 1, e.g. 16"),
-        (args.img_size is None or args.img_size >= 1, f"--img_size {args.img_size} must be >= 1, e.g. 224"),
-        (args.workers >= 0, f"--workers {args.workers} must be >= 0, e.g. 8"),
-        (args.save_every >= 1, f"--save_every {args.save_every} must be >= 1, e.g. 1"),
-        (args.log_every >= 1, f"--log_every {args.log_every} must be >= 1, e.g. 10"),
-        (args.max_epochs_this_run >= 0, f"--max_epochs_this_run {args.max_epochs_this_run} must be >= 0 (0 = all)"),
-        (args.seed >= 0, f"--seed {args.seed} must be >= 0, e.g. 0")]
-    problems = [message for ok, message in checks if not ok]
+        (args.fold in (1, 2, 3), f"--fold {args.fold} must be 1, 2 or 3")]
+    problems = [message for ok, message in checks if not ok] + below_minimum(args, [
+        ("epochs", 1, 100), ("repeats", 1, 1), ("batch_size", 1, 32), ("test_clips", 1, 5), ("test_crops", 1, 3),
+        ("stride", 1, 4), ("num_frames", 1, 16), ("img_size", 1, 224), ("workers", 0, 8), ("save_every", 1, 1),
+        ("log_every", 1, 10), ("max_epochs_this_run", 0, 0), ("seed", 0, 0)])
     try:
-        args.device = resolve_device(args.device)
+        args.device = str(resolve_device(args.device))  # a name: the config stores it
     except UsageError as err:
         problems.append(str(err))
     return problems
@@ -598,7 +585,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.bench:
         return bench(args)
-    _, rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device)
     try:
         return finetune(args, rank, world, device)
     finally:
@@ -834,42 +821,6 @@ def train_step(run, micro_batches, rate, autocast):
     run.scaler.step(run.optimizer)  # = optimizer.step() unless fp16 gradients overflowed
     run.scaler.update()
     return total, grad_norm
-
-
-class StepLog:
-    """log.jsonl, one line per step, without a host sync per step: record() keeps each step's loss and gradient
-    norm as device tensors; flush() averages the pending ones over ranks (one all-reduce), reads them in one
-    transfer and writes their lines. Every rank reads the same averages, so every rank finds a non-finite loss
-    at the same step. clips_per_s and data_wait are over the interval since the last flush (per-step host times
-    mean little while the GPU runs behind the host)."""
-
-    def __init__(self, file, world, total_batch):
-        self.file, self.world, self.total_batch = file, world, total_batch
-        self.pending, self.last, self.data_time, self.t0 = [], {}, 0.0, time.perf_counter()
-
-    def record(self, step, epoch, lr, loss, grad_norm, data_time):
-        self.pending.append((step, epoch, lr, torch.stack([loss.double(), grad_norm.double()])))  # (2,)
-        self.data_time += data_time
-
-    def flush(self):
-        """Write the pending steps -> False if a loss was not finite (self.last is then that step, logged last)."""
-        if not self.pending:
-            return True
-        values = torch.stack([v for *_, v in self.pending])  # (steps, 2): loss, grad_norm
-        if self.world > 1:
-            dist.all_reduce(values)  # the mean loss over ranks (the gradient norm is the same on every rank)
-            values /= self.world
-        rows = values.tolist()  # the one host sync of the interval
-        dt = time.perf_counter() - self.t0
-        timing = dict(clips_per_s=len(rows) * self.total_batch / dt, data_wait=self.data_time / dt)
-        for (step, epoch, lr, _), (loss, grad_norm) in zip(self.pending, rows):
-            self.last = dict(step=step, epoch=epoch, lr=lr, loss=round(loss, 5), grad_norm=grad_norm, **timing)
-            self.file.write(json.dumps(self.last) + "\n")
-            if not math.isfinite(loss):
-                break
-        self.file.flush()
-        self.pending, self.data_time, self.t0 = [], 0.0, time.perf_counter()
-        return math.isfinite(self.last["loss"])
 
 
 def write_results(args, data, run, acc, train_seconds):

@@ -49,8 +49,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ranks
+from cli import (HelpFormatter, UsageError, add_device_option, below_minimum, grouped_values, invalid_options,
+                 open_encoder, preset_values, resolve_device, run_cli, setup_distributed)
 from data import DEFAULT_STRIDE, Video, VideoClips, build_video_dataset, make_loader, normalize
-from model import PRESETS, Config, describe_state_dict, inference_autocast, load_encoder, load_weights
+from model import PRESETS, describe_state_dict, inference_autocast, load_weights
 from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_probe, token_labels, dense_probe, attentive_probe
 
 # The built-in sets (generated on first use, as train.py's --dataset of the same name), then the benchmarks' layouts.
@@ -82,104 +84,11 @@ PROTOCOL = dict(
         "features cached once per view (centre clip, its mirror, --aug_views random crops) instead of "
         "re-augmented clips in every epoch"])
 
-# ============ command line, shared by the evaluation scripts (eval_finetune.py and eval_vos.py import it) ============
-
-
-class UsageError(ValueError):
-    """A user's mistake found after parsing (a checkpoint that does not fit, a model setting the model refuses, a
-    dataset folder that does not hold its layout): the command line prints the message alone and exits 2."""
-
-
-# What run_cli turns into a message and exit status 2: UsageError, a path that is not there (data.py names the
-# layout it expected) and ranks that read different inputs (ranks.agree names them).
-USER_ERRORS = (UsageError, FileNotFoundError, ranks.RanksDisagree)
-
-
-def run_cli(main, prog):
-    """`python <prog>`: main() -> its exit status; a user error stops with 'prog: error: <message>' and status 2,
-    no traceback. main() itself raises, so that scripts calling it (train.py's first look, the tests) can catch."""
-    try:
-        result = main()
-    except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return result if isinstance(result, int) else 0
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's '(default: X)' after each help, except for required options and where the help says its default
-    itself (it mentions 'default'): an option left at None takes its value from a recipe, the dataset or the
-    checkpoint, and its help names those values instead of 'None'."""
-
-    def _get_help_string(self, action):
-        says_it = action.required or "default" in (action.help or "").lower()
-        return action.help if says_it else super()._get_help_string(action)
-
-
-def add_device_option(p, note):
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if a GPU is present, else "
-                   f"cpu; under torchrun each rank takes cuda:LOCAL_RANK); {note}")
-
-
-def resolve_device(name):
-    """--device (None = the default) -> the device's name ('cpu', 'cuda', 'cuda:N'), or UsageError naming the
-    option and a valid value. Under torchrun (LOCAL_RANK set) 'cuda' is the rank's own GPU, cuda:LOCAL_RANK."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: choose cpu or cuda (cuda:N for GPU N), e.g. --device cpu")
-    if device.type == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device, use --device cpu")
-    if device.index is not None and local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError(f"--device {name}: under torchrun every rank takes its own GPU (cuda:LOCAL_RANK); "
-                         f"pass --device cuda")
-    index = int(local_rank) if local_rank is not None and device.index is None else device.index
-    if index is not None and index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                         f"e.g. --device cuda:0")
-    return "cuda" if index is None else f"cuda:{index}"
-
-
-def setup_distributed(device_name):
-    """DDP like nanoGPT: torchrun sets RANK; a plain `python <script>` is one process. The process group's
-    backend follows the device (--device cpu under torchrun: gloo, even on a machine with GPUs).
-    -> (ddp, rank, world, torch.device)."""
-    device = torch.device(device_name)
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1, device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    ranks.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                             device_id=device if device.type == "cuda" else None)  # restart-safe (ranks.py)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def open_encoder(ckpt, arch=None, **overrides):
-    """model.load_encoder, with a user's mistake raised as UsageError naming the options: a file torch cannot read,
-    a checkpoint that is not an encoder or does not fit --arch, a --num_frames / --img_size the model refuses
-    (Config.validate). -> (encoder, cfg)."""
-    given = " ".join([f"--ckpt {ckpt}"] + [f"--{k} {v}" for k, v in (("arch", arch), *overrides.items()) if v])
-    try:
-        return load_encoder(ckpt, arch, **overrides)
-    except ValueError as err:
-        raise UsageError(f"{given}: {err}") from None
-    except RuntimeError as err:  # model.load_checkpoint names the file and says why it cannot be read
-        if str(ckpt) not in str(err):
-            raise
-        raise UsageError(f"--ckpt: {err}") from None
+# ============ settings ============
 
 
 def default_workers():
     return min(8, os.cpu_count() or 1)
-
-
-# ============ settings ============
 
 
 def get_args(argv=None):
@@ -270,25 +179,9 @@ def build_parser():
     return p
 
 
-def preset_values(field):
-    """'16 (vit_s, vit_b), 8 (tiny)': a model preset field's values, for the help."""
-    full = {name: {**asdict(Config()), **preset}[field] for name, preset in PRESETS.items()}
-    return grouped_values(full)
-
-
 def per_dataset(values, datasets, otherwise=None):
     """'2 (fashion, synthetic, ssv2), 4 (k400, ...)': each dataset's value (`otherwise` where it has none)."""
     return grouped_values({d: values.get(d, otherwise) for d in datasets})
-
-
-def grouped_values(by_name):
-    """{name: value} -> 'value (names), ...', or just the value where every name has the same one."""
-    groups = {}
-    for name, value in by_name.items():
-        groups.setdefault(value, []).append(name)
-    if len(groups) == 1:
-        return str(next(iter(groups)))
-    return ", ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
 
 
 def check_args(p, args):
@@ -305,12 +198,10 @@ def check_args(p, args):
     need(args.data_root is not None or args.dataset in BUILT_IN, f"--data_root is required for --dataset "
          f"{args.dataset}: the folder holding its layout (data.py LAYOUTS), e.g. --data_root data/{args.dataset}")
     # Unset (None) options take a per-dataset default later; a value given must be in range.
-    for name, low, example in [("num_frames", 2, 16), ("img_size", 1, 224), ("stride", 1, 4), ("test_clips", 1, 1),
-                               ("test_crops", 1, 3), ("epochs", 1, 100), ("batch_size", 1, 128),
-                               ("extract_batch", 1, 32), ("aug_views", 0, 0), ("warmup_epochs", 0, 5),
-                               ("workers", 0, 8)]:
-        value = getattr(args, name)
-        need(value is None or value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    problems += below_minimum(args, [("num_frames", 2, 16), ("img_size", 1, 224), ("stride", 1, 4),
+                                     ("test_clips", 1, 1), ("test_crops", 1, 3), ("epochs", 1, 100),
+                                     ("batch_size", 1, 128), ("extract_batch", 1, 32), ("aug_views", 0, 0),
+                                     ("warmup_epochs", 0, 5), ("workers", 0, 8)])
     need(args.fold in (1, 2, 3), f"--fold {args.fold}: UCF101 / HMDB51 have splits 1, 2 and 3, e.g. 1")
     need(args.lr > 0, f"--lr {args.lr}: must be > 0, e.g. 1e-3")
     need(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be >= 0, e.g. 0.05")
@@ -318,11 +209,11 @@ def check_args(p, args):
     need(args.warmup_epochs < epochs, f"--warmup_epochs {args.warmup_epochs} must be shorter than the {epochs} "
          f"head epochs (the lr would never reach its peak), e.g. --warmup_epochs {min(5, epochs - 1)}")
     try:
-        args.device = resolve_device(args.device)
+        args.device = str(resolve_device(args.device))  # a name: the results JSON stores the settings
     except UsageError as err:
         problems.append(str(err))
     if problems:
-        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
+        p.error(invalid_options(problems))
 
 
 # ============ data: videos from data.py, images as clips of one repeated frame ============
@@ -606,18 +497,16 @@ def predict(head, feats, chunk=8192):
 # ============ probes beside Table 9: what the features hold, not what the optimiser found ============
 # The Table 9 head above is AdamW for a fixed number of epochs: on small sets it stops far from the optimum
 # of its convex problem, so part of a "pretrained beats random" gap it measures is the head. These probes
-# read the same frozen encoder with no optimisation budget to argue about (their maths: probes.py):
-#   linear_converged  multinomial logistic regression solved to optimum (full-batch L-BFGS), L2 picked on a
-#                     held-out part of the train split; its train accuracy shows how separable the features are
-#   knn               DINO's weighted k-NN (cosine, k = 20, T = 0.07): no training at all
-#   dense             a linear classifier per output token against per-token labels (masks of the built-in sets)
-#   attentive         V-JEPA's attentive probe: one learned query cross-attends over the frozen tokens
-# The first two read the cached mean-pooled features (train: the unmirrored centre view; test: every view,
-# scores summed). The last two need every clip's output tokens, cached in fp16: clips x tokens x D x 2 bytes
-# (the built-in set with the tiny encoder: 800 x 256 x 192 x 2 = 79 MB; K400 train with ViT-B:
-# 240k x 1568 x 768 x 2 = 578 GB), so they are opt-in (--probes) except on the built-in sets.
+# read the same frozen encoder with no optimisation budget to argue about (what each one is, and its maths:
+# probes.py); linear_converged's train accuracy shows how separable the features are. linear_converged and knn
+# read the cached mean-pooled features (train: the unmirrored centre view; test: every view, scores summed).
+# dense and attentive need every clip's output tokens, cached in fp16: clips x tokens x D x 2 bytes (the
+# built-in set with the tiny encoder: 800 x 256 x 192 x 2 = 79 MB; K400 train with ViT-B: 240k x 1568 x 768 x 2
+# = 578 GB), so they are opt-in (--probes) except on the built-in sets.
 PROBES = ("linear_converged", "knn", "dense", "attentive")
 TOKEN_PROBES = ("dense", "attentive")
+
+
 def parse_probes(text):
     """--probes 'a,b' -> ('a', 'b'); 'none' -> (). An argparse type, so a bad name fails at start."""
     names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
@@ -896,7 +785,8 @@ def print_results(results, args, seconds, device):
 
 def main(argv=None):
     args = get_args(argv)  # every option checked before anything is read
-    ddp, rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device)
+    ddp = dist.is_initialized()  # under torchrun
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the 'random' encoder's init
     encoder, cfg, missing, unexpected = frozen_encoder(args, device, world, say)

@@ -62,7 +62,8 @@ from tqdm import tqdm
 
 import ranks
 from data import IMAGENET_MEAN, IMAGENET_STD, VOS_SAMPLING, VOSDataset, normalize
-from eval_linear import HelpFormatter, UsageError, add_device_option, open_encoder, resolve_device, run_cli
+from cli import (HelpFormatter, UsageError, add_device_option, below_minimum, invalid_options, open_encoder,
+                 resolve_device, run_cli, setup_distributed)
 from model import PRESETS, SIGMA, config_from_dict, inference_autocast, load_checkpoint, load_encoder, load_weights
 from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
@@ -148,22 +149,20 @@ def check_args(p, args):
     for name, archs in (("arch", [args.arch] if args.arch else []), ("bench_archs", args.bench_archs)):
         bad = [a for a in archs if a not in PRESETS]
         need(not bad, f"--{name} {' '.join(bad)}: choose from {', '.join(PRESETS)}")
-    for name, low, example in [("num_frames", 0, 16), ("img_size", 0, 224), ("feat_size", 0, 28), ("pca_dim", 1, 50),
-                               ("k_over", 1, 6), ("restarts", 1, 5), ("iters", 1, 50), ("max_clips", 0, 0),
-                               ("vis", 0, 4), ("workers", 0, 2)]:
-        value = getattr(args, name)
-        need(value >= low, f"--{name} {value}: must be >= {low}, e.g. {example}")
+    problems += below_minimum(args, [("num_frames", 0, 16), ("img_size", 0, 224), ("feat_size", 0, 28),
+                                     ("pca_dim", 1, 50), ("k_over", 1, 6), ("restarts", 1, 5), ("iters", 1, 50),
+                                     ("max_clips", 0, 0), ("vis", 0, 4), ("workers", 0, 2)])
     need(args.tol >= 0, f"--tol {args.tol}: must be >= 0, e.g. 1e-4")
     need(all(i >= 0 for i in args.protos), f"--protos {' '.join(map(str, args.protos))}: ids are >= 0, e.g. 0 1 2")
     need(0 < args.proto_frac <= 1, f"--proto_frac {args.proto_frac}: must be in (0, 1], e.g. 0.1")
     need(args.data_root is not None or args.dataset in BUILT_IN_VOS or args.bench, f"--data_root is required for "
          f"--dataset {args.dataset}: the folder holding JPEGImages/ and Annotations/, e.g. --data_root data/DAVIS")
     try:
-        args.device = resolve_device(args.device)
+        args.device = str(resolve_device(args.device))  # a name: the results JSON stores the settings
     except UsageError as err:
         problems.append(str(err))
     if problems:
-        p.error("\n  - ".join(["invalid options:"] + problems) if len(problems) > 1 else problems[0])
+        p.error(invalid_options(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,20 +475,6 @@ def protocol_line(args):
             f"features={args.features}" + (f" (PCA {args.pca_dim})" if args.features == "timet" else ""))
 
 
-def setup_distributed(args):
-    """Each rank takes every world-th clip. Launched by torchrun (RANK set), main() starts the process group and
-    ends it; called inside a process that has one already (train.py's first look under torchrun), it uses that
-    group and leaves it as it is. -> (rank, world, whether main() started a group)."""
-    started = not (dist.is_available() and dist.is_initialized())
-    if started and "RANK" not in os.environ:
-        return 0, 1, False
-    if started:  # args.device is cuda:LOCAL_RANK under torchrun (resolve_device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), dist.get_world_size(), started
-
-
 def frozen_encoder(args):
     """The encoder at the benchmark's clip length (16 DAVIS, 4 YouTube-VOS) unless --num_frames says
     otherwise; its position table follows. -> (encoder, cfg, arch, the config overrides used)."""
@@ -595,7 +580,8 @@ def main(argv=None):
     args = get_args(argv)  # every option checked before anything is read
     if args.bench:
         return bench(args)
-    rank, world, started = setup_distributed(args)
+    had_group = dist.is_initialized()  # train.py's first look under torchrun: that group stays for its owner
+    rank, world, _ = setup_distributed(args.device)  # each rank takes every world-th clip
     encoder, cfg, arch, overrides = frozen_encoder(args)
     feat_size = args.feat_size or 2 * cfg.grid[1]  # scoring maps: twice the token grid (28 for 224 / 16)
 
@@ -630,7 +616,7 @@ def main(argv=None):
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = sorted(itertools.chain(*gathered), key=lambda r: r["index"])
-    if started:  # a group this process had before main() stays for its owner (train.py's first look)
+    if dist.is_initialized() and not had_group:  # a group started here ends here
         dist.destroy_process_group()
     if rank:
         return None

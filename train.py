@@ -19,8 +19,10 @@ result; ranks that find different checkpoints stop at once; a DataLoader worker 
 its rank after --loader_timeout; skipped videos are listed in <out>/bad_videos.txt.
 
 Read in run order: recipes -> options and their checks -> distributed set-up -> precision ->
-optimizer and schedule -> checkpoints and resume -> train() and the loop -> monitoring. What is not part of
-a run (--bench, --dry_run's plan, the memory estimate) is in bench.py.
+optimizer and schedule -> checkpoints and resume -> train() and the loop. What the loop reports and when it
+stops itself (the log, the NaN stop, the collapse alarm) is in monitor.py; the command-line behaviour every
+script shares (help, exit status 2 on a user's mistake, --device) in cli.py; what is not part of a run
+(--bench, --dry_run's plan, the memory estimate) in bench.py.
 """
 import argparse
 import contextlib
@@ -30,7 +32,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import threading
@@ -44,9 +45,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import ranks
-from bench import accumulation_note, bench, device_memory_gib, peak_memory_gb, plan
+from bench import accumulation_note, bench, device_memory_gib, plan
+from cli import (HelpFormatter, UsageError, add_device_option, below_minimum, grouped_values, invalid_options,
+                 preset_values, resolve_device, run_cli, setup_distributed)
 from data import LAYOUTS, build_video_dataset, make_loader, normalize, prefetch, set_epoch, to_device, tube_mask
 from model import PRESETS, autocast_dtype, build_config, build_model, load_checkpoint, tf32_in_fp32_regions
+from monitor import Run
 from synthetic import MotionObjects, fashion_dataset
 
 # ============ defaults: the released recipes (scripts_pretrain/*.sh of the SIGMA release) ============
@@ -75,47 +79,17 @@ RECIPES = {
 RECIPES["noise"] = {**RECIPES["synthetic"], "motion_objects": 2}  # SMILE's no-natural-video set, laptop scale
 
 
-# Collapse alarm (--loss sigma): a step counts as collapsed when phi sends every token of the global batch
-# to one prototype, or when its mean soft assignment puts >~99% of the mass on one prototype (entropy below
-# 0.1 nats; healthy runs sit at several nats, the maximum is ln K). See docs/common_issues.md.
-COLLAPSE_ENTROPY = 0.1
-# --loss l2 with a jointly trained phi collapses by design (Eq. 2): phi's spread across tokens below this.
-L2_COLLAPSED_STD = 1e-3
-# Data-bound check: over these steps of a run (counted from its start or restart), the share of the time the
-# loop waits for the DataLoader; above DATA_BOUND_SHARE on any rank, one line says so, with the remedies.
-DATA_BOUND_STEPS = (20, 100)
-DATA_BOUND_SHARE = 0.2
-
-
 # ============ command line: options, then every value checked before anything is built or read ============
 
-class UsageError(ValueError):
-    """A bad option or a run that cannot resume as asked: `python train.py` prints the message, no traceback."""
-
-
-def show(value):
-    """A default as the help prints it: 0.00015, 512 512, vit_b."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def per_recipe(key):
-    """Help text of an option whose value comes from the recipe: its value in each recipe of RECIPES."""
-    return "default per recipe: " + ", ".join(f"{name} {show(r[key])}" for name, r in RECIPES.items() if key in r)
+def per_recipe(key, otherwise=None):
+    """Help text of an option whose value comes from the recipe: its value in each recipe of RECIPES (`otherwise`
+    where the recipe does not set it)."""
+    return "default per recipe: " + grouped_values({name: r.get(key, otherwise) for name, r in RECIPES.items()})
 
 
 def per_arch(field):
     """Help text of an option whose value comes from the --arch preset: the model Config's value per preset."""
-    return "default per --arch: " + ", ".join(f"{arch} {show(getattr(build_config(arch), field))}" for arch in PRESETS)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """'(default: X)' after every option whose default is its value; an option left at None (or "") takes its
-    value from the recipe, the --arch preset or another option, or is off, and its help says which."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, "") else super()._get_help_string(action)
+    return "default per --arch: " + preset_values(field)
 
 
 def build_parser():
@@ -134,8 +108,7 @@ def build_parser():
     a("--split", default="train", help="the dataset split to train on")
     a("--out", default=None, help="output folder for ckpt.pth and log.jsonl (default out/<dataset>_<arch>_<target>_<loss>); "
       "on several nodes it must be on a file system every node sees")
-    a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when a GPU is visible -- under torchrun "
-      "cuda:LOCAL_RANK, one GPU per rank -- else cpu)")
+    add_device_option(p, "--precision auto follows it")
     # model
     a("--arch", default=None, help=f"{' | '.join(PRESETS)}; {per_recipe('arch')}")
     a("--target", default=None, help="projection phi: mlp (SIGMA-MLP) | dino (SIGMA-DINO) | pixel; default mlp, pixel for --loss pixel")
@@ -167,7 +140,7 @@ def build_parser():
     a("--color_jitter", type=float, default=0.0, help="per-clip colour jitter of this strength (brightness, contrast, "
       "saturation +-S, hue +-S/4; SimCLR's is 0.4); 0 = off, as released")
     a("--motion_objects", type=int, default=None, help="moving cut-outs overlaid on every clip before crop and mask "
-      f"(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; {per_recipe('motion_objects')}, other recipes 0")
+      f"(SMILE's synthetic motion; SMILE uses 2; docs/motion.md); 0 = off; {per_recipe('motion_objects', 0)}")
     a("--motion_objects_dir", default=None, help="folder of RGBA PNG cut-outs for --motion_objects (default: the "
       "Fashion-MNIST items shipped in assets/)")
     a("--workers", type=int, default=None, help=f"DataLoader workers per GPU; {per_recipe('workers')}")
@@ -238,11 +211,10 @@ def check_args(args, world):
     need(args.target in ("mlp", "dino", "pixel"), f"--target {args.target!r}: choose mlp, dino or pixel")
     need(args.loss in ("sigma", "l2", "pixel"), f"--loss {args.loss!r}: choose sigma, l2 or pixel")
     need(args.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision {args.precision!r}: choose auto, fp32, bf16 or fp16")
-    for name, low in [("num_prototypes", 2), ("sk_iters", 1), ("stride", 1), ("repeats", 1), ("batch_size", 1),
-                      ("micro_batch", 1), ("epochs", 1), ("save_every", 1), ("log_every", 1), ("bench_steps", 1),
-                      ("workers", 0), ("warmup_epochs", 0), ("max_epochs_this_run", 0), ("collapse_patience", 0),
-                      ("motion_objects", 0)]:
-        need(getattr(args, name) >= low, f"--{name} {getattr(args, name)}: must be >= {low}, e.g. {max(low, 1)}")
+    problems += below_minimum(args, [(name, low, max(low, 1)) for name, low in [
+        ("num_prototypes", 2), ("sk_iters", 1), ("stride", 1), ("repeats", 1), ("batch_size", 1), ("micro_batch", 1),
+        ("epochs", 1), ("save_every", 1), ("log_every", 1), ("bench_steps", 1), ("workers", 0), ("warmup_epochs", 0),
+        ("max_epochs_this_run", 0), ("collapse_patience", 0), ("motion_objects", 0)]])
     for name in ("sk_eps", "temperature", "lr"):
         need(getattr(args, name) > 0, f"--{name} {getattr(args, name)}: must be > 0, e.g. {RECIPES['k400'].get(name, 0.1)}")
     need(0 < args.mask_ratio < 1, f"--mask_ratio {args.mask_ratio}: must be in (0, 1), e.g. 0.9 (released)")
@@ -278,7 +250,7 @@ def check_args(args, world):
     need(not args.dino_weights or args.target == "dino", "--dino_weights is only read with --target dino: add "
          "--target dino or drop --dino_weights")
     if problems:
-        raise UsageError("invalid options:\n  - " + "\n  - ".join(problems))
+        raise UsageError(invalid_options(problems))
     try:
         cfg = build_config(args.arch, **model_options(args))  # the model's own checks (Config.validate)
     except ValueError as err:  # e.g. --img_size not a multiple of the patch: the message names it
@@ -305,40 +277,6 @@ def model_options(args):
 
 
 # ============ distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ============
-
-def resolve_device(name):
-    """--device -> torch.device, or UsageError naming the option and a valid value. None: cuda when a GPU is
-    visible, else cpu. Under torchrun 'cuda' is the rank's own GPU, cuda:LOCAL_RANK."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UsageError(f"--device {name!r}: choose cpu, cuda or cuda:N (GPU N), e.g. --device cpu")
-    device = torch.device(name)
-    if device.type == "cpu":
-        return device
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.index is not None:
-        raise UsageError(f"--device {name}: under torchrun every rank takes its own GPU (cuda:LOCAL_RANK); "
-                         "use --device cuda")
-    if "RANK" in os.environ and device.index is None:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), e.g. --device cuda:0")
-    return device
-
-
-def setup_distributed(device_name):
-    """Returns (rank, world_size, device). Plain `python train.py` is a world of one. Under torchrun the process
-    group's backend follows the device: nccl on GPUs, gloo on CPU (--device cpu, or a machine without GPUs)."""
-    device = resolve_device(device_name)
-    if device.index is not None:
-        torch.cuda.set_device(device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    cuda = device.type == "cuda"
-    ranks.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)  # restart-safe (ranks.py)
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def seed_everything(seed, epoch, rank):
     """Every epoch starts from a seed derived from (seed, epoch, rank): resuming from an
@@ -560,7 +498,7 @@ def resume(ckpt_path, run_config, model, optimizer, scaler, world, device):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(resolve_device(args.device))
     try:
         return train(args, rank, world, device)
     finally:
@@ -640,8 +578,8 @@ def train(args, rank, world, device):
     # ============ training ============
     # Run holds the log and the monitors: an epoch returns stop=True after a NaN loss or a collapse, on every rank
     # at once. Rank 0 writes the checkpoints in the background (CheckpointWriter): no rank waits for the disk.
-    run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum)
-    writer = run.writer
+    writer = CheckpointWriter()
+    run = Run(args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum, writer)
     end_epoch = min(args.epochs, start_epoch + args.max_epochs_this_run) if args.max_epochs_this_run else args.epochs
     for epoch in range(start_epoch, end_epoch):
         mask_gen = seed_everything(args.seed, epoch, rank)
@@ -772,177 +710,6 @@ def next_batch(batches, run):
     return videos
 
 
-# ============ monitoring: the log, the NaN stop, the collapse alarm ============
-
-class Run:
-    """What the loop reports. Per step it only keeps the logged values as device tensors; every --log_every
-    steps (and at the end of each epoch) it reads them from the GPU in one transfer -- after one all-reduce
-    over ranks -- writes one JSON line per step, and checks them: a non-finite loss or a sustained collapse
-    stops the run (every rank reads the same averaged values, so every rank stops together)."""
-
-    def __init__(self, args, cfg, world, device, master, steps_per_epoch, paths, lr, min_lr, accum):
-        self.args, self.cfg, self.world, self.device, self.master = args, cfg, world, device, master
-        self.rank = dist.get_rank() if world > 1 else 0
-        self.steps_per_epoch, self.paths, self.lr, self.min_lr, self.accum = steps_per_epoch, paths, lr, min_lr, accum
-        self.total_steps, self.warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-        self.pending, self.first_losses, self.last = [], [], {}
-        self.collapsed_steps, self.l2_collapse_noted = 0, False
-        self.data_time, self.t0 = 0.0, time.perf_counter()
-        self.log = open(paths["log.jsonl"], "a") if master else None
-        self.writer = CheckpointWriter()  # rank 0's background checkpoint writes; a failure stops every rank
-        self.steps_here, self.data_total, self.window_start = 0, 0.0, None  # the data-bound check
-
-    def record(self, step, epoch, lr, stats):
-        self.pending.append((step, epoch, lr, stats))
-        self.steps_here += 1
-        first, last = DATA_BOUND_STEPS
-        if self.steps_here == first:
-            self.window_start = (time.perf_counter(), self.data_total)
-        elif self.steps_here == last and self.window_start:
-            self.check_data_bound()
-
-    def check_data_bound(self):
-        """One line when the loop waited for the DataLoader more than DATA_BOUND_SHARE of the time over
-        DATA_BOUND_STEPS, on the slowest rank. Every rank takes part in the reduction (at the same step)."""
-        t0, data0 = self.window_start
-        share = torch.tensor([(self.data_total - data0) / (time.perf_counter() - t0), self.rank], dtype=torch.float64,
-                             device=self.device)  # (2,) [waiting share, rank]; on the device: NCCL gathers those
-        if self.world > 1:
-            everyone = [torch.zeros_like(share) for _ in range(self.world)]
-            dist.all_gather(everyone, share)
-            share = max(everyone, key=lambda s: s[0].item())
-        worst, rank = share.tolist()
-        if worst > DATA_BOUND_SHARE:
-            first, last = DATA_BOUND_STEPS
-            self.say(f"data-bound: over steps {first}-{last} of this run the loop waited for the DataLoader "
-                     f"{worst:.0%} of the time (rank {rank:.0f}, the slowest); the {self.device.type.upper()}s sit "
-                     f"idle that long. Faster input: decode the dataset once into a clip store (python store.py "
-                     f"--prepare --dataset {self.args.dataset} --data_root <videos> --out <store>, then --data_root "
-                     f"<store>; docs/store.md), several clips per decoded video (--repeats 2, now "
-                     f"{self.args.repeats}), or more DataLoader workers per rank (--workers, now {self.args.workers}).")
-
-    def flush(self, bar):
-        """Read, log and check the pending steps; returns True when the run must stop."""
-        keys = list(self.pending[0][3])  # loss, its terms, monitors, grad_norm
-        values = torch.stack([torch.stack([s[k].double() for k in keys]) for *_, s in self.pending])  # (steps, keys)
-        # One more value travels with them: did rank 0's background checkpoint write fail? Every rank then stops
-        # here, at the next log interval, instead of at the next save (rank 0) or in an all-reduce (the others).
-        write_failed = values.new_full((1, len(keys)), float(self.writer.failed))
-        values = torch.cat([values, write_failed])  # (steps + 1, keys)
-        if self.world > 1:  # loss terms are per rank: average them (the monitors are already global)
-            dist.all_reduce(values)
-            values /= self.world
-        *rows, failed = values.tolist()  # the one host sync of the interval
-        if failed[0] > 0:
-            return self.stop_on_failed_write()
-        # Throughput over the interval: per-step host times mean little while the GPU runs behind the host.
-        dt = time.perf_counter() - self.t0
-        timing = {"clips_per_s": len(rows) * self.args.batch_size / dt, "data_wait": self.data_time / dt,
-                  "peak_mem_gb": peak_memory_gb(self.device)}
-        for (step, epoch, lr, _), row in zip(self.pending, rows):
-            self.last = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in zip(keys, row)}, **timing}
-            if "protos_used" in self.last:
-                self.last["protos_used"] = round(self.last["protos_used"])
-            if self.master:
-                self.log.write(json.dumps(self.last) + "\n")
-                if len(self.first_losses) < 10:
-                    self.first_losses.append(self.last["loss"])
-            if self.alarm():
-                if self.master:
-                    self.log.flush()
-                return True
-        self.pending, self.data_time, self.t0 = [], 0.0, time.perf_counter()
-        if self.master:
-            self.log.flush()
-            bar.set_postfix(loss=f"{self.last['loss']:.3f}", protos=self.last.get("protos_used", "-"),
-                            lr=f"{self.last['lr']:.1e}", clips_s=f"{timing['clips_per_s']:.0f}",
-                            data=f"{timing['data_wait']:.0%}")
-        return False
-
-    def stop_on_failed_write(self):
-        ckpt = self.paths["ckpt.pth"]
-        try:
-            self.writer.wait()  # rank 0 re-raises the write's error here
-        except Exception as err:  # noqa: BLE001 -- reported, then the run stops on every rank
-            self.say(f"could not write the checkpoint {ckpt} ({type(err).__name__}: {err}); stopping. The previous "
-                     f"checkpoint, if any, is intact: free space or fix --out, then re-run the same command.")
-        return True
-
-    def alarm(self):
-        """Checks one logged step. A NaN stops at once; a collapse stops after --collapse_patience steps."""
-        last, ckpt = self.last, self.paths["ckpt.pth"]
-        good = ckpt if os.path.exists(ckpt) else "none (no epoch finished)"
-        if not math.isfinite(last["loss"]):
-            self.say(f"loss is {last['loss']} at step {last['step']}; stopping. The last good checkpoint is {good}. "
-                     "Try a lower --lr, more --warmup_epochs, or --precision fp32 / bf16.")
-            return True
-        if self.cfg.loss == "l2" and last["target_std"] < L2_COLLAPSED_STD and not self.l2_collapse_noted:
-            self.l2_collapse_noted = True  # the Eq. 2 ablation: expected, so it runs to the end
-            self.say(f"phi's output collapsed to a constant at step {last['step']} (target_std {last['target_std']:.1e}), "
-                     "as expected for --loss l2 with a jointly trained phi (paper Eq. 2); not stopping.")
-        if self.cfg.loss != "sigma" or not self.args.collapse_patience:
-            return False
-        collapsed = last["protos_used"] <= 1 or last["assign_entropy"] < COLLAPSE_ENTROPY
-        self.collapsed_steps = self.collapsed_steps + 1 if collapsed else 0
-        if self.collapsed_steps < self.args.collapse_patience:
-            return False
-        self.say(f"collapse: for {self.collapsed_steps} steps up to step {last['step']}, phi assigned the tokens to "
-                 f"{last['protos_used']} of {self.cfg.num_prototypes} prototypes (assignment entropy "
-                 f"{last['assign_entropy']:.3f} nats, max {math.log(self.cfg.num_prototypes):.2f}): its features no "
-                 f"longer tell tokens apart and the loss teaches nothing. Stopping; the last checkpoint is {good} (if "
-                 "the collapse began before it, go back further). Try a lower --lr or more --warmup_epochs, a "
-                 "larger --micro_batch (Sinkhorn balances over micro_batch x GPUs clips), check that the videos "
-                 "are not blank or identical, or --collapse_patience 0 to keep going.")
-        return True
-
-    def say(self, message):
-        if self.master:
-            print("\n" + message, file=sys.stderr)
-
-    def end_of_epoch(self, epoch):
-        last, K = self.last, self.cfg.num_prototypes
-        print(f"epoch {epoch + 1}/{self.args.epochs}: loss {last['loss']:.4f}"
-              + (f", prototypes used {last['protos_used']}/{K}, entropy {last['assign_entropy']:.2f}/{math.log(K):.2f}"
-                 if "protos_used" in last else "")
-              + f", target spread {last['target_std']:.3f}, {last['clips_per_s']:.1f} clips/s, "
-              f"data wait {last['data_wait']:.0%}")
-
-    def summary(self, end_epoch):
-        args, last, ckpt = self.args, self.last, self.paths["ckpt.pth"]
-        self.log.close()
-        if not last:
-            print(f"nothing to do: {ckpt} already holds epoch {end_epoch}/{args.epochs}")
-            return
-        lines = [f"done: epoch {end_epoch}/{args.epochs}, step {last['step']}.",
-                 f"  loss {sum(self.first_losses) / len(self.first_losses):.3f} (first steps) -> "
-                 f"{last['loss']:.3f} (last step)"]
-        if "protos_used" in last:
-            lines.append(f"  prototypes in use {last['protos_used']}/{self.cfg.num_prototypes}, assignment entropy "
-                         f"{last['assign_entropy']:.2f} nats (max {math.log(self.cfg.num_prototypes):.2f}; near 0 = collapse)")
-        bad = self.paths["bad_videos.txt"]
-        n_bad = len(set(open(bad).read().split("\n")) - {""}) if os.path.exists(bad) else 0
-        lines += [f"  checkpoint {ckpt}", f"  log        {self.paths['log.jsonl']}  (one JSON line per step)",
-                  f"  unreadable videos skipped: {n_bad}" + (f", listed in {bad}" if n_bad else "")]
-        if end_epoch < args.epochs:
-            lines.append("  re-run the same command to continue.")
-        else:
-            lines += ["next:"] + next_steps(args, ckpt)
-        print("\n".join(lines))
-
-
-def next_steps(args, ckpt):
-    """The evaluation commands for this run's checkpoint (eval_linear.py reads the built-in sets as 'synthetic')."""
-    if args.dataset == "fashion":
-        root = args.data_root or fashion_dataset()
-        return [f"  python eval_linear.py --ckpt {ckpt} --dataset synthetic --data_root {root} --probes knn",
-                f"  python eval_vos.py --ckpt {ckpt} --dataset davis2017 --data_root {root}/davis "
-                "--sampling consecutive --features l2 --vis 4"]
-    data = f"--dataset {args.dataset}" + (f" --data_root {args.data_root}" if args.data_root else "")
-    return [f"  python eval_linear.py --ckpt {ckpt} {data}",
-            f"  python eval_vos.py --ckpt {ckpt} --dataset "
-            + ("synthetic" if args.dataset == "synthetic" else "davis2017 --data_root /path/to/DAVIS")]
-
-
 def check_ranks_agree(model, master):
     """DDP keeps replicas identical by construction; verify it (a cheap end-of-run sanity check
     that catches e.g. a parameter updated outside autograd on one rank only)."""
@@ -958,8 +725,4 @@ def check_ranks_agree(model, master):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UsageError, FileNotFoundError, ranks.RanksDisagree) as e:  # the user's to fix: the message says how
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, "train.py"))

@@ -5,9 +5,10 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import monitor  # noqa: E402
 import train  # noqa: E402
 
-record = train.Run.record
+record = monitor.Run.record
 
 
 def record_then_die(self, *args):
@@ -18,5 +19,5 @@ def record_then_die(self, *args):
 
 
 if __name__ == "__main__":
-    train.Run.record = record_then_die
+    monitor.Run.record = record_then_die
     sys.exit(train.main())

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import cli
 import eval_linear
 import launch
 import probes
@@ -192,7 +193,7 @@ def test_random_tiny_end_to_end_backbone_frozen(tiny_synthetic, tmp_path, monkey
                                                  any(p.requires_grad for p in m.parameters()))))
         return encoder, cfg
 
-    monkeypatch.setattr(eval_linear, "load_encoder", load_and_watch)
+    monkeypatch.setattr(cli, "load_encoder", load_and_watch)
     res = main(run_args("random", tiny_synthetic, tmp_path / "r.json", "--arch", "tiny",
                         "--test_clips", "2", "--test_crops", "3"))
     assert res["test_views"] == "2x3"
@@ -590,7 +591,7 @@ BASE = ["--ckpt", "random", "--dataset", "synthetic", "--workers", "0"]
 def test_bad_option_stops_before_any_data_with_its_name(option, value, tmp_path, capsys, monkeypatch):
     """Each bad value exits 2 (argparse's code) naming the option, before a clip or weight is read."""
     monkeypatch.setattr(eval_linear, "build_dataset", lambda *a, **k: pytest.fail("data read before the check"))
-    monkeypatch.setattr(eval_linear, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    monkeypatch.setattr(cli, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
     with pytest.raises(SystemExit) as info:
         main(BASE + ["--data_root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"), option, value])
     err = capsys.readouterr().err
@@ -611,7 +612,7 @@ def test_truncated_checkpoint_is_named(tmp_path):
     torch.save({"model": build_model("tiny").state_dict()}, tmp_path / "whole.pth")
     bad = tmp_path / "cut.pth"
     bad.write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
-    with pytest.raises(eval_linear.UsageError) as info:  # the command line prints the message alone (exit 2)
+    with pytest.raises(cli.UsageError) as info:  # the command line prints the message alone (exit 2)
         main(["--ckpt", str(bad), "--dataset", "synthetic", "--data_root", str(tmp_path / "nowhere"),
               "--out", str(tmp_path / "r.json")])
     assert re.search(r"--ckpt: cannot read checkpoint .*cut\.pth.*truncated or corrupt", str(info.value))
@@ -626,7 +627,7 @@ class Payload:
 
 def test_checkpoint_with_pickled_code_is_refused_as_such(tmp_path, capsys):
     torch.save({"model": build_model("tiny").state_dict(), "extra": Payload()}, tmp_path / "code.pth")
-    with pytest.raises(eval_linear.UsageError) as info:
+    with pytest.raises(cli.UsageError) as info:
         main(["--ckpt", str(tmp_path / "code.pth"), "--dataset", "synthetic", "--out", str(tmp_path / "r.json")])
     message = str(info.value)
     assert "refusing to load" in message and "pickled code" in message and "truncated" not in message
@@ -693,31 +694,32 @@ def test_help_explains_every_option_and_shows_no_none_default():
 
 
 def test_device_default_and_torchrun_rank_and_bad_values(monkeypatch):
-    resolve = eval_linear.resolve_device
+    resolve = lambda name: str(cli.resolve_device(name))  # what every script's --device resolves to
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve(None) == "cpu" and resolve("cpu") == "cpu"
-    with pytest.raises(eval_linear.UsageError, match="--device cuda: no CUDA device, use --device cpu"):
+    with pytest.raises(cli.UsageError, match="--device cuda: no CUDA device here; use --device cpu"):
         resolve("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve(None) == "cuda" and resolve("cuda:1") == "cuda:1"
-    with pytest.raises(eval_linear.UsageError, match="has 2 GPU"):
+    with pytest.raises(cli.UsageError, match="has 2 GPU"):
         resolve("cuda:2")
-    for bad in ("tpu", "cuda:x", "mps"):
-        with pytest.raises(eval_linear.UsageError, match="choose cpu or cuda"):
+    for bad in ("tpu", "cuda:x", "mps", "cpu:0"):
+        with pytest.raises(cli.UsageError, match="choose cpu, cuda or cuda:N"):
             resolve(bad)
     monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: each rank its own GPU
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve(None) == "cuda:1" and resolve("cuda") == "cuda:1" and resolve("cpu") == "cpu"
-    with pytest.raises(eval_linear.UsageError, match="pass --device cuda"):
+    with pytest.raises(cli.UsageError, match="use --device cuda"):
         resolve("cuda:0")
 
 
 def test_bad_device_stops_at_start(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_linear, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
+    monkeypatch.setattr(cli, "load_encoder", lambda *a, **k: pytest.fail("weights read before the check"))
     with pytest.raises(SystemExit) as info:
         main(BASE + ["--out", str(tmp_path / "r.json"), "--device", "gpu"])
-    assert info.value.code == 2 and "--device 'gpu': choose cpu or cuda" in capsys.readouterr().err
+    assert info.value.code == 2 and "--device 'gpu': choose cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -545,7 +545,7 @@ def test_cuda_device_without_a_gpu_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as info:
         eval_vos.main(["--device", "cuda"])
-    assert info.value.code == 2 and "--device cuda: no CUDA device, use --device cpu" in capsys.readouterr().err
+    assert info.value.code == 2 and "--device cuda: no CUDA device here; use --device cpu" in capsys.readouterr().err
 
 
 def test_bad_options_from_the_command_line_are_listed_without_traceback(tmp_path):

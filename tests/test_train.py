@@ -15,6 +15,7 @@ import torch
 
 import bench
 import launch
+import monitor
 import train
 from model import SIGMA, config_from_dict, load_checkpoint
 
@@ -452,7 +453,7 @@ def test_a_data_bound_run_says_so_with_the_remedies(tiny_synthetic, tmp_path, mo
             clock.sleep(0.3)
             return self.dataset[i]
     monkeypatch.setattr(train, "build_video_dataset", lambda *a, **k: SlowVideos(build(*a, **k)))
-    monkeypatch.setattr(train, "DATA_BOUND_STEPS", (1, 3))
+    monkeypatch.setattr(monitor, "DATA_BOUND_STEPS", (1, 3))
     assert train.main(tiny_args(tiny_synthetic, tmp_path, "--micro_batch", "4", "--batch_size", "4",
                                 "--epochs", "1", "--warmup_epochs", "0")) == 0
     err = capsys.readouterr().err
@@ -592,9 +593,10 @@ def test_color_jitter_changes_each_views_colours_and_nothing_else(tiny_synthetic
 # ------------------------------------------------------------------------ the command line tells the truth
 
 def listed_values(help_text, marker):
-    """'... <marker> a 1, b 0.05, c 1024 1024 512' -> {'a': '1', 'b': '0.05', 'c': '1024 1024 512'}."""
+    """'... <marker> 1 (a, b), 1024 1024 512 (c)' -> {'a': '1', 'b': '1', 'c': '1024 1024 512'}."""
     listing = " ".join(help_text.split()).split(marker, 1)[1]
-    return dict(item.strip().split(" ", 1) for item in listing.split(","))
+    return {name: value.strip() for value, names in re.findall(r"([^,()]+) \(([^)]*)\)", listing)
+            for name in names.split(", ")}
 
 
 def test_help_shows_each_recipes_and_presets_value_and_never_default_none():
@@ -618,6 +620,20 @@ def test_help_shows_each_recipes_and_presets_value_and_never_default_none():
         for arch in PRESETS:
             value = getattr(build_config(arch), field)
             assert (tuple(map(int, shown[arch].split())) if isinstance(value, tuple) else int(shown[arch])) == value
+
+
+def test_the_shared_modules_import_no_script():
+    # cli.py (the command line) and monitor.py (what the loop reports) sit below the scripts: a script imports
+    # them, never the other way round, so that every script can use them without importing another one.
+    import ast
+    scripts = {"train", "eval_linear", "eval_finetune", "eval_vos", "study"}
+    for name in ("cli.py", "monitor.py"):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.module}
+        assert not imported & scripts, (name, imported & scripts)
 
 
 def test_device_cpu_trains_and_is_recorded(tiny_synthetic, tmp_path):
