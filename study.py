@@ -1,38 +1,28 @@
 """
-The laptop study: the paper's ablations (Table 7b, Table 6) on moving Fashion-MNIST, on a 2-core CPU, with
-paired comparisons precise enough to tell two arms apart.
+The laptop study: the paper's ablations (Table 7b, Table 6), its semantic claim and two switches of its successors,
+on moving Fashion-MNIST on a 2-core CPU, with paired comparisons precise enough to tell arms apart.
 
-An *arm* is a set of train.py flags added to one fixed recipe (TRAIN: the tiny preset, 6 epochs of 2000 clips).
-Every arm is pretrained once per seed, then its frozen encoder is read out:
-  headline  vos_clustering   unsupervised segmentation of 200 val clips (eval_vos.py: k-means on the tokens,
-                             clusters matched to the objects; "chance" = calling every pixel background)
-  semantic  knn              20-NN top-1 over the 4 garment categories (eval_linear.py, unseen items)
-  also      vos_overclustering, linear_converged (an L-BFGS logistic regression), linear (Table 9's head),
-            finetune (with --finetune_epochs: the encoder fine-tuned with the labels, top-1)
-The arm "random" is not trained: it is the encoder every other arm starts from. The supervised reference
-("ceiling": the same encoder trained with the labels from that start, EPOCHS_CEILING epochs) is read out the
-same way, to show how much of each metric a category-aware encoder reaches.
+An *arm* is a set of train.py flags added to one recipe (TRAIN: the tiny preset, 6 epochs of 2000 clips), trained
+once per seed and read out frozen:
+  headline  vos_clustering   unsupervised segmentation of 200 val clips (eval_vos.py: k-means on the tokens)
+  semantic  semantic         20-NN top-1 over the 4 garment categories at the read-out a fixed rule chose
+                             (SEMANTIC_READOUT: which block, final norm or not, standardised or not)
+  also      vos_overclustering; with --linear eval_linear.py's probes; with --finetune_epochs a fine-tuned top-1
+"random" is the untrained encoder every arm starts from; the supervised reference ("ceiling") is that encoder
+trained with the labels, read out the same way. Arms are *paired*: a seed gives every arm the same initial
+encoder, clip order, augmentation and masks, so A - B is taken seed by seed; its SE is the spread of the per-seed
+differences, its p-value Student's t, Holm-corrected over the family the README calls (COMPARISONS).
 
-Arms are *paired*: one seed gives every arm the same initial encoder (train.py seeds before building the
-model), the same clip order and augmentation, and the same tube masks, and every arm is scored on the same
-clips. A comparison A - B is therefore taken seed by seed (and clip by clip), which removes the variance the
-arms share; its standard error comes from the spread of the per-seed differences (`pairs` in results.json).
-
-    python study.py                          # Table 7b + Table 6 arms, seeds 0 1 2, and the supervised reference
-    python study.py --quick                  # random / pixel / sigma, seed 0 (SE from the 200 clips)
+    python study.py                          # every arm (5 or 3 seeds, SEEDS), and the supervised reference
+    python study.py --quick                  # random / pixel / sigma, seed 0
     python study.py --arm deep="--loss sigma --proj_hidden 1024 1024 1024" --arms random sigma deep
-    python study.py --compare sigma deep     # paired difference +- SE on every metric (any arm run before)
+    python study.py --compare sigma deep     # paired difference +- SE on every metric (any cached arm)
     python study.py --list                   # the cached arms, their seeds and flags
 
-Runs are independent and go --jobs at a time (default 2), one CPU core each. Results are cached per arm and
-seed under --out, in a folder named by a key of everything that produced them: the arm's train.py settings as
-train.py resolves them, the dataset's parameters and the code involved (TRAIN_CODE for pretraining, EVAL_CODE
-for the read-outs), hashed as syntax trees without docstrings, so comments, docstrings and formatting do not
-count. Changing model.py's code retrains; changing eval_vos.py's only re-evaluates; nothing computed by other
-code is reused. Each arm's folder keeps arm.json: its flags (what --compare and --list read), settings, code
-digest and a behavioural fingerprint (a few seconds of training on fixed clips). With --reuse_same_behaviour a
-cached arm whose fingerprint and settings match is reused although its code differs (docs/study.md: what the
-fingerprint cannot see). Writes results.json (--results).
+Runs go --jobs at a time, one core each, cached per arm and seed under a key of the arm's resolved train.py
+settings, the dataset and the code's syntax trees (TRAIN_CODE, EVAL_CODE; comments and docstrings do not count).
+--reuse_same_behaviour also reuses runs and read-outs of other code whose behavioural fingerprint matches
+(docs/study.md, "The cache"). Writes results.json (--results).
 """
 import argparse
 import ast
@@ -107,11 +97,12 @@ COLUMNS = {"vos_clustering": "VOS clustering mIoU", "semantic": "semantic 20-NN 
            "vos_overclustering": "VOS overclustering mIoU", "knn": "20-NN top-1 (last block)", "finetune": "fine-tuned top-1",
            "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
 # The code each step runs (imported modules included): its syntax trees are part of the cache key.
-TRAIN_CODE = ["train.py", "model.py", "sinkhorn.py", "data.py", "store.py", "synthetic.py", "ranks.py"]
+TRAIN_CODE = ["train.py", "cli.py", "monitor.py", "bench.py", "model.py", "precision.py", "sinkhorn.py", "data.py",
+              "store.py", "synthetic.py", "ranks.py"]
 # The supervised reference's training (study.fine_tune and what it imports; its own functions are in its key).
-CEILING_CODE = ["model.py", "data.py", "store.py", "synthetic.py", "sinkhorn.py"]
-EVAL_CODE = ["eval_vos.py", "eval_linear.py", "probes.py", "model.py", "data.py", "store.py", "synthetic.py",
-             "ranks.py"]
+CEILING_CODE = ["model.py", "precision.py", "data.py", "store.py", "synthetic.py", "sinkhorn.py"]
+EVAL_CODE = ["eval_vos.py", "eval_linear.py", "cli.py", "probes.py", "model.py", "precision.py", "data.py", "store.py",
+             "synthetic.py", "ranks.py"]
 # The behavioural fingerprint (--reuse_same_behaviour): train.py on 12 fixed synthetic videos, 3 steps of 4 clips
 # in one process at one thread; the data pipeline's clips of 3 of those videos; the arm's lr schedule at 8 steps
 # of its epochs (at a nominal 100 steps an epoch).
@@ -175,14 +166,14 @@ def eval_key():
 def arm_folder(arm, flags, params, out, reuse=False, evaluated=None):
     """The folder of an arm's runs (one seed<s> folder each) -> Path. Its arm.json holds the arm's name, flags,
     settings, dataset and code digest, and the fingerprint of the code that trained it (computed when the folder
-    is first used; for the untrained arm, `evaluated()`: eval_behaviour's, which covers the initial encoder). By
+    is first used; for the untrained arm, eval_behaviour's checksum of the initial encoder's tokens). By
     default the folder is the one keyed by run_key. reuse (--reuse_same_behaviour): when that one does not exist
     yet, an existing folder of this arm whose fingerprint, dataset and settings match."""
     record = dict(arm=arm, flags=flags, settings=settings(flags), dataset=params, code=code_digest(TRAIN_CODE))
     folder = Path(out) / f"{arm}-{run_key(flags, params)}"
     if (folder / "arm.json").exists():
         return folder
-    record["fingerprint"] = behaviour(flags, out) if flags is not None else evaluated and evaluated()
+    record["fingerprint"] = behaviour(flags, out) if flags is not None else evaluated and evaluated()["behaviour"]
     if record["fingerprint"] is not None:
         for other, stored in reversed(cached_arms(out) if reuse else []):  # the newest first
             if stored["arm"] == arm and same_behaviour(stored, record):
@@ -299,9 +290,17 @@ def eval_fingerprint(root):
     x = torch.stack([clips[0][0], clips[1][0], vos["frames"][:, :cfg.num_frames]])  # (3, 3, T, S, S) uint8
     with torch.no_grad():
         tokens = encoder(data.normalize(x))
-    code = {f: source_digest(read_source(f)) for f in ("eval_vos.py", "eval_linear.py", "probes.py")}
-    return dict(code=digest(code, semantic_functions(), VOS, LINEAR),
+    code = lambda *files: {f: source_digest(read_source(f)) for f in files}
+    return dict(vos=digest(code("eval_vos.py", "cli.py"), VOS), linear=digest(code("eval_linear.py", "cli.py",
+                "probes.py"), LINEAR), semantic=digest(code("probes.py"), semantic_functions()),
                 behaviour=tensor_digest([("clips", x), ("masks", vos["masks"]), ("tokens", tokens)]))
+
+
+def readout_fingerprint(evaluated, kind):
+    """The part of eval_behaviour's fingerprint that a read-out of `kind` (vos, linear, semantic) depends on: the
+    code of that read-out and the shared modules' behaviour."""
+    fp = evaluated()
+    return {"code": fp[kind], "behaviour": fp["behaviour"]}
 
 
 def readout_path(folder, kind, key, evaluated=None, reuse=False):
@@ -313,7 +312,7 @@ def readout_path(folder, kind, key, evaluated=None, reuse=False):
         return path
     known = json.loads((folder / "readouts.json").read_text()) if (folder / "readouts.json").exists() else {}
     same = [name for name, fp in known.items() if name.startswith(kind + "-") and (folder / name).exists()
-            and fp == evaluated()]
+            and fp == readout_fingerprint(evaluated, kind)]
     return folder / same[-1] if same else path
 
 
@@ -324,7 +323,8 @@ def remember_readout(path, evaluated):
         return
     index = path.parent / "readouts.json"
     known = json.loads(index.read_text()) if index.exists() else {}
-    index.write_text(json.dumps({**known, path.name: evaluated()}, indent=1))
+    kind = path.name.split("-")[0]
+    index.write_text(json.dumps({**known, path.name: readout_fingerprint(evaluated, kind)}, indent=1))
 
 
 # ============ one arm, one seed ============

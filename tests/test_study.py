@@ -256,8 +256,10 @@ def test_read_outs_of_other_code_are_reused_only_with_the_same_eval_fingerprint(
     folder.mkdir()
     old = folder / "vos-aaaaaaaaaaaa.json"
     old.write_text("{}")
-    study.remember_readout(old, lambda: {"code": "c1", "behaviour": "b1"})
-    same, other = (lambda: {"code": "c1", "behaviour": "b1"}), (lambda: {"code": "c1", "behaviour": "b2"})
+    fp = dict(vos="c1", linear="l1", semantic="s1", behaviour="b1")
+    study.remember_readout(old, lambda: fp)
+    same = lambda: {**fp, "linear": "l2"}  # other eval_linear.py code: the VOS read-out is still the same
+    other = lambda: {**fp, "behaviour": "b2"}  # the shared modules compute something else
     assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", same, reuse=True) == old
     assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", same, reuse=False) == folder / "vos-bbbbbbbbbbbb.json"
     assert study.readout_path(folder, "vos", "bbbbbbbbbbbb", other, reuse=True) == folder / "vos-bbbbbbbbbbbb.json"
