@@ -3,10 +3,12 @@ What a training step costs on this machine -- time, FLOP/s and memory -- measure
 
     python train.py --bench --arch vit_s   # step time, clips/s, FLOP/s vs. this machine's matmul ceiling, memory
     python train.py --dry_run --dataset k400 --data_root /data/k400   # the plan of a run: batch, steps, memory
+    python eval_finetune.py --bench --arch vit_b --dataset k400     # a fine-tuning step: FLOPs, memory, augmentation
 
-These tools are not part of a training run, so they live here and train.py reads as the run alone. The layering
-is one way: train.py imports this file, never the reverse; what a tool needs from the run (the optimizer's
-parameter groups, the autocast context, the device) comes in as arguments.
+These tools are not part of a training run, so they live here and train.py and eval_finetune.py read as the run
+alone. The layering is one way: the scripts import this file, never the reverse; what a tool needs from the run
+(the model, the optimizer's parameter groups, the autocast context, the device, the augmentation) comes in as
+arguments.
 """
 import copy
 import json
@@ -15,6 +17,7 @@ import resource
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import sinkhorn
 from data import normalize, to_device, tube_mask
@@ -203,3 +206,44 @@ def accumulation_note(model, cfg, args, world, autocast, memory_gib):
             + (f"they fit -- add --micro_batch {full} to balance the released batch." if fits else
                f"they do not fit; {args.batch_size // args.micro_batch} GPUs would balance it at --micro_batch "
                f"{args.micro_batch}."))
+
+
+# ============ fine-tuning (eval_finetune.py --bench): FLOPs, memory and the augmentation's CPU time ============
+
+def finetune_bench(model, cfg, transform, arch, micro_batch, randaug, num_classes):
+    """A fine-tuning step of the classifier `model` (train mode), without data or a GPU: FLOPs per clip of forward
+    + backward (torch.utils.flop_counter) and per-GPU memory: fp32 weights, grads and AdamW moments (16 bytes per
+    parameter) + the tensors autograd saves for backward, counted on one clip under bf16 autocast and scaled to
+    `micro_batch` clips (an estimate: allocator slack and workspaces not included); then the CPU time per clip of
+    the training augmentation `transform` (uint8 frames (T, H, W, 3) -> clip), measured. arch, randaug and
+    num_classes name what was measured in the printout."""
+    videos = torch.randn(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # (1, 3, T, S, S)
+    with FlopCounterMode(display=False) as counter:
+        model(videos).sum().backward()
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(videos)
+    params = sum(p.numel() for p in model.parameters())
+    static, acts = 16 * params / 2 ** 30, micro_batch * sum(saved.values()) / 2 ** 30
+    # The training augmentation's CPU cost per clip (one thread), on frames of K400's usual 340 x 256.
+    frames = torch.randint(0, 256, (cfg.num_frames, 256, 340, 3), dtype=torch.uint8)  # (T, H, W, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    for _ in range(5):
+        transform(frames)
+    aug_ms = (time.process_time() - t0) / 5 * 1000
+    torch.set_num_threads(threads)
+    print(f"{arch} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, "
+          f"{params:,} parameters ({num_classes} classes):\n"
+          f"  {counter.get_total_flops() / 1e9:.1f} GFLOP per training clip (forward + backward)\n"
+          f"  estimated memory per GPU at --micro_batch {micro_batch}: {static + acts:.1f} GiB = {static:.1f} "
+          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)\n"
+          f"  training augmentation (--randaug {' '.join(f'{v:g}' for v in randaug)}, crop, flip): "
+          f"{aug_ms:.0f} ms CPU per {cfg.num_frames}x256x340 clip on one thread, decoding not included")
+    return 0

@@ -17,9 +17,9 @@ docs/finetune.md for every setting, its released value and source file.
 Why not a mode of eval_linear.py: the probe trains a head on cached features of a frozen encoder (seconds);
 this is a training run with its own recipe (per-layer learning rates, drop path, augmentation that must be
 re-drawn every epoch, so nothing can be cached), checkpoints and exact resume like train.py. It imports the
-probe's dataset building and top-k code, train.py's seeding, lr schedule and checkpointing, the step log
-(monitor.py) and the command line every script shares (cli.py). Batch sizes mean what they mean in train.py
-(the defaults block below).
+release's augmentation on clips (augment.py), the probe's dataset building and top-k code, train.py's seeding, lr
+schedule and checkpointing, the step log (monitor.py), --bench's cost tools (bench.py) and the command line every
+script shares (cli.py). Batch sizes mean what they mean in train.py (the defaults block below).
 
 Outputs go to --out (default <ckpt folder>/finetune_<dataset>/): ckpt.pth (atomic, every --save_every epochs;
 rerun the same command to resume it exactly), log.jsonl (one line per step) and results.json (top-1 / top-5
@@ -39,14 +39,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import ranks
-from data import VideoClips, make_loader, normalize, open_video, set_epoch
+from augment import AugmentedClips, ClipErasing, ClipTransform, build_mixer, erase_clips, mix_batch
+from bench import finetune_bench
+from data import make_loader, normalize, set_epoch
 from data import DEFAULT_STRIDE
 from cli import (HelpFormatter, UsageError, add_device_option, below_minimum, invalid_options, open_encoder,
                  preset_values, resolve_device, run_cli, setup_distributed, show)
@@ -378,176 +376,6 @@ def finetune_param_groups(model, weight_decay, layer_decay):
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
-# ============ augmentation: the release's training transform, one draw per clip (torchvision transforms v2) ====
-# The released kinetics.py / ssv2.py `_aug_frame`, in its order: RandAugment on the decoded frames, normalise,
-# random-resized crop to S x S, horizontal flip (not SSv2), random erasing. Every step draws its parameters once
-# per clip and applies them to all T frames (the clip is one v2 Video), as the release does (a per-frame draw
-# would make the clip flicker). Erasing runs on the batch, after normalisation (erase_clips).
-
-# The release's RandAugment op set ('inc1': the ops whose severity grows with the magnitude level m in [0, 10]),
-# each mapped from m to the value torchvision's kernels take: name -> (value(m, height, width) or None, random sign).
-RANDAUG_OPS = {
-    "AutoContrast": (None, False),
-    "Equalize": (None, False),
-    "Invert": (None, False),
-    "Rotate": (lambda m, h, w: m / 10 * 30, True),                # degrees
-    "Posterize": (lambda m, h, w: 4 - int(m / 10 * 4), False),    # bits kept: 4 down to 0 as m grows
-    "Solarize": (lambda m, h, w: 256 - int(m / 10 * 256), False),  # invert pixels >= this: 256 (none) down to 0
-    "SolarizeAdd": (lambda m, h, w: int(m / 10 * 110), False),    # added to pixels below 128
-    "Color": (lambda m, h, w: m / 10 * 0.9, True),                # blend factor 1 +- 0.9 m / 10 (saturation)
-    "Contrast": (lambda m, h, w: m / 10 * 0.9, True),
-    "Brightness": (lambda m, h, w: m / 10 * 0.9, True),
-    "Sharpness": (lambda m, h, w: m / 10 * 0.9, True),
-    "ShearX": (lambda m, h, w: m / 10 * 0.3, True),               # shear factor (tan of the angle)
-    "ShearY": (lambda m, h, w: m / 10 * 0.3, True),
-    "TranslateX": (lambda m, h, w: m / 10 * 0.45 * w, True),      # pixels, a fraction of the frame
-    "TranslateY": (lambda m, h, w: m / 10 * 0.45 * h, True),
-}
-
-
-class ClipRandAugment(v2.RandAugment):
-    """RandAugment as the release runs it ('rand-m7-n4-mstd0.5-inc1'), on a uint8 clip (T, 3, H, W): one draw
-    for all T frames.
-
-    Per call, num_ops ops are drawn uniformly with replacement from RANDAUG_OPS; each is applied with probability
-    1/2, at a level drawn afresh from N(magnitude, magnitude_std) clipped to [0, 10], with a random sign where the
-    op has one. torchvision's v2.RandAugment applies every drawn op at one fixed magnitude bin and has neither
-    Invert nor SolarizeAdd in its set; its kernels (v2's op dispatch) do the work here. Geometric ops fill
-    with grey (128, the release's default fill) and use bilinear interpolation (the release: bicubic on PIL
-    images; torchvision's tensor kernels offer nearest and bilinear only).
-    """
-
-    _AUGMENTATION_SPACE = RANDAUG_OPS
-
-    def __init__(self, num_ops=4, magnitude=7.0, magnitude_std=0.5):
-        super().__init__(num_ops=int(num_ops), interpolation=v2.InterpolationMode.BILINEAR, fill=128)
-        self.magnitude, self.magnitude_std = float(magnitude), float(magnitude_std)
-
-    def level(self):
-        """One op's magnitude level: N(magnitude, magnitude_std) clipped to [0, 10] (timm's 'mstd')."""
-        return min(10.0, max(0.0, self.magnitude + self.magnitude_std * torch.randn(()).item()))
-
-    def forward(self, *inputs):
-        flat_inputs, clip = self._flatten_and_extract_image_or_video(inputs)
-        height, width = TF.get_size(clip)
-        names = list(self._AUGMENTATION_SPACE)
-        for _ in range(self.num_ops):
-            name = names[torch.randint(len(names), ()).item()]
-            if torch.rand(()).item() < 0.5:
-                continue  # each drawn op is applied with probability 1/2
-            value_of, signed = self._AUGMENTATION_SPACE[name]
-            value = 0.0 if value_of is None else value_of(self.level(), height, width)
-            if signed and torch.rand(()).item() < 0.5:
-                value = -value
-            clip = self.apply_op(clip, name, value)
-        return self._unflatten_and_insert_image_or_video(flat_inputs, clip)
-
-    def apply_op(self, clip, name, value):
-        """One op with its value on uint8 frames (..., 3, H, W)."""
-        if name == "SolarizeAdd":  # not in torchvision: lift the dark pixels, saturating at 255
-            lifted = (clip.as_subclass(torch.Tensor).int() + int(value)).clamp_(max=255).to(torch.uint8)
-            out = torch.where(clip.as_subclass(torch.Tensor) < 128, lifted, clip.as_subclass(torch.Tensor))
-            return tv_tensors.wrap(out, like=clip) if isinstance(clip, tv_tensors.TVTensor) else out
-        if name == "Solarize":  # an integer threshold in pixel values (v2's op takes a fraction of 255)
-            return clip if value > 255 else TF.solarize(clip, threshold=value)
-        return self._apply_image_or_video_transform(clip, name, value, interpolation=self.interpolation,
-                                                    fill=self._fill)
-
-
-class ClipTransform:
-    """uint8 frames (T, H, W, 3) of one clip -> uint8 (3, T, S, S): the release's training augmentation up to the
-    flip. data.normalize follows on the device, then random erasing on the batch (erase_clips).
-
-    The crop is v2.RandomResizedCrop with the release's bounds and sampler (area fraction uniform in crop_scale,
-    log-uniform aspect ratio in crop_ratio, 10 tries, then a centre crop), bilinear without antialiasing as the
-    release's interpolate call. The release normalises before cropping; cropping the uint8 frames first rounds
-    the resized pixels to whole values (at most 0.5 / 255) and is several times faster.
-    """
-
-    def __init__(self, size, randaug=(4, 7.0, 0.5), crop_scale=(0.25, 1.0), crop_ratio=(0.75, 1.3333), flip=True):
-        self.randaug = ClipRandAugment(*randaug) if randaug[0] > 0 else None
-        self.crop = v2.RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio,
-                                         interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        steps = [self.randaug, self.crop, v2.RandomHorizontalFlip() if flip else None]  # uint8 in, uint8 out
-        self.steps = v2.Compose([s for s in steps if s is not None])
-
-    def __call__(self, frames):
-        clip = self.steps(tv_tensors.Video(frames.permute(0, 3, 1, 2)))  # (T, 3, S, S), one draw per step
-        return clip.as_subclass(torch.Tensor).transpose(0, 1).contiguous()  # (3, T, S, S)
-
-
-class ClipErasing(v2.RandomErasing):
-    """Random erasing of a normalised clip (T, 3, H, W), as the release's random_erasing.py in 'pixel' mode with
-    one box per clip: with probability p, one box (area fraction uniform in [0.02, 1/3], log-uniform aspect
-    h / w in [0.3, 1/0.3]) is filled with N(0, 1) values, the same box in every frame and fresh values in each.
-
-    v2.RandomErasing draws the box once per call but repeats one (3, h, w) noise patch in every frame; here each
-    frame gets its own, as released. It tries 10 boxes before giving up (the release 100); a box fits in a
-    square clip in 99.5% of tries (docs/finetune.md), so giving up is a 1e-23 event.
-    """
-
-    def __init__(self, p=0.25):
-        super().__init__(p=p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value=0.0, inplace=True)
-
-    def make_params(self, flat_inputs):
-        params = super().make_params(flat_inputs)  # the box (i, j, h, w); v = None if none fitted
-        if params["v"] is not None:
-            clip = flat_inputs[0]
-            params["v"] = torch.randn(clip.shape[0], clip.shape[1], params["h"], params["w"], device=clip.device)
-        return params
-
-
-def erase_clips(videos, eraser):
-    """videos (B, 3, T, H, W), normalised: each clip erased on its own draw, in place. Returns videos."""
-    if eraser is not None:
-        for clip in videos:
-            eraser(clip.transpose(0, 1))  # (T, 3, H, W) view: one box for all frames, written into videos
-    return videos
-
-
-class AugmentedClips(VideoClips):
-    """Training clips read as data.VideoClips reads them (the same frames, the same handling of unreadable
-    videos; `clips` is the VideoClips that parsed the dataset), augmented by `transform` instead of data.py's
-    multi-scale crop. Items: (clip (3, T, S, S), label), or ((R, 3, T, S, S), (R,)) with repeats R."""
-
-    def __init__(self, clips, transform):
-        super().__init__(clips.samples, clips.classes, num_frames=clips.num_frames, stride=clips.stride,
-                         size=clips.size, train=True, repeats=clips.views, max_bad_fraction=clips.max_bad_fraction,
-                         decode_threads=clips.decode_threads, sampling=clips.sampling)
-        self.transform = transform
-
-    def _load(self, path, index=0):  # index: the clip's place in the dataset (data.py's overlays; none here)
-        with open_video(path, self.decode_threads) as video:
-            positions = self._positions(video.num_frames)  # (V, T); clamped in read()
-            frames = video.read(positions.flatten())  # (V*T, H, W, 3) uint8, one decode for all views
-        frames = frames.view(self.views, self.num_frames, *frames.shape[1:])  # (V, T, H, W, 3)
-        return torch.stack([self.transform(f) for f in frames])  # (V, 3, T, S, S), each view its own draw
-
-
-def build_mixer(mixup, cutmix, num_classes):
-    """MixUp and/or CutMix (v2), one of them per batch with probability 1/2 each (released switch_prob 0.5,
-    mixup_prob 1); None when both alphas are 0."""
-    ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
-          ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
-    return None if not ops else ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
-
-
-def mix_batch(videos, labels, mixer, num_classes, smoothing):
-    """videos (B, 3, T, H, W), labels (B,) -> (mixed videos, soft targets (B, C), each row summing to 1).
-
-    v2's MixUp / CutMix pair clip b with clip b-1 (a roll of the batch; the release pairs b with B-1-b) and
-    return the mixed one-hot labels lam * onehot(y_b) + (1 - lam) * onehot(y_b-1), lam corrected to the pasted
-    area for CutMix; CutMix cuts the same box out of every frame. Smoothing is applied afterwards,
-    t * (1 - s) + s / C: since the mixed one-hot sums to 1 this equals the release's order (smooth each
-    one-hot, then mix) exactly.
-    """
-    if mixer is None:
-        soft = F.one_hot(labels, num_classes).float()
-    else:
-        mixed, soft = mixer(tv_tensors.Video(videos.transpose(1, 2)), labels)  # v2 wants videos (B, T, C, H, W)
-        videos = mixed.as_subclass(torch.Tensor).transpose(1, 2)  # (B, 3, T, H, W)
-    return videos, soft * (1 - smoothing) + smoothing / num_classes
-
 # ============ multi-view test ============
 
 
@@ -842,10 +670,8 @@ def write_results(args, data, run, acc, train_seconds):
 
 
 def bench(args, num_classes=400):
-    """FLOPs per clip of forward + backward (torch.utils.flop_counter) and per-GPU memory: fp32 weights, grads
-    and AdamW moments (16 bytes per parameter) + the tensors autograd saves for backward, counted on one clip
-    under bf16 autocast and scaled to --micro_batch (an estimate: allocator slack and workspaces not included);
-    then the CPU time of the training augmentation per clip (measured)."""
+    """A Classifier of --arch in train mode and the training augmentation, measured by bench.finetune_bench: FLOPs
+    per clip, the estimated memory per GPU at --micro_batch, the augmentation's CPU time per clip."""
     overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size)) if v}
     try:
         cfg = build_config(args.arch or "vit_b", target="pixel", loss="pixel", **overrides)  # the encoder's fields
@@ -853,37 +679,8 @@ def bench(args, num_classes=400):
         raise UsageError(f"--arch {args.arch or 'vit_b'} {' '.join(f'--{k} {v}' for k, v in overrides.items())}: "
                          f"{err}") from None
     model = Classifier(Encoder(cfg, drop_path=args.drop_path), num_classes).train()
-    videos = torch.randn(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    with FlopCounterMode(display=False) as counter:
-        model(videos).sum().backward()
-    saved = {}
-
-    def pack(t):
-        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(videos)
-    params = sum(p.numel() for p in model.parameters())
-    static, acts = 16 * params / 2 ** 30, args.micro_batch * sum(saved.values()) / 2 ** 30
-    # The training augmentation's CPU cost per clip (one thread), on frames of K400's usual 340 x 256.
     transform = ClipTransform(cfg.img_size, args.randaug, args.crop_scale, args.crop_ratio, args.flip)
-    frames = torch.randint(0, 256, (cfg.num_frames, 256, 340, 3), dtype=torch.uint8)  # (T, H, W, 3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    t0 = time.process_time()
-    for _ in range(5):
-        transform(frames)
-    aug_ms = (time.process_time() - t0) / 5 * 1000
-    torch.set_num_threads(threads)
-    print(f"{args.arch or 'vit_b'} {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, "
-          f"{params:,} parameters ({num_classes} classes):\n"
-          f"  {counter.get_total_flops() / 1e9:.1f} GFLOP per training clip (forward + backward)\n"
-          f"  estimated memory per GPU at --micro_batch {args.micro_batch}: {static + acts:.1f} GiB = {static:.1f} "
-          f"weights+grads+AdamW + {acts:.1f} saved activations (bf16 autocast; +10-20% allocator slack)\n"
-          f"  training augmentation (--randaug {' '.join(f'{v:g}' for v in args.randaug)}, crop, flip): "
-          f"{aug_ms:.0f} ms CPU per {cfg.num_frames}x256x340 clip on one thread, decoding not included")
-    return 0
+    return finetune_bench(model, cfg, transform, args.arch or "vit_b", args.micro_batch, args.randaug, num_classes)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """
-Frozen linear probe (the paper's Table 9): how well does a linear classifier on a frozen
-encoder's mean-pooled features recognise actions?
+Frozen linear probe (the paper's Table 9): how well does a linear classifier on a frozen encoder's mean-pooled
+features recognise actions?
 
-The encoder is frozen, so its features never change: this script runs it once per clip and view,
-caches the mean-pooled features on disk, and trains the normalisation + Linear head on the cache,
-so the 30-100 head epochs take seconds. The released recipe (run_class_finetuning.py
---linear_probing) decodes and encodes every training clip again in every epoch: 30-100 backbone
-forward passes per training clip (twice that with the 2 clips per video of its SSv2 script). Here
-it is 2, the clip and its mirror image (flip is the only augmentation of the Table 9 protocol), or 1 on
-SSv2, whose labels say left or right, and on the synthetic set (kept at one pass for speed).
+The encoder is frozen, so its features never change: this script runs it once per clip and view, caches the
+mean-pooled features on disk, and trains the normalisation + Linear head on the cache, so the 30-100 head epochs
+take seconds. The released recipe (run_class_finetuning.py --linear_probing) decodes and encodes every training
+clip again in every epoch: 30-100 backbone forward passes per training clip (twice that with the 2 clips per video
+of its SSv2 script). Here it is 2, the clip and its mirror image (flip is the only augmentation of the Table 9
+protocol), or 1 on SSv2, whose labels say left or right, and on the synthetic set (kept at one pass for speed).
 
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic               # ours; arch from the file
     python eval_linear.py --ckpt random --arch tiny --dataset synthetic         # the baseline row
@@ -18,18 +17,17 @@ SSv2, whose labels say left or right, and on the synthetic set (kept at one pass
         --dataset k400 --data_root data/k400 --test_clips 5 --test_crops 3   # multi-view testing
     python eval_linear.py --ckpt out/ckpt.pth --dataset synthetic --bench       # what a probe costs
 
-Protocol: the paper's Table 9, not the released probe's recipe; PROTOCOL below lists the
-known differences, and every result says so (printed and in the JSON). SSv2 clips follow the released
-SSv2 loader by default (--sampling segments: one frame from each of T equal segments of the whole
-video; tested on 2 temporal views x 3 crops); other datasets take T frames `stride` apart.
+Protocol: the paper's Table 9, not the released probe's recipe; PROTOCOL below lists the known differences, and
+every result says so (printed and in the JSON). SSv2 clips follow the released SSv2 loader by default (--sampling
+segments: one frame from each of T equal segments of the whole video; tested on 2 temporal views x 3 crops); other
+datasets take T frames `stride` apart.
 
-Prints top-1 / top-5 on the test split and writes them as JSON next to the checkpoint
-(<ckpt>.linear_<dataset>.json) or to --out. Features go to <that folder>/features/, one file per
-split and view set, named by a hash of everything they depend on (checkpoint path, size and
-mtime; dataset, root, split, views; frames, size, stride): a rerun with other head settings
-skips the backbone; touching the checkpoint or changing the data recomputes.
-Under torchrun every rank encodes its share of the clips; rank 0 gathers them (through the process group),
-trains the head and alone reads and writes the cache, so --cache_dir may sit on rank 0's local disk.
+Prints top-1 / top-5 on the test split and writes them as JSON next to the checkpoint (<ckpt>.linear_<dataset>.json)
+or to --out. Features go to <that folder>/features/, one file per split and view set, named by a hash of everything
+they depend on (checkpoint path, size and mtime; dataset, root, split, views; frames, size, stride): a rerun with
+other head settings skips the backbone; touching the checkpoint or changing the data recomputes. Under torchrun
+every rank encodes its share of the clips; rank 0 gathers them (through the process group), trains the head and
+alone reads and writes the cache, so --cache_dir may sit on rank 0's local disk.
 """
 import argparse
 import hashlib
@@ -59,15 +57,14 @@ from probes import one_cpu_thread, topk_accuracy, linear_converged_probe, knn_pr
 BUILT_IN = ["fashion", "synthetic"]
 VIDEO_DATASETS = [*BUILT_IN, "k400", "ssv2", "ucf101", "hmdb51", "list"]
 IMAGE_DATASETS = ["imagenet", "cifar100"]
-# The paper's Table 9 protocol: head epochs per dataset (everything else 100), and flip everywhere except
-# SSv2, whose labels name directions ("pushing something from left to right"): a mirrored clip
-# shows another class. The synthetic set's classes are mirror-symmetric, so --flip is valid there;
-# it is off by default only to keep the laptop-scale study (README) at one backbone pass per clip.
+# The paper's Table 9 protocol: head epochs per dataset (everything else 100), and flip everywhere except SSv2, whose
+# labels name directions ("pushing something from left to right"): a mirrored clip shows another class. The synthetic
+# set's classes are mirror-symmetric (--flip is valid); off by default to keep the README's study at one pass per clip.
 EPOCHS = {"ssv2": 30, "k400": 40, "imagenet": 30}
 NO_FLIP = {"ssv2", *BUILT_IN}
-# Clip sampling per dataset (data.VideoClips sampling=): the released SSv2 loader samples TSN-style
-# segments over the whole video and tests 2 temporal views x 3 crops; the others default to stride
-# sampling and one centre view (the released K400 / UCF / HMDB probes test more views: --test_clips).
+# Clip sampling per dataset (data.VideoClips sampling=): the released SSv2 loader samples TSN-style segments over the
+# whole video and tests 2 temporal views x 3 crops; the others: stride sampling, one centre view (the released
+# K400 / UCF / HMDB probes test more views: --test_clips).
 SAMPLING = {"ssv2": "segments"}
 SEGMENT_TEST_VIEWS = (2, 3)
 # What a number from this script is, stated with every result (printed and stored in the JSON).
@@ -152,8 +149,7 @@ def build_parser():
       "fine-tuning tests 5 x 3)")
     a("--test_crops", type=int, default=None, help="spatial crops per test clip along the long side; default: "
       f"1 (the centre), or {SEGMENT_TEST_VIEWS[1]} with --sampling segments (the released SSv2 probe)")
-    # the head (the paper's Table 9). The released linear_probing_ssv2.sh: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.05,
-    # 30 epochs; its run_class_finetuning.py then scales lr by total batch / 256 and warms up 5 epochs.
+    # the head (the paper's Table 9; PROTOCOL lists where the released linear_probing_ssv2.sh differs)
     a("--head_norm", default="layernorm", choices=["layernorm", "batchnorm"],
       help="layernorm: the released fc_norm (learned); batchnorm: MAE's BatchNorm without affine")
     a("--epochs", type=int, default=None, help="head epochs; cheap on cached features, so more is fine if the train "
@@ -334,8 +330,8 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
     Returns feats (N, V*F, D) float32 (V views per item, F = 2 with the mirrored copy, view-major:
     view v's mirror is column v*F+1), labels (N,), and the number of backbone forward passes.
     """
-    # Eval mode, as the frozen protocol of Table 9 asks. The released fine-tuning script defaults to drop_path
-    # 0.1, which keeps firing in a frozen backbone left in train mode; our Encoder has none, but a fork may add it.
+    # Eval mode, as the frozen protocol of Table 9 asks: in train mode an encoder built with drop path (the released
+    # fine-tuning default 0.1; model.Encoder's drop_path) would keep dropping blocks of the frozen backbone.
     encoder.eval()
     autocast = inference_autocast(device)  # bf16 / fp16 by compute capability (model.autocast_dtype), fp32 on CPU
     feats, labels, passes = [], [], 0
@@ -359,15 +355,14 @@ def extract(encoder, loader, device, flip, show=True, desc="extracting"):
 def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     """Features of one split and view set, from the cache or extracted (sharded over ranks).
 
-    The cache is rank 0's: it alone reads and writes it, and every rank follows its decision (extract or
-    not), so all ranks issue the same collectives even where --cache_dir is a node-local folder that holds
-    the file on one node only. Returns (feats (N, V, D), labels (N,), passes, seconds spent extracting) on
-    rank 0, None elsewhere.
+    The cache is rank 0's: it alone reads and writes it, and every rank follows its decision (extract or not), so
+    all ranks issue the same collectives even where --cache_dir is a node-local folder that holds the file on one
+    node only. Returns (feats (N, V, D), labels (N,), passes, seconds spent extracting) on rank 0, None elsewhere.
     """
     path = cache_path(args.cache_dir, key)
     with ranks.together(f"reading the feature cache {path}"):
         entry = load_features(path, key) if rank == 0 and not args.bench else None
-    if from_rank0(entry is not None, world):
+    if ranks.from_rank0(entry is not None, world):
         return (entry["feats"], entry["labels"], entry["passes"], 0.0) if rank == 0 else None
     t0 = time.perf_counter()
     V = key["views_per_item"]
@@ -378,7 +373,7 @@ def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     # A rank past the last clip (fewer clips than ranks) has nothing to encode, but still joins the gather.
     part = extract(encoder, loader, device, key["flip"], show=rank == 0,
                    desc=f"{desc} ({len(dataset)} clips x {V * (1 + key['flip'])} views)") if len(shard) else None
-    parts = gather_to_rank0(part, rank, world)  # [(feats (N_r, V, D), labels (N_r,), passes) or None] per rank
+    parts = ranks.gather_to_rank0(part, rank, world)  # per rank: (feats (N_r, V, D), labels (N_r,), passes) or None
     if rank != 0:
         return None
     row = parts[0][0].shape[1:]  # (V, D); rank 0 always holds clip 0
@@ -394,24 +389,6 @@ def cached_features(encoder, dataset, key, args, device, rank, world, desc):
     return feats, labels, passes, seconds
 
 
-def from_rank0(value, world):
-    """rank 0's `value` on every rank (one broadcast; `value` itself in a single process)."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_to_rank0(value, rank, world):
-    """Every rank's `value` (CPU tensors), as a list in rank order on rank 0, None elsewhere. Through the process
-    group, not through files: rank 0 may not see the other ranks' disks."""
-    if world == 1:
-        return [value]
-    everyone = [None] * world if rank == 0 else None
-    dist.gather_object(value, everyone, dst=0)
-    return everyone
-
 # ============ the linear head (trained on cached features) ============
 
 
@@ -425,8 +402,7 @@ class LinearHead(nn.Module):
         self.norm = (nn.LayerNorm(dim, eps=1e-6) if norm == "layernorm"
                      else nn.BatchNorm1d(dim, affine=False, eps=1e-6))
         self.fc = nn.Linear(dim, num_classes)
-        # The released head starts at trunc-normal(0.02) x init_scale 0.001, i.e. ~0. The problem is
-        # convex, so start at exactly 0: no seed dependence.
+        # The released head starts at trunc-normal(0.02) x init_scale 0.001 (~0); the problem is convex: start at 0.
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
@@ -438,10 +414,9 @@ def train_head(feats, labels, num_classes, epochs=100, lr=1e-3, weight_decay=0.0
                norm="layernorm", warmup_epochs=0, seed=0, device="cpu", show=True):
     """Train a LinearHead on cached features.
 
-    feats (N, V, D): V cached views per clip; every step draws one view per clip at random, which is
-    how the cached mirror (and --aug_views crops) become augmentation. AdamW betas (0.9, 0.999),
-    per-step cosine to 0 after an optional linear warmup (the paper's Table 9 protocol). The last partial batch of an
-    epoch is dropped, as in the released loader.
+    feats (N, V, D): V cached views per clip; every step draws one view per clip at random, which is how the cached
+    mirror (and --aug_views crops) become augmentation. AdamW betas (0.9, 0.999), per-step cosine to 0 after an
+    optional linear warmup (the paper's Table 9 protocol). The last partial batch of an epoch is dropped, as released.
     """
     g = torch.Generator().manual_seed(seed)
     feats, labels = feats.to(device), labels.to(device)
@@ -495,14 +470,13 @@ def predict(head, feats, chunk=8192):
 
 
 # ============ probes beside Table 9: what the features hold, not what the optimiser found ============
-# The Table 9 head above is AdamW for a fixed number of epochs: on small sets it stops far from the optimum
-# of its convex problem, so part of a "pretrained beats random" gap it measures is the head. These probes
-# read the same frozen encoder with no optimisation budget to argue about (what each one is, and its maths:
-# probes.py); linear_converged's train accuracy shows how separable the features are. linear_converged and knn
-# read the cached mean-pooled features (train: the unmirrored centre view; test: every view, scores summed).
-# dense and attentive need every clip's output tokens, cached in fp16: clips x tokens x D x 2 bytes (the
-# built-in set with the tiny encoder: 800 x 256 x 192 x 2 = 79 MB; K400 train with ViT-B: 240k x 1568 x 768 x 2
-# = 578 GB), so they are opt-in (--probes) except on the built-in sets.
+# The Table 9 head above is AdamW for a fixed number of epochs: on small sets it stops far from the optimum of its
+# convex problem, so part of a "pretrained beats random" gap it measures is the head. The probes (probes.py: what
+# each is, and its maths) read the same frozen encoder; linear_converged's train accuracy shows how separable the
+# features are. linear_converged and knn read the cached mean-pooled features (train: the unmirrored centre view;
+# test: every view, scores summed); dense and attentive every clip's output tokens, cached in fp16 (clips x tokens x
+# D x 2 bytes: tiny on the built-in set 800 x 256 x 192 x 2 = 79 MB; ViT-B on K400 train 240k x 1568 x 768 x 2 =
+# 578 GB), so they are opt-in (--probes) except on the built-in sets.
 PROBES = ("linear_converged", "knn", "dense", "attentive")
 TOKEN_PROBES = ("dense", "attentive")
 

@@ -11,10 +11,11 @@ either wait for each other forever or train on silently different data. The rule
     and a disagreement stops every rank at once with one message naming what differs and where.
 
 `agree` compares a value (one all_gather_object of a short summary and a digest); `together` runs a block
-that may fail on some ranks only and turns a failure anywhere into the same error everywhere. Both are
-no-ops in a single process. Code that runs on one rank alone (notes, pictures, summaries, checkpoint
-writes) must issue no collective at all: it uses neither. `init_process_group` sets up the process group so
-that torchrun's restarts of a failed run find their peers.
+that may fail on some ranks only and turns a failure anywhere into the same error everywhere; `from_rank0` and
+`gather_to_rank0` move a decision or a result between rank 0 and the others. All four are no-ops in a single
+process. Code that runs on one rank alone (notes, pictures, summaries, checkpoint writes) must issue no collective
+at all: it uses none of them. `init_process_group` sets up the process group so that torchrun's restarts of a
+failed run find their peers.
 """
 import contextlib
 import hashlib
@@ -113,3 +114,22 @@ def together(what):
         r, message = failed[0]
         raise RuntimeError(f"rank {r} failed while {what}: {message}"
                            + (f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""))
+
+
+def from_rank0(value, world):
+    """rank 0's `value` on every rank (one broadcast; `value` itself in a single process)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_rank0(value, rank, world):
+    """Every rank's `value` (CPU tensors), as a list in rank order on rank 0, None elsewhere. Through the process
+    group, not through files: rank 0 may not see the other ranks' disks."""
+    if world == 1:
+        return [value]
+    everyone = [None] * world if rank == 0 else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone

@@ -623,11 +623,12 @@ def test_help_shows_each_recipes_and_presets_value_and_never_default_none():
 
 
 def test_the_shared_modules_import_no_script():
-    # cli.py (the command line) and monitor.py (what the loop reports) sit below the scripts: a script imports
-    # them, never the other way round, so that every script can use them without importing another one.
+    # cli.py (the command line), monitor.py (what the loop reports), bench.py (what a step costs), ranks.py (what
+    # ranks exchange) and augment.py (the fine-tuning augmentation) sit below the scripts: a script imports them,
+    # never the other way round, so that every script can use them without importing another one.
     import ast
     scripts = {"train", "eval_linear", "eval_finetune", "eval_vos", "study"}
-    for name in ("cli.py", "monitor.py"):
+    for name in ("cli.py", "monitor.py", "bench.py", "ranks.py", "augment.py"):
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
