@@ -423,7 +423,9 @@ def make_row(arm, seed, seg, lin, folder, cpu, sem):
 # choose_readout() applies it (python study.py --choose_readout); its outcome is SEMANTIC_READOUT, then applied
 # unchanged to every arm on the val clips (bank: all train clips). docs/study.md has the ranking it gave.
 READOUT_BANK = 1500
-SEMANTIC_READOUT = None  # set from choose_readout's outcome (docs/study.md, "The semantic read-out")
+# The rule's outcome (`python study.py --choose_readout`; its ranking is in docs/study.md, "The semantic read-out"):
+# the last block after the final LayerNorm, every channel standardised.
+SEMANTIC_READOUT = "norm/std"
 
 
 def readout_names(layers):
