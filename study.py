@@ -745,6 +745,8 @@ def get_args(argv=None):
                    "run before in --out needs no --arm (its flags are in its arm.json)")
     p.add_argument("--train_only", action="store_true", help="pretrain the arms' runs that are not cached, read "
                    "out nothing (to fill the cache first; the read-outs follow in a later command)")
+    p.add_argument("--cached", action="store_true", help="report only the arms' seeds whose pretraining is cached "
+                   "(read-outs are still computed); train nothing")
     p.add_argument("--list", action="store_true", help="list the arms cached in --out (seeds, flags) and exit")
     p.add_argument("--reuse_same_behaviour", action="store_true", help="reuse a cached arm trained by other code "
                    "when its behavioural fingerprint and settings match (a few seconds per arm; docs/study.md: what "
@@ -806,7 +808,8 @@ def main(argv=None):
     folders = {arm: arm_folder(arm, args.arm_flags[arm], params, args.out, args.reuse_same_behaviour, evaluated)
                for arm in args.arms}
     threads = 1 if args.jobs > 1 else None
-    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms if seed in args.arm_seeds[arm]]
+    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms if seed in args.arm_seeds[arm] and not
+             (args.cached and args.arm_flags[arm] is not None and not (folders[arm] / f"seed{seed}" / "done").exists())]
     with ThreadPoolExecutor(args.jobs) as pool:
         top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads, args.linear,
                           evaluated, args.reuse_same_behaviour) \

@@ -307,3 +307,22 @@ def test_layer_features_pool_every_block_and_measure_the_tokens_as_written_out()
     # Effective rank: D equal singular values give D, one direction gives 1.
     assert probes.effective_rank(torch.eye(8).repeat(2, 1)) == pytest.approx(8, rel=0.15)
     assert probes.effective_rank(torch.randn(50, 1) * torch.randn(1, 8)) == pytest.approx(1, abs=1e-3)
+
+
+def test_cached_reports_only_the_seeds_already_pretrained(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    params = dict(num_train=2000, num_val=500, num_vos=200, dense_classes=["background", "a", "b", "c", "d"])
+    monkeypatch.setattr(study, "behaviour", lambda flags, out: {"flags": flags})
+    for arm, flags, values in (("sigma", "--loss sigma", (75.0, 77.0)), ("pixel", "--loss pixel", (74.0,))):
+        folder = study.arm_folder(arm, flags, params, out)
+        for seed, value in enumerate(values):
+            fake_results(folder / f"seed{seed}", value, trained=True)
+    root = tmp_path / "fashion"
+    root.mkdir()
+    (root / "meta.json").write_text(json.dumps(params))
+    monkeypatch.setattr(study, "fashion_dataset", lambda: root)
+    monkeypatch.setattr(study, "vos_chance", lambda root: 40.0)
+    monkeypatch.setattr(study, "run", lambda *a, **k: pytest.fail("trained or computed instead of read"))
+    results = study.main(["--cached", "--arms", "sigma", "pixel", "--seeds", "0", "1", "--out", str(out),
+                          "--results", str(tmp_path / "r.json")])
+    assert sorted((r["method"], r["seed"]) for r in results["rows"]) == [("pixel", 0), ("sigma", 0), ("sigma", 1)]
