@@ -146,7 +146,7 @@ def test_resume_with_motion_objects_equals_uninterrupted(tiny_synthetic, tmp_pat
 
 @pytest.mark.parametrize("extra, message", [(["--motion_objects", "-1"], "--motion_objects -1: must be >= 0"),
                                             (["--motion_objects", "2", "--motion_objects_dir", "/no/such/dir"],
-                                             "--motion_objects_dir /no/such/dir: not a folder")])
+                                             "--motion_objects_dir /no/such/dir: no folder of")])
 def test_bad_motion_options_stop_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train.main(tiny_args(tmp_path / "no_data", tmp_path / "out", *extra))

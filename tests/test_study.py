@@ -112,8 +112,8 @@ def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, mon
     record = json.loads((cached / "arm.json").read_text())
     assert record["flags"] == flags and len(record["fingerprint"]["losses"]) == 3
 
-    edit(code / "train.py", "    args = p.parse_args(argv)", '    a("--extra", action="store_true", help="off by '
-         'default")\n    args = p.parse_args(argv)')
+    edit(code / "train.py", "\n    return p\n", '\n    a("--extra", action="store_true", help="off by default")'
+         '\n    return p\n')
     use_copy(monkeypatch, code)
     assert study.settings(flags)["extra"] is False
     assert f"sigma-{study.run_key(flags, params)}" != cached.name  # the default: other code, retrain
@@ -126,7 +126,7 @@ def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, mon
     assert json.loads((changed / "arm.json").read_text())["fingerprint"]["weights"] != record["fingerprint"]["weights"]
 
     # A default the recipe leaves unset is a setting: another value retrains even if the fingerprint missed it.
-    edit(code / "train.py", 'a("--sk_iters", type=int, default=10)', 'a("--sk_iters", type=int, default=5)')
+    edit(code / "train.py", 'a("--sk_iters", type=int, default=10,', 'a("--sk_iters", type=int, default=5,')
     use_copy(monkeypatch, code)
     assert not study.same_behaviour(record, {**record, "settings": study.settings(flags)})
     assert study.same_behaviour(record, {**record, "settings": {**study.settings(flags), "sk_iters": 10}})
