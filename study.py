@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,8 @@ VOS = ["--sampling", "consecutive", "--features", "l2"]
 LINEAR = ["--probes", "linear_converged,knn"]
 COLUMNS = {"vos_clustering": "VOS clustering mIoU", "semantic": "semantic 20-NN top-1",
            "vos_overclustering": "VOS overclustering mIoU", "knn": "20-NN top-1 (last block)", "finetune": "fine-tuned top-1",
-           "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1"}
+           "linear_converged": "converged linear top-1", "linear": "Table 9 head top-1",
+           "object": "object-pooled 20-NN", "background": "background-pooled 20-NN", "whole": "whole-clip 20-NN"}
 # The code each step runs (imported modules included): its syntax trees are part of the cache key.
 TRAIN_CODE = ["train.py", "cli.py", "monitor.py", "bench.py", "model.py", "precision.py", "sinkhorn.py", "data.py",
               "store.py", "synthetic.py", "ranks.py"]
@@ -293,6 +295,7 @@ def eval_fingerprint(root):
     code = lambda *files: {f: source_digest(read_source(f)) for f in files}
     return dict(vos=digest(code("eval_vos.py", "cli.py"), VOS), linear=digest(code("eval_linear.py", "cli.py",
                 "probes.py"), LINEAR), semantic=digest(code("probes.py"), semantic_functions()),
+                object=digest(code("probes.py"), object_functions()),
                 behaviour=tensor_digest([("clips", x), ("masks", vos["masks"]), ("tokens", tokens)]))
 
 
@@ -346,11 +349,12 @@ def run(cmd, log, threads=None):
 
 
 def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, train_only=False, linear_probes=False,
-            evaluated=None, reuse=False):
+            evaluated=None, reuse=False, object_pooled=False):
     """Pretrain (unless flags is None) and read out one arm at one seed in <arm_dir>/seed<seed> (arm_folder) -> its
     results.json row (percent), with the per-clip VOS scores under "clips" (for clip-level pairing);
     finetune_epochs > 0: also fine-tune its encoder with the labels (fine_tune). train_only: pretrain, then return
-    None. linear_probes: also eval_linear.py's read-outs (LINEAR). evaluated: eval_behaviour of this code, recorded
+    None. linear_probes: also eval_linear.py's read-outs (LINEAR); object_pooled: also object_readout.
+    evaluated: eval_behaviour of this code, recorded
     with each read-out; reuse: take a read-out made by other code with the same one (readout_path). The scripts'
     output goes to the run folder's run.log."""
     py = sys.executable
@@ -372,9 +376,24 @@ def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, tr
             (folder / "cpu.json").write_text(json.dumps(cpu))
     if train_only:
         return None
+    row = read_outs(arm, seed, ckpt, folder, root, cpu, threads, linear_probes, object_pooled, evaluated, reuse)
+    tuned = folder / f"finetune-{fine_tune_key(finetune_epochs)}.json"
+    if finetune_epochs and not tuned.exists():
+        cpu["finetune"] = run_fine_tune(ckpt[1], root, seed, finetune_epochs, tuned, log, threads)
+        (folder / "cpu.json").write_text(json.dumps(cpu))
+    return {**row, "finetune": json.loads(tuned.read_text())["top1"]} if finetune_epochs else row
+
+
+def read_outs(arm, seed, ckpt, folder, root, cpu, threads=None, linear_probes=False, object_pooled=False,
+              evaluated=None, reuse=False):
+    """Every read-out of one encoder (ckpt: the read-out scripts' --ckpt ... options) that is not in `folder` yet:
+    VOS, the semantic candidates, and on request eval_linear.py's probes and the object-pooled diagnostic. Adds
+    their CPU minutes to `cpu` (saved as <folder>/cpu.json) -> the run's results.json row (make_row)."""
+    py, log = sys.executable, folder / "run.log"
     ekey = eval_key()
-    vos, linear, semantic = (readout_path(folder, kind, key, evaluated, reuse) for kind, key in
-                             (("vos", ekey), ("linear", ekey), ("semantic", semantic_key())))
+    vos, linear, semantic, objects = (readout_path(folder, kind, key, evaluated, reuse) for kind, key in
+                                      (("vos", ekey), ("linear", ekey), ("semantic", semantic_key()),
+                                       ("object", object_key())))
     if not vos.exists():
         cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
                           *VOS, "--out", str(vos)], log, threads)
@@ -386,13 +405,13 @@ def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, tr
     if not semantic.exists():
         cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
         remember_readout(semantic, evaluated)
-    tuned = folder / f"finetune-{fine_tune_key(finetune_epochs)}.json"
-    if finetune_epochs and not tuned.exists():
-        cpu["finetune"] = run_fine_tune(ckpt[1], root, seed, finetune_epochs, tuned, log, threads)
+    if object_pooled and not objects.exists():
+        cpu["object"] = run_object(ckpt[1], root, seed, objects, log, threads)
+        remember_readout(objects, evaluated)
     (folder / "cpu.json").write_text(json.dumps(cpu))
     row = make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes else None,
                    folder, cpu, json.loads(semantic.read_text()))
-    return {**row, "finetune": json.loads(tuned.read_text())["top1"]} if finetune_epochs else row
+    return {**row, **json.loads(objects.read_text())["val"]} if object_pooled else row
 
 
 def make_row(arm, seed, seg, lin, folder, cpu, sem):
@@ -471,6 +490,86 @@ def semantic_functions():
     """The semantic read-out's own code: READOUT_BANK and the syntax trees of its functions."""
     return digest(READOUT_BANK, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
                                  (semantic_readout, readout_names, decoded)])
+
+
+# ============ the object-pooled diagnostic: "where" against "what" ============
+# A diagnostic, never a choice: the rule's read-out layer, pooled over the ground-truth garment's tokens only (each
+# token weighted by the share of its tube the garment covers, from the <video>.mask.npy sidecars), and over the
+# background's. If the object-pooled 20-NN is far above the whole-clip one, the tokens know the category but the
+# background dilutes it; if both are low, the tokens do not hold it.
+OBJECT_POOLS = ("object", "background", "whole")  # results.json columns (COLUMNS: their names)
+
+
+def object_shares(root, split, cfg):
+    """Per clip of a split, in decoded()'s order, the share of each token's tube that the garment covers ->
+    (N, num_tokens) float: the sidecar masks at the frames the clip was read from, cut into tubes like the video."""
+    ds = data.build_video_dataset("synthetic", root, split, num_frames=cfg.num_frames, size=cfg.img_size,
+                                  stride=2, train=False)
+    shares = []
+    for path, _ in ds.samples:
+        masks = np.load(Path(path).with_suffix(".mask.npy"))  # (T_video, S, S) uint8, 0 = background
+        if masks.shape[1:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"{path}: masks of {masks.shape[1:]} px, the read-out expects {cfg.img_size} px frames")
+        frames = ds._positions(len(masks))[0].clamp(max=len(masks) - 1)  # (T,) the clip's frames
+        garment = torch.from_numpy(masks[frames.numpy()] > 0).float()[None, None]  # (1, 1, T, S, S)
+        shares.append(model.patchify(garment, cfg.tubelet_size, cfg.patch_size).flatten(2).mean(-1)[0])  # (N,)
+    return torch.stack(shares)  # (clips, N)
+
+
+def pooled_where(encoder, clips, shares, layer):
+    """The tokens of read-out `layer` ("blockK" or "norm") of uint8 clips (N, 3, T, S, S), averaged per clip with
+    weights: the garment's shares, the background's (1 - share), and every token alike -> (N, 3, D)."""
+    module = encoder.norm if layer == "norm" else encoder.blocks[int(layer.removeprefix("block")) - 1]
+    captured = []
+    hook = module.register_forward_hook(lambda m, inputs, output: captured.append(output))
+    pooled = []
+    try:
+        with torch.no_grad():
+            for batch, w in zip(clips.split(100), shares.split(100)):
+                encoder(data.normalize(batch))
+                tokens = captured.pop()  # (b, N, D)
+                weights = torch.stack([w, 1 - w, torch.ones_like(w)], 1)  # (b, 3, N)
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+                pooled.append(weights @ tokens)  # (b, 3, D)
+    finally:
+        hook.remove()
+    return torch.cat(pooled)
+
+
+def object_readout(ckpt, root, seed, out, readout=None):
+    """The rule's read-out (SEMANTIC_READOUT, or `readout`) of an encoder pooled over the garment, the background
+    and the whole clip -> <out> json: "val" {object, background, whole: val 20-NN top-1}, "garment_share" (the
+    mean share of a val clip's tokens the garment covers)."""
+    readout = readout or SEMANTIC_READOUT
+    layer, standardise = readout.split("/")[0], readout.endswith("/std")
+    torch.manual_seed(seed)
+    encoder, cfg = model.load_encoder(ckpt, "tiny")
+    encoder.eval()
+    (x, y), (vx, vy) = decoded(root, "train", cfg), decoded(root, "val", cfg)
+    val_shares = object_shares(root, "val", cfg)
+    bank = pooled_where(encoder, x, object_shares(root, "train", cfg), layer)
+    queries = pooled_where(encoder, vx, val_shares, layer)
+    result = dict(readout=readout, garment_share=float(val_shares.mean()),
+                  val={name: knn_top1(bank[:, i], y, queries[:, i], vy, standardise)
+                       for i, name in enumerate(OBJECT_POOLS)})
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+def run_object(ckpt, root, seed, out, log, threads):
+    """object_readout in its own process -> CPU minutes."""
+    code = "import sys, study; a = sys.argv[1:]; study.object_readout(a[0], a[1], int(a[2]), a[3])"
+    return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
+
+
+def object_key():
+    """What an object-pooled read-out depends on besides the encoder: its functions and the code they call."""
+    return digest(code_digest(["model.py", "data.py", "probes.py", "synthetic.py"]), object_functions())
+
+
+def object_functions():
+    """The object-pooled read-out's own code: the read-out it pools and the syntax trees of its functions."""
+    return digest(SEMANTIC_READOUT, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
+                                     (object_readout, object_shares, pooled_where, decoded)])
 
 
 def choose_readout(reference, random_init):
@@ -613,7 +712,8 @@ def reference_record(epochs, params, evaluated):
     return dict(recipe=fine_tune_key(epochs), dataset=params, behaviour=evaluated()["behaviour"])
 
 
-def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, evaluated=None, reuse=False):
+def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, evaluated=None, reuse=False,
+            object_pooled=False):
     """The supervised reference (fine_tune from the seed's initial encoder for `epochs`): its frozen read-outs
     and its own top-1 -> {metric: value}. evaluated, reuse: as for measure() (also for the reference itself)."""
     key = digest(fine_tune_key(epochs), params, code_digest(CEILING_CODE))
@@ -630,26 +730,92 @@ def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, 
                                      save_encoder=True)
         if evaluated is not None:
             (folder / "reference.json").write_text(json.dumps(reference_record(epochs, params, evaluated)))
-    ekey, py = eval_key(), sys.executable
-    vos, linear, semantic = (readout_path(folder, kind, key, evaluated, reuse) for kind, key in
-                             (("vos", ekey), ("linear", ekey), ("semantic", semantic_key())))
-    ckpt = ["--ckpt", str(folder / "supervised.pth"), "--arch", "tiny"]
-    if not vos.exists():
-        cpu["vos"] = run([py, "eval_vos.py", *ckpt, "--dataset", "davis2017", "--data_root", str(root / "davis"),
-                          *VOS, "--out", str(vos)], log, threads)
-        remember_readout(vos, evaluated)
-    if linear_probes and not linear.exists():
-        cpu["linear"] = run([py, "eval_linear.py", *ckpt, "--dataset", "synthetic", "--data_root", str(root),
-                             *LINEAR, "--out", str(linear)], log, threads)
-        remember_readout(linear, evaluated)
-    if not semantic.exists():
-        cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
-        remember_readout(semantic, evaluated)
-    (folder / "cpu.json").write_text(json.dumps(cpu))
-    row = make_row("supervised", seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes
-                   else None, folder, cpu, json.loads(semantic.read_text()))
+    row = read_outs("supervised", seed, ["--ckpt", str(folder / "supervised.pth"), "--arch", "tiny"], folder, root,
+                    cpu, threads, linear_probes, object_pooled, evaluated, reuse)
     return {k: row[k] for k in COLUMNS if k in row} | {
         "supervised_top1": json.loads((folder / "supervised.json").read_text())["top1"], "readouts": row["readouts"]}
+
+
+# ============ the budget curve ============
+# How the gaps grow with pretraining. One longer run per arm and seed (BUDGET_MULTIPLES x the arm's epochs, its
+# cosine schedule stretched over the longest), stopped and read out at every multiple, so a fork can tell whether
+# its budget can show a semantic effect at all. The checkpoint at 1x is not the 6-epoch arm's (its lr has not
+# decayed yet). A description at 2 seeds, not a test: nothing in it is called.
+BUDGET_ARMS, BUDGET_SEEDS, BUDGET_MULTIPLES = ["pixel", "sigma", "clip"], [0, 1], (1, 2, 4)
+
+
+def longer(flags):
+    """An arm's flags for the budget curve's longest run."""
+    epochs = train.get_args([*TRAIN, *shlex.split(flags)]).epochs  # the arm's own (3 with --repeats 2)
+    return f"{flags} --epochs {epochs * max(BUDGET_MULTIPLES)}"
+
+
+def measure_budget(arm, flags, seed, root, arm_dir, threads=None, evaluated=None, reuse=False):
+    """Pretrain one arm at one seed with longer(flags) in stages, keeping the checkpoint at every multiple of its
+    epochs (<arm_dir>/seed<seed>/x<m>/ckpt.pth), and read each out -> one results row per multiple, with "budget":
+    the epochs that the study's 6-epoch arms run for the same number of steps (EPOCHS x m)."""
+    epochs = train.get_args([*TRAIN, *shlex.split(flags)]).epochs // max(BUDGET_MULTIPLES)
+    folder = Path(arm_dir) / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in BUDGET_MULTIPLES:
+        stage = folder / f"x{m}"
+        stage.mkdir(exist_ok=True)
+        cpu = json.loads((stage / "cpu.json").read_text()) if (stage / "cpu.json").exists() else {}
+        if not (stage / "ckpt.pth").exists():
+            # train.py resumes from <folder>/ckpt.pth: its epoch says how far an interrupted stage got.
+            done = model.load_checkpoint(folder / "ckpt.pth")["epoch"] if (folder / "ckpt.pth").exists() else 0
+            if done > epochs * m:
+                sys.exit(f"{stage}: its checkpoint (epoch {epochs * m}) is missing and the run in {folder} is at "
+                         f"epoch {done}; delete {folder} to run it again")
+            if done < epochs * m:
+                cpu["train"] = run([sys.executable, "train.py", *TRAIN, "--data_root", str(root), *shlex.split(flags),
+                                    "--max_epochs_this_run", str(epochs * m - done), "--seed", str(seed),
+                                    "--out", str(folder)], folder / "run.log", threads)
+            partial = stage / f"ckpt.pth.tmp{os.getpid()}"
+            shutil.copyfile(folder / "ckpt.pth", partial)
+            os.replace(partial, stage / "ckpt.pth")
+        rows.append({**read_outs(arm, seed, ["--ckpt", str(stage / "ckpt.pth")], stage, root, cpu, threads,
+                                 evaluated=evaluated, reuse=reuse), "budget": EPOCHS * m})
+    return rows
+
+
+def budget_study(args, root, params):
+    """--budget: every arm's longer run at every seed (random init: the study's own, at budget 0), the table of
+    the semantic and VOS read-outs over the budget and each arm - random init at each -> results dict."""
+    evaluated = functools.cache(lambda: eval_behaviour(root, args.out))
+    reuse, threads = args.reuse_same_behaviour, 1 if args.jobs > 1 else None
+    start = arm_folder("random", None, params, args.out, reuse, evaluated)
+    flags = {arm: longer(args.arm_flags[arm]) for arm in args.arms if arm != "random"}
+    folders = {arm: arm_folder(arm, f, params, Path(args.out) / "budget", reuse, evaluated) for arm, f in flags.items()}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        starts = [pool.submit(measure, "random", None, s, root, start, threads, evaluated=evaluated, reuse=reuse)
+                  for s in args.seeds]
+        runs = [pool.submit(measure_budget, arm, f, s, root, folders[arm], threads, evaluated, reuse)
+                for s in args.seeds for arm, f in flags.items()]
+        rows = [{**f.result(), "budget": 0} for f in starts] + [row for f in runs for row in f.result()]
+    budgets = sorted({r["budget"] for r in rows})
+    lines = [f"budget curve: {', '.join(flags)} pretrained for up to {EPOCHS * max(BUDGET_MULTIPLES)} epochs' steps, "
+             f"read out at {', '.join(str(b) for b in budgets[1:])}; seeds {args.seeds} (mean over seeds, %)", "",
+             "| metric | arm | " + " | ".join(f"{b} epochs" for b in budgets) + " |", "|---" * (len(budgets) + 2) + "|"]
+    for metric in CALLED_METRICS:
+        for arm in ["random", *flags]:
+            cells = [statistics.mean(v) if (v := [r[metric] for r in rows if r["method"] == arm and r["budget"] == b])
+                     else None for b in budgets]
+            lines.append(f"| {COLUMNS[metric]} | {arm} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    pairs = []
+    for b in budgets[1:]:
+        at = [r for r in rows if r["budget"] in (0, b)]
+        pairs += [{**p, "budget": b} for a, c in [*((arm, "random") for arm in flags), ("sigma", "pixel")]
+                  for m in CALLED_METRICS if a in flags and c in ["random", *flags] and (p := paired(at, a, c, m))]
+    text = "\n".join(lines) + "\n\npaired differences (± standard error over seeds):\n" + \
+        "\n".join(f"at {p['budget']:2d} epochs: {pair_line(p)}" for p in pairs)
+    print("\n" + text)
+    results = dict(budget_multiples=BUDGET_MULTIPLES, epochs=EPOCHS, rows=[{k: v for k, v in r.items() if k != "clips"}
+                   for r in rows], pairs=pairs, table=text, flags=flags)
+    with open(args.results, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
 
 
 # ============ paired comparisons ============
@@ -738,6 +904,12 @@ def get_args(argv=None):
                    f"{' '.join(map(str, SEEDS_FEW))} for {', '.join(FEW_SEEDS_ARMS)} (--quick: 0)")
     p.add_argument("--linear", action="store_true", help="also run eval_linear.py's read-outs (converged linear, "
                    "20-NN of the last block, Table 9's head: ~1.1 CPU-minutes a run)")
+    p.add_argument("--budget", action="store_true", help=f"the budget curve: arms {' '.join(BUDGET_ARMS)} (or "
+                   f"--arms), seeds {' '.join(map(str, BUDGET_SEEDS))} (or --seeds), pretrained "
+                   f"{max(BUDGET_MULTIPLES)}x longer and read out at {', '.join(f'{m}x' for m in BUDGET_MULTIPLES)} "
+                   "the arm's epochs, against random init")
+    p.add_argument("--object_pooled", action="store_true", help="also the object-pooled diagnostic: the semantic "
+                   "read-out pooled over the garment's tokens, the background's and all (~1.3 CPU-minutes a run)")
     p.add_argument("--choose_readout", action="store_true", help="apply the semantic read-out rule (the supervised "
                    "reference and random init at the first seed, held-out train clips), print its ranking and exit")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
@@ -764,8 +936,11 @@ def get_args(argv=None):
     # Arms run before in --out (the newest definition of a name), then the built-in ones, then --arm.
     args.arm_flags = {**{a["arm"]: a["flags"] for _, a in cached_arms(args.out)}, **ARMS, **dict(args.arm)}
     if args.ceiling_epochs is None:  # the supervised reference only with the full default study (and the rule)
-        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms) and not args.choose_readout \
+        args.ceiling_epochs = 0 if (args.quick or args.compare or args.arm or args.arms or args.budget) \
+            and not args.choose_readout \
             else EPOCHS_CEILING
+    if args.budget:
+        args.arms, args.seeds = args.arms or BUDGET_ARMS, args.seeds or BUDGET_SEEDS
     if args.arms is None:
         args.arms = (list(args.compare) if args.compare else QUICK if args.quick else
                      ["random", "sigma", *dict(args.arm)] if args.arm else FULL)
@@ -801,6 +976,8 @@ def main(argv=None):
     print(f"[{(time.time() - t0) / 60:5.1f} min] moving Fashion-MNIST at {root}", flush=True)
     if args.choose_readout:
         return readout_rule(args, root, params)
+    if args.budget:
+        return budget_study(args, root, params)
     # Each arm's folder first (a few seconds of fingerprint for an arm new to the cache). Then every (arm, seed)
     # is independent: up to --jobs of them run at once, one core each (threads=1), and the supervised reference
     # beside them. Rows come back in a fixed order whatever finishes first.
@@ -812,11 +989,11 @@ def main(argv=None):
              (args.cached and args.arm_flags[arm] is not None and not (folders[arm] / f"seed{seed}" / "done").exists())]
     with ThreadPoolExecutor(args.jobs) as pool:
         top = pool.submit(ceiling, root, params, args.seeds[0], args.ceiling_epochs, args.out, threads, args.linear,
-                          evaluated, args.reuse_same_behaviour) \
+                          evaluated, args.reuse_same_behaviour, args.object_pooled) \
             if args.ceiling_epochs and not args.train_only else None  # the longest job: first
         futures = [pool.submit(measure, arm, args.arm_flags[arm], seed, root, folders[arm], threads,
                                args.finetune_epochs, args.train_only, args.linear, evaluated,
-                               args.reuse_same_behaviour) for arm, seed in tasks]
+                               args.reuse_same_behaviour, args.object_pooled) for arm, seed in tasks]
         rows = []
         for (arm, seed), future in zip(tasks, futures):
             row = future.result()

@@ -326,3 +326,70 @@ def test_cached_reports_only_the_seeds_already_pretrained(tmp_path, monkeypatch)
     results = study.main(["--cached", "--arms", "sigma", "pixel", "--seeds", "0", "1", "--out", str(out),
                           "--results", str(tmp_path / "r.json")])
     assert sorted((r["method"], r["seed"]) for r in results["rows"]) == [("pixel", 0), ("sigma", 0), ("sigma", 1)]
+
+
+def test_object_shares_are_the_masks_at_the_clips_frames_cut_into_tubes(tiny_synthetic):
+    _, cfg = study.model.load_encoder("random", "tiny")
+    shares = study.object_shares(tiny_synthetic, "val", cfg)  # (8, 256)
+    ds = study.data.build_video_dataset("synthetic", tiny_synthetic, "val", num_frames=cfg.num_frames,
+                                        size=cfg.img_size, stride=2, train=False)
+    assert shares.shape == (len(ds), cfg.num_tokens)
+    t, p, s = cfg.tubelet_size, cfg.patch_size, cfg.img_size
+    for i, (path, _) in enumerate(ds.samples):
+        masks = np.load(path.replace(".mp4", ".mask.npy")) > 0  # (16, 64, 64)
+        frames = masks[ds._positions(len(masks))[0].numpy()]  # (8, 64, 64)
+        tubes = frames.reshape(cfg.num_frames // t, t, s // p, p, s // p, p).mean((1, 3, 5))  # (T', H', W')
+        assert np.allclose(shares[i].numpy(), tubes.reshape(-1), atol=1e-6)
+    assert 0 < shares.mean() < 1  # a garment on a background in every set
+
+
+def test_pooled_where_weights_the_chosen_layers_tokens():
+    torch.manual_seed(0)
+    encoder, cfg = study.model.load_encoder("random", "tiny", enc_depth=2)
+    encoder.eval()
+    x = torch.randint(0, 256, (3, 3, cfg.num_frames, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    shares = torch.zeros(3, cfg.num_tokens)
+    shares[:, :10] = 1.0  # the "garment": the first 10 tokens of every clip
+    shares[2, 10:20] = 0.5
+    whole, _, _ = probes.layer_features(encoder, x)  # (3, L, D) mean over all tokens, per layer
+    with torch.no_grad():
+        tokens = encoder.blocks[0](encoder.patch_embed(study.data.normalize(x)) + encoder.pos_embed)  # block1
+    for layer, index in (("block1", 0), ("norm", 2)):
+        pooled = study.pooled_where(encoder, x, shares, layer)  # (3, 3, D): object, background, whole
+        assert torch.allclose(pooled[:, 2], whole[:, index], atol=1e-5)
+    pooled = study.pooled_where(encoder, x, shares, "block1")
+    assert torch.allclose(pooled[0, 0], tokens[0, :10].mean(0), atol=1e-5)
+    assert torch.allclose(pooled[0, 1], tokens[0, 10:].mean(0), atol=1e-5)
+    w = shares[2]  # soft shares: a weighted mean
+    assert torch.allclose(pooled[2, 0], (w[:, None] * tokens[2]).sum(0) / w.sum(), atol=1e-5)
+    assert not encoder.norm._forward_hooks and not encoder.blocks[0]._forward_hooks  # the hooks are removed
+
+
+def test_budget_trains_in_stages_keeps_each_checkpoint_and_reads_each_out(tiny_synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "TRAIN", ["--dataset", "synthetic", "--arch", "tiny", "--batch_size", "8",
+                                         "--micro_batch", "8", "--epochs", "1", "--warmup_epochs", "0",
+                                         "--workers", "0", "--save_every", "1", "--precision", "fp32",
+                                         "--no-first_look"])
+    read = []
+    monkeypatch.setattr(study, "read_outs", lambda arm, seed, ckpt, folder, *a, **k:
+                        read.append(ckpt[1]) or {"method": arm, "seed": seed})
+    flags = study.longer("--loss sigma")
+    assert flags == f"--loss sigma --epochs {max(study.BUDGET_MULTIPLES)}"
+    arm = tmp_path / "arm"
+    rows = study.measure_budget("sigma", flags, 0, tiny_synthetic, arm, threads=1)
+    assert [r["budget"] for r in rows] == [study.EPOCHS * m for m in study.BUDGET_MULTIPLES]
+    assert read == [str(arm / "seed0" / f"x{m}" / "ckpt.pth") for m in study.BUDGET_MULTIPLES]
+    for m in study.BUDGET_MULTIPLES:  # each stage's checkpoint is the run at m x the arm's epochs
+        ckpt = model.load_checkpoint(arm / "seed0" / f"x{m}" / "ckpt.pth")
+        assert ckpt["epoch"] == m and ckpt["config"]["epochs"] == max(study.BUDGET_MULTIPLES)
+    # A stage whose checkpoint is gone while the run went on cannot be recovered: a clear stop, not a wrong copy.
+    shutil.rmtree(arm / "seed0" / "x2")
+    with pytest.raises(SystemExit, match="x2"):
+        study.measure_budget("sigma", flags, 0, tiny_synthetic, arm, threads=1)
+
+
+def test_budget_defaults():
+    args = study.get_args(["--budget"])
+    assert (args.arms, args.seeds, args.ceiling_epochs) == (study.BUDGET_ARMS, study.BUDGET_SEEDS, 0)
+    args = study.get_args(["--budget", "--arms", "sigma", "--seeds", "3"])
+    assert (args.arms, args.seeds) == (["sigma"], [3])
