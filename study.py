@@ -6,8 +6,9 @@ An *arm* is a set of train.py flags added to one recipe (TRAIN: the tiny preset,
 once per seed and read out frozen:
   headline  vos_clustering   unsupervised segmentation of 200 val clips (eval_vos.py: k-means on the tokens)
   semantic  semantic         20-NN top-1 over the 4 garment categories at the read-out a fixed rule chose
-                             (SEMANTIC_READOUT: which block, final norm or not, standardised or not)
-  also      vos_overclustering; with --linear eval_linear.py's probes; with --finetune_epochs a fine-tuned top-1
+                             (semantic.py: SEMANTIC_READOUT, which block, final norm or not, standardised or not)
+  also      vos_overclustering; with --linear eval_linear.py's probes; with --finetune_epochs a fine-tuned top-1;
+            with --object_pooled the semantic read-out pooled over the garment's tokens and the background's
 "random" is the untrained encoder every arm starts from; the supervised reference ("ceiling") is that encoder
 trained with the labels, read out the same way. Arms are *paired*: a seed gives every arm the same initial
 encoder, clip order, augmentation and masks, so A - B is taken seed by seed; its SE is the spread of the per-seed
@@ -18,6 +19,7 @@ differences, its p-value Student's t, Holm-corrected over the family the README 
     python study.py --arm deep="--loss sigma --proj_hidden 1024 1024 1024" --arms random sigma deep
     python study.py --compare sigma deep     # paired difference +- SE on every metric (any cached arm)
     python study.py --list                   # the cached arms, their seeds and flags
+    python study.py --budget                 # the budget curve: VideoMAE, SIGMA, clip-level term at 6 / 12 / 24 epochs
 
 Runs go --jobs at a time, one core each, cached per arm and seed under a key of the arm's resolved train.py
 settings, the dataset and the code's syntax trees (TRAIN_CODE, EVAL_CODE; comments and docstrings do not count).
@@ -25,7 +27,6 @@ settings, the dataset and the code's syntax trees (TRAIN_CODE, EVAL_CODE; commen
 (docs/study.md, "The cache"). Writes results.json (--results).
 """
 import argparse
-import ast
 import functools
 import hashlib
 import inspect
@@ -45,13 +46,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import model
+import semantic
 import train
-from probes import effective_rank, knn_top1, layer_features
+from semantic import SEMANTIC_READOUT, code_digest, digest, read_source, source_digest
 from synthetic import fashion_dataset, synthetic_dataset, vos_chance
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +62,7 @@ HEADLINE, SEMANTIC = "vos_clustering", "semantic"
 # 6 epochs of 2000 clips, batch 32, lr 8e-3 x 32/256 with 1 warmup epoch then cosine to 1e-4 x 32/256.
 # train.py's built-in "fashion" recipe is the same (python train.py runs the sigma arm of seed 0).
 EPOCHS = 6
-EPOCHS_CEILING = 40  # the supervised reference: the CEILING recipe (below) from random init
+EPOCHS_CEILING = 40  # the supervised reference: semantic.CEILING's recipe from random init
 TRAIN = ["--dataset", "fashion", "--arch", "tiny", "--batch_size", "32", "--micro_batch", "32",
          "--warmup_epochs", "1", "--lr", "8e-3", "--min_lr", "1e-4", "--weight_decay", "0.05", "--mask_ratio", "0.9",
          "--stride", "2", "--sk_eps", "0.05", "--num_prototypes", "256", "--temperature", "0.1",
@@ -101,7 +101,7 @@ COLUMNS = {"vos_clustering": "VOS clustering mIoU", "semantic": "semantic 20-NN 
 # The code each step runs (imported modules included): its syntax trees are part of the cache key.
 TRAIN_CODE = ["train.py", "cli.py", "monitor.py", "bench.py", "model.py", "precision.py", "sinkhorn.py", "data.py",
               "store.py", "synthetic.py", "ranks.py"]
-# The supervised reference's training (study.fine_tune and what it imports; its own functions are in its key).
+# The supervised reference's training (semantic.fine_tune and what it imports; its functions are in its key).
 CEILING_CODE = ["model.py", "precision.py", "data.py", "store.py", "synthetic.py", "sinkhorn.py"]
 EVAL_CODE = ["eval_vos.py", "eval_linear.py", "cli.py", "probes.py", "model.py", "precision.py", "data.py", "store.py",
              "synthetic.py", "ranks.py"]
@@ -117,34 +117,6 @@ FINGERPRINT_LR_STEPS = 8
 
 
 # ============ cache keys ============
-
-def digest(*parts):
-    """A short stable hash of JSON-able parts."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True).encode())
-    return h.hexdigest()[:12]
-
-
-def source_digest(text):
-    """sha256 of Python source as its syntax tree without docstrings: comments, docstrings and formatting leave it
-    unchanged, any other edit changes it."""
-    tree = ast.parse(text)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:]  # the docstring
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
-
-
-def read_source(name):
-    return (HERE / name).read_text()
-
-
-def code_digest(files):
-    return digest({f: source_digest(read_source(f)) for f in files})
 
 
 def settings(flags):
@@ -352,8 +324,9 @@ def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, tr
             evaluated=None, reuse=False, object_pooled=False):
     """Pretrain (unless flags is None) and read out one arm at one seed in <arm_dir>/seed<seed> (arm_folder) -> its
     results.json row (percent), with the per-clip VOS scores under "clips" (for clip-level pairing);
-    finetune_epochs > 0: also fine-tune its encoder with the labels (fine_tune). train_only: pretrain, then return
-    None. linear_probes: also eval_linear.py's read-outs (LINEAR); object_pooled: also object_readout.
+    finetune_epochs > 0: also fine-tune its encoder with the labels (semantic.fine_tune). train_only: pretrain, then
+    return
+    None. linear_probes: also eval_linear.py's read-outs (LINEAR); object_pooled: also semantic.object_readout.
     evaluated: eval_behaviour of this code, recorded
     with each read-out; reuse: take a read-out made by other code with the same one (readout_path). The scripts'
     output goes to the run folder's run.log."""
@@ -433,51 +406,9 @@ def make_row(arm, seed, seg, lin, folder, cpu, sem):
     return row
 
 
-# ============ the semantic read-out: chosen by a rule that sees no pretrained arm ============
-# Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before the final LayerNorm) and of
-# the last block after it ("norm"), each as they are or with every channel standardised by the bank's statistics
-# ("/std") before DINO's 20-NN (probes.knn_votes). The rule, fixed before any arm is compared: the candidate on which
-# the supervised reference beats random init by the most, measured at the first seed on the *train* clips alone
-# (bank: a fixed random READOUT_BANK of them, queries: the rest). No val clip and no pretrained arm takes part.
-# choose_readout() applies it (python study.py --choose_readout); its outcome is SEMANTIC_READOUT, then applied
-# unchanged to every arm on the val clips (bank: all train clips). docs/study.md has the ranking it gave.
-READOUT_BANK = 1500
-# The rule's outcome (`python study.py --choose_readout`; its ranking is in docs/study.md, "The semantic read-out"):
-# the last block after the final LayerNorm, every channel standardised.
-SEMANTIC_READOUT = "norm/std"
-
-
-def readout_names(layers):
-    return [f"block{i + 1}" for i in range(layers - 1)] + ["norm"]
-
-
-def semantic_readout(ckpt, root, seed, out):
-    """Every candidate read-out of an encoder (our checkpoint, or 'random': the seed's initial encoder) -> <out>
-    json: "val" {candidate: val 20-NN top-1}, "holdout" {candidate: held-out train 20-NN top-1}, and per layer
-    "within_clip_similarity", "max_channel_ratio", "effective_rank" (of the val clips' pooled features)."""
-    torch.manual_seed(seed)
-    encoder, cfg = model.load_encoder(ckpt, "tiny")
-    encoder.eval()
-    (x, y), (vx, vy) = decoded(root, "train", cfg), decoded(root, "val", cfg)
-    train, _, _ = layer_features(encoder, x)
-    val, similarity, channels = layer_features(encoder, vx)
-    names = readout_names(train.shape[1])
-    result = dict(val={}, holdout={}, within_clip_similarity=dict(zip(names, similarity.tolist())),
-                  max_channel_ratio=dict(zip(names, channels.tolist())),
-                  effective_rank={n: effective_rank(val[:, i]) for i, n in enumerate(names)})
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the same split for every encoder
-    bank, queries = order[:READOUT_BANK], order[READOUT_BANK:]
-    for i, name in enumerate(names):
-        for std in (False, True):
-            key = name + ("/std" if std else "")
-            result["val"][key] = knn_top1(train[:, i], y, val[:, i], vy, std)
-            result["holdout"][key] = knn_top1(train[bank, i], y[bank], train[queries, i], y[queries], std)
-    Path(out).write_text(json.dumps(result, indent=1))
-
-
 def run_semantic(ckpt, root, seed, out, log, threads):
     """semantic_readout in its own process -> CPU minutes."""
-    code = "import sys, study; a = sys.argv[1:]; study.semantic_readout(a[0], a[1], int(a[2]), a[3])"
+    code = "import sys, semantic; a = sys.argv[1:]; semantic.semantic_readout(a[0], a[1], int(a[2]), a[3])"
     return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
 
 
@@ -487,77 +418,14 @@ def semantic_key():
 
 
 def semantic_functions():
-    """The semantic read-out's own code: READOUT_BANK and the syntax trees of its functions."""
-    return digest(READOUT_BANK, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                                 (semantic_readout, readout_names, decoded)])
-
-
-# ============ the object-pooled diagnostic: "where" against "what" ============
-# A diagnostic, never a choice: the rule's read-out layer, pooled over the ground-truth garment's tokens only (each
-# token weighted by the share of its tube the garment covers, from the <video>.mask.npy sidecars), and over the
-# background's. If the object-pooled 20-NN is far above the whole-clip one, the tokens know the category but the
-# background dilutes it; if both are low, the tokens do not hold it.
-OBJECT_POOLS = ("object", "background", "whole")  # results.json columns (COLUMNS: their names)
-
-
-def object_shares(root, split, cfg):
-    """Per clip of a split, in decoded()'s order, the share of each token's tube that the garment covers ->
-    (N, num_tokens) float: the sidecar masks at the frames the clip was read from, cut into tubes like the video."""
-    ds = data.build_video_dataset("synthetic", root, split, num_frames=cfg.num_frames, size=cfg.img_size,
-                                  stride=2, train=False)
-    shares = []
-    for path, _ in ds.samples:
-        masks = np.load(Path(path).with_suffix(".mask.npy"))  # (T_video, S, S) uint8, 0 = background
-        if masks.shape[1:] != (cfg.img_size, cfg.img_size):
-            raise ValueError(f"{path}: masks of {masks.shape[1:]} px, the read-out expects {cfg.img_size} px frames")
-        frames = ds._positions(len(masks))[0].clamp(max=len(masks) - 1)  # (T,) the clip's frames
-        garment = torch.from_numpy(masks[frames.numpy()] > 0).float()[None, None]  # (1, 1, T, S, S)
-        shares.append(model.patchify(garment, cfg.tubelet_size, cfg.patch_size).flatten(2).mean(-1)[0])  # (N,)
-    return torch.stack(shares)  # (clips, N)
-
-
-def pooled_where(encoder, clips, shares, layer):
-    """The tokens of read-out `layer` ("blockK" or "norm") of uint8 clips (N, 3, T, S, S), averaged per clip with
-    weights: the garment's shares, the background's (1 - share), and every token alike -> (N, 3, D)."""
-    module = encoder.norm if layer == "norm" else encoder.blocks[int(layer.removeprefix("block")) - 1]
-    captured = []
-    hook = module.register_forward_hook(lambda m, inputs, output: captured.append(output))
-    pooled = []
-    try:
-        with torch.no_grad():
-            for batch, w in zip(clips.split(100), shares.split(100)):
-                encoder(data.normalize(batch))
-                tokens = captured.pop()  # (b, N, D)
-                weights = torch.stack([w, 1 - w, torch.ones_like(w)], 1)  # (b, 3, N)
-                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-                pooled.append(weights @ tokens)  # (b, 3, D)
-    finally:
-        hook.remove()
-    return torch.cat(pooled)
-
-
-def object_readout(ckpt, root, seed, out, readout=None):
-    """The rule's read-out (SEMANTIC_READOUT, or `readout`) of an encoder pooled over the garment, the background
-    and the whole clip -> <out> json: "val" {object, background, whole: val 20-NN top-1}, "garment_share" (the
-    mean share of a val clip's tokens the garment covers)."""
-    readout = readout or SEMANTIC_READOUT
-    layer, standardise = readout.split("/")[0], readout.endswith("/std")
-    torch.manual_seed(seed)
-    encoder, cfg = model.load_encoder(ckpt, "tiny")
-    encoder.eval()
-    (x, y), (vx, vy) = decoded(root, "train", cfg), decoded(root, "val", cfg)
-    val_shares = object_shares(root, "val", cfg)
-    bank = pooled_where(encoder, x, object_shares(root, "train", cfg), layer)
-    queries = pooled_where(encoder, vx, val_shares, layer)
-    result = dict(readout=readout, garment_share=float(val_shares.mean()),
-                  val={name: knn_top1(bank[:, i], y, queries[:, i], vy, standardise)
-                       for i, name in enumerate(OBJECT_POOLS)})
-    Path(out).write_text(json.dumps(result, indent=1))
+    """The semantic read-out's own code: semantic.READOUT_BANK and the syntax trees of its functions."""
+    return digest(semantic.READOUT_BANK, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
+                                          (semantic.semantic_readout, semantic.readout_names, semantic.decoded)])
 
 
 def run_object(ckpt, root, seed, out, log, threads):
     """object_readout in its own process -> CPU minutes."""
-    code = "import sys, study; a = sys.argv[1:]; study.object_readout(a[0], a[1], int(a[2]), a[3])"
+    code = "import sys, semantic; a = sys.argv[1:]; semantic.object_readout(a[0], a[1], int(a[2]), a[3])"
     return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
 
 
@@ -569,141 +437,38 @@ def object_key():
 def object_functions():
     """The object-pooled read-out's own code: the read-out it pools and the syntax trees of its functions."""
     return digest(SEMANTIC_READOUT, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                                     (object_readout, object_shares, pooled_where, decoded)])
-
-
-def choose_readout(reference, random_init):
-    """The rule: the candidate with the largest held-out-train 20-NN gap between the supervised reference and
-    random init (their semantic_readout results) -> (name, [(gap, name)] best first)."""
-    gaps = sorted(((reference["holdout"][k] - random_init["holdout"][k], k) for k in reference["holdout"]),
-                  reverse=True)
-    return gaps[0][1], gaps
+                                     (semantic.object_readout, semantic.object_shares, semantic.pooled_where,
+                                      semantic.decoded)])
 
 
 def readout_rule(args, root, params):
-    """--choose_readout: the supervised reference and random init at the first seed, read out on the held-out train
-    clips; prints every candidate's gap, best first -> (choice, gaps)."""
+    """--choose_readout: the supervised reference and random init at the first seed, read out on the held-out
+    train clips; prints every candidate's gap, best first -> (choice, gaps)."""
     seed, reuse = args.seeds[0], args.reuse_same_behaviour
     evaluated = functools.cache(lambda: eval_behaviour(root, args.out))
     reference = ceiling(root, params, seed, args.ceiling_epochs, args.out, None, args.linear, evaluated, reuse)
     random_init = measure("random", None, seed, root, arm_folder("random", None, params, args.out, reuse, evaluated),
                           None, evaluated=evaluated, reuse=reuse)
-    choice, gaps = choose_readout(reference["readouts"], random_init["readouts"])
+    choice, gaps = semantic.choose_readout(reference["readouts"], random_init["readouts"])
     print("\n".join(f"{name:12s} reference - random init, held-out train 20-NN: {gap:+5.1f}  (reference "
                     f"{reference['readouts']['holdout'][name]:.1f}, random init {random_init['readouts']['holdout'][name]:.1f})"
                     for gap, name in gaps) + f"\nthe rule's read-out: {choice}")
     return choice, gaps
 
 
-# ============ the ceiling: the same encoder, trained with the labels ============
-# A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with every token it does not leave it
-# in 4 epochs. Training on a random quarter of each clip's tokens (FLIP's token dropping; the test sees them all)
-# makes a step ~4x cheaper, and at lr 2e-4 the same CPU time buys enough steps to learn the categories
-# (docs/study.md: the learning curves).
-CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
-
-
-def decoded(root, split, cfg):
-    """Every clip of a split: (N, 3, T, S, S) uint8 (the whole 64 px frame), labels (N,). Decoded once per code
-    version and kept beside the videos (decoded-<split>-<key>.pt, ~200 MB for the train split): every read-out of
-    every run reads the same tensors in seconds instead of decoding 2500 videos."""
-    key = digest(split, cfg.num_frames, cfg.img_size, code_digest(["data.py", "store.py"]))
-    cache = Path(root) / f"decoded-{split}-{key}.pt"
-    if cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        return stored["clips"], stored["labels"]
-    ds = data.build_video_dataset("synthetic", root, split, num_frames=cfg.num_frames, size=cfg.img_size,
-                                  stride=2, train=False)
-    clips, labels = zip(*data.make_loader(ds, 100, shuffle=False, drop_last=False))
-    clips, labels = torch.cat(clips), torch.cat(labels)
-    partial = cache.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: runs may start together
-    torch.save({"clips": clips, "labels": labels}, partial)
-    os.replace(partial, cache)
-    return clips, labels
-
-
-def augment(clips, g, shift):
-    """A random horizontal flip per clip and one random circular shift of up to `shift` px for the batch."""
-    flip = torch.rand(len(clips), generator=g) < 0.5  # (B,)
-    clips = torch.where(flip[:, None, None, None, None], clips.flip(-1), clips)
-    dy, dx = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
-    return clips.roll((dy, dx), (-2, -1))
-
-
-def train_classifier(encoder, root, seed, epochs):
-    """Train `encoder` + mean pool + LayerNorm + Linear end to end with cross-entropy on the arms' 2000 train
-    clips (CEILING: AdamW, a random quarter of the tokens per clip, warmup then cosine); test on the 500 val
-    clips with every token -> (val top-1 %, {epoch: val top-1} every 5 epochs)."""
-    c = CEILING
-    g = torch.Generator().manual_seed(seed)
-    cfg = encoder.cfg
-    (x, y), (val_x, val_y) = decoded(root, "train", cfg), decoded(root, "val", cfg)
-    head = nn.Sequential(MeanPool(), nn.LayerNorm(cfg.enc_dim), nn.Linear(cfg.enc_dim, int(y.max()) + 1))
-    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=c["lr"], betas=(0.9, 0.95),
-                            weight_decay=0.05)
-    B, N = c["batch_size"], cfg.num_tokens
-    per_epoch, n_masked = len(x) // B, N - round(c["keep"] * N)
-    total, warmup = epochs * per_epoch, c["warmup_epochs"] * per_epoch
-
-    def top1():
-        encoder.eval()
-        with torch.no_grad():
-            hits = sum((head(encoder(data.normalize(v))).argmax(1) == t).sum().item()
-                       for v, t in zip(val_x.split(100), val_y.split(100)))
-        encoder.train()
-        return 100 * hits / len(val_x)
-
-    encoder.train()
-    curve = {}
-    for step in range(total):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=g)
-        idx = order[step % per_epoch * B:(step % per_epoch + 1) * B]
-        for group in opt.param_groups:
-            group["lr"] = c["lr"] * (step / warmup if step < warmup else
-                                     0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
-        mask = torch.zeros(B, N, dtype=torch.bool).scatter_(  # True = dropped: a random n_masked per clip
-            1, torch.rand(B, N, generator=g).argsort(1)[:, :n_masked], True)
-        tokens = encoder(data.normalize(augment(x[idx], g, c["shift"])), mask, n_masked)  # (B, N / 4, D)
-        loss = F.cross_entropy(head(tokens), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % (5 * per_epoch) == 0:
-            curve[(step + 1) // per_epoch] = top1()
-    return top1(), curve
-
-
-def fine_tune(ckpt, root, seed, epochs, out, save_encoder=False):
-    """train_classifier from an encoder (one of our checkpoints, or 'random': the seed's initial encoder, which
-    every arm of that seed started from) -> <out> json (top-1, curve, recipe); save_encoder: the fine-tuned
-    encoder too, as <out>.pth (the supervised reference's frozen read-outs use it)."""
-    torch.manual_seed(seed)  # 'random': the same initial weights as train.py builds at this seed
-    encoder, _ = model.load_encoder(ckpt, "tiny")
-    top1, curve = train_classifier(encoder, root, seed, epochs)
-    out = Path(out)
-    if save_encoder:
-        torch.save({"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}, out.with_suffix(".pth"))
-    out.write_text(json.dumps({**CEILING, "epochs": epochs, "top1": top1, "seed": seed, "curve": curve}))
-
-
-class MeanPool(nn.Module):
-    def forward(self, x):  # (B, N, D) -> (B, D): the linear probe's mean over all tokens
-        return x.mean(1)
-
-
 def run_fine_tune(ckpt, root, seed, epochs, out, log, threads, save_encoder=False):
     """fine_tune in its own process, like the arms' scripts (its CPU minutes are its own) -> CPU minutes."""
-    code = ("import sys, study; a = sys.argv[1:]; "
-            "study.fine_tune(a[0], a[1], int(a[2]), int(a[3]), a[4], save_encoder=a[5] == 'save')")
+    code = ("import sys, semantic; a = sys.argv[1:]; "
+            "semantic.fine_tune(a[0], a[1], int(a[2]), int(a[3]), a[4], save_encoder=a[5] == 'save')")
     return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(epochs), str(out),
                 "save" if save_encoder else "-"], log, threads)
 
 
 def fine_tune_key(epochs):
     """What a fine-tuning result depends on besides the encoder: the recipe and its code."""
-    return digest(epochs, CEILING, [source_digest(textwrap.dedent(inspect.getsource(f)))
-                                    for f in (fine_tune, train_classifier, decoded, augment)])
+    return digest(epochs, semantic.CEILING, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
+                                             (semantic.fine_tune, semantic.train_classifier, semantic.decoded,
+                                              semantic.augment)])
 
 
 def reference_record(epochs, params, evaluated):
@@ -714,8 +479,9 @@ def reference_record(epochs, params, evaluated):
 
 def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, evaluated=None, reuse=False,
             object_pooled=False):
-    """The supervised reference (fine_tune from the seed's initial encoder for `epochs`): its frozen read-outs
-    and its own top-1 -> {metric: value}. evaluated, reuse: as for measure() (also for the reference itself)."""
+    """The supervised reference (semantic.fine_tune from the seed's initial encoder for `epochs`): its frozen
+    read-outs and its own top-1 -> {metric: value}. evaluated, reuse: as for measure() (also for the reference
+    itself)."""
     key = digest(fine_tune_key(epochs), params, code_digest(CEILING_CODE))
     folder = Path(out) / f"supervised-{key}" / f"seed{seed}"
     if reuse and not (folder / "supervised.json").exists():  # the same recipe, trained by code that behaves alike
@@ -802,7 +568,8 @@ def budget_study(args, root, params):
         for arm in ["random", *flags]:
             cells = [statistics.mean(v) if (v := [r[metric] for r in rows if r["method"] == arm and r["budget"] == b])
                      else None for b in budgets]
-            lines.append(f"| {COLUMNS[metric]} | {arm} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+            lines.append(f"| {COLUMNS[metric]} | {arm} | " +
+                         " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     pairs = []
     for b in budgets[1:]:
         at = [r for r in rows if r["budget"] in (0, b)]
@@ -927,7 +694,8 @@ def get_args(argv=None):
                    "many epochs on the first seed and report its read-outs as results.json's ceiling (default: "
                    f"{EPOCHS_CEILING} in the full default study, none with --quick, --arms, --compare or --arm)")
     p.add_argument("--finetune_epochs", type=int, default=0, help="also fine-tune every arm's encoder with the "
-                   "labels for this many epochs (the supervised reference's recipe, CEILING) and report its top-1")
+                   "labels for this many epochs (the supervised reference's recipe, semantic.CEILING) and report "
+                   "its top-1")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--out", default="out/study", help="per-arm, per-seed folders, each with its run.log")

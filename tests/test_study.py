@@ -14,6 +14,7 @@ import torch
 
 import model
 import probes
+import semantic
 import study
 
 
@@ -61,8 +62,10 @@ def edit(path, old, new):
 
 
 def use_copy(monkeypatch, folder):
-    """study reads its code from `folder` and resolves the arms' options with the train.py there."""
+    """study reads its code from `folder` (its cache keys: semantic's digests) and resolves the arms' options with
+    the train.py there."""
     monkeypatch.setattr(study, "HERE", folder)
+    monkeypatch.setattr(semantic, "HERE", folder)
     spec = importlib.util.spec_from_file_location("train_copy", folder / "train.py")
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
@@ -104,7 +107,7 @@ def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, mon
     in both modes."""
     code = tmp_path / "code"
     code.mkdir()
-    for f in set(study.TRAIN_CODE) | {"study.py", "probes.py"}:
+    for f in set(study.TRAIN_CODE) | {"study.py", "semantic.py", "probes.py"}:
         shutil.copy(study.HERE / f, code / f)
     use_copy(monkeypatch, code)
     out, params, flags = tmp_path / "out", {"version": 2, "num_train": 2000}, "--loss sigma"
@@ -140,8 +143,8 @@ def fake_results(folder, value, trained):
     (folder / f"vos-{ekey}.json").write_text(json.dumps({"mean": {"clustering": value / 100,
                                                                   "overclustering": value / 100}, "clips": clips}))
     (folder / f"linear-{ekey}.json").write_text(json.dumps({"top1": value / 2, "probes": {"knn": {"top1": value}}}))
-    names = [n + std for n in study.readout_names(7) for std in ("", "/std")]
-    per_layer = {k: {n: 0.5 for n in study.readout_names(7)} for k in
+    names = [n + std for n in semantic.readout_names(7) for std in ("", "/std")]
+    per_layer = {k: {n: 0.5 for n in semantic.readout_names(7)} for k in
                  ("within_clip_similarity", "max_channel_ratio", "effective_rank")}
     (folder / f"semantic-{study.semantic_key()}.json").write_text(json.dumps(
         {"val": dict.fromkeys(names, value), "holdout": dict.fromkeys(names, value), **per_layer}))
@@ -235,18 +238,18 @@ def test_fine_tune_starts_from_the_seeds_initial_encoder_and_trains_all_of_it(ti
     """The supervised reference is fine_tune('random'): at 0 epochs it saves exactly the encoder every arm of that
     seed starts from; after training, every encoder weight has moved (token dropping leaves none without a
     gradient) and the result file holds the recipe and a top-1."""
-    monkeypatch.setitem(study.CEILING, "batch_size", 4)  # 16 train clips: 4 steps an epoch
-    study.fine_tune("random", tiny_synthetic, 3, 0, tmp_path / "start.json", save_encoder=True)
+    monkeypatch.setitem(semantic.CEILING, "batch_size", 4)  # 16 train clips: 4 steps an epoch
+    semantic.fine_tune("random", tiny_synthetic, 3, 0, tmp_path / "start.json", save_encoder=True)
     torch.manual_seed(3)
     init, _ = model.load_encoder("random", "tiny")
     start, _ = model.load_encoder(str(tmp_path / "start.pth"), "tiny")
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), start.state_dict().values()))
-    study.fine_tune("random", tiny_synthetic, 3, 2, tmp_path / "tuned.json", save_encoder=True)
+    semantic.fine_tune("random", tiny_synthetic, 3, 2, tmp_path / "tuned.json", save_encoder=True)
     tuned, _ = model.load_encoder(str(tmp_path / "tuned.pth"), "tiny")
     moved = {k: not torch.equal(v, tuned.state_dict()[k]) for k, v in init.named_parameters()}
     assert all(moved.values()), [k for k, m in moved.items() if not m]
     result = json.loads((tmp_path / "tuned.json").read_text())
-    assert result["epochs"] == 2 and result["keep"] == study.CEILING["keep"] and 0 <= result["top1"] <= 100
+    assert result["epochs"] == 2 and result["keep"] == semantic.CEILING["keep"] and 0 <= result["top1"] <= 100
 
 
 def test_read_outs_of_other_code_are_reused_only_with_the_same_eval_fingerprint(tmp_path):
@@ -281,7 +284,7 @@ def test_holm_calls_a_family_as_the_step_down_rule_says():
 def test_the_read_out_rule_picks_the_largest_reference_gap_on_held_out_train_clips():
     reference = {"holdout": {"block3": 60.0, "norm": 70.0, "norm/std": 72.0}, "val": {"block3": 99.0}}
     random_init = {"holdout": {"block3": 30.0, "norm": 35.0, "norm/std": 45.0}, "val": {"block3": 0.0}}
-    choice, gaps = study.choose_readout(reference, random_init)
+    choice, gaps = semantic.choose_readout(reference, random_init)
     assert choice == "norm" and gaps[0] == (35.0, "norm")  # 35 > 30 > 27; the val numbers play no part
 
 
@@ -330,7 +333,7 @@ def test_cached_reports_only_the_seeds_already_pretrained(tmp_path, monkeypatch)
 
 def test_object_shares_are_the_masks_at_the_clips_frames_cut_into_tubes(tiny_synthetic):
     _, cfg = study.model.load_encoder("random", "tiny")
-    shares = study.object_shares(tiny_synthetic, "val", cfg)  # (8, 256)
+    shares = semantic.object_shares(tiny_synthetic, "val", cfg)  # (8, 256)
     ds = study.data.build_video_dataset("synthetic", tiny_synthetic, "val", num_frames=cfg.num_frames,
                                         size=cfg.img_size, stride=2, train=False)
     assert shares.shape == (len(ds), cfg.num_tokens)
@@ -355,9 +358,9 @@ def test_pooled_where_weights_the_chosen_layers_tokens():
     with torch.no_grad():
         tokens = encoder.blocks[0](encoder.patch_embed(study.data.normalize(x)) + encoder.pos_embed)  # block1
     for layer, index in (("block1", 0), ("norm", 2)):
-        pooled = study.pooled_where(encoder, x, shares, layer)  # (3, 3, D): object, background, whole
+        pooled = semantic.pooled_where(encoder, x, shares, layer)  # (3, 3, D): object, background, whole
         assert torch.allclose(pooled[:, 2], whole[:, index], atol=1e-5)
-    pooled = study.pooled_where(encoder, x, shares, "block1")
+    pooled = semantic.pooled_where(encoder, x, shares, "block1")
     assert torch.allclose(pooled[0, 0], tokens[0, :10].mean(0), atol=1e-5)
     assert torch.allclose(pooled[0, 1], tokens[0, 10:].mean(0), atol=1e-5)
     w = shares[2]  # soft shares: a weighted mean
