@@ -31,7 +31,7 @@ from probes import effective_rank, knn_top1, layer_features
 HERE = Path(__file__).resolve().parent
 
 # ============ defaults ============
-# Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before the final LayerNorm) and of
+# The semantic read-out. Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before the final LayerNorm) and of
 # the last block after it ("norm"), each as they are or with every channel standardised by the bank's statistics
 # ("/std") before DINO's 20-NN (probes.knn_votes). The rule, fixed before any arm is compared: the candidate on which
 # the supervised reference beats random init by the most, measured at the first seed on the *train* clips alone
@@ -43,19 +43,17 @@ READOUT_BANK = 1500
 # the last block after the final LayerNorm, every channel standardised.
 SEMANTIC_READOUT = "norm/std"
 
-
-# A diagnostic, never a choice: the rule's read-out layer, pooled over the ground-truth garment's tokens only (each
+# The object-pooled diagnostic, never a choice: the rule's read-out layer, pooled over the ground-truth garment's tokens only (each
 # token weighted by the share of its tube the garment covers, from the <video>.mask.npy sidecars), and over the
 # background's. If the object-pooled 20-NN is far above the whole-clip one, the tokens know the category but the
 # background dilutes it; if both are low, the tokens do not hold it.
 OBJECT_POOLS = ("object", "background", "whole")  # results.json columns (COLUMNS: their names)
 
-# A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with every token it does not leave it
+# The supervised reference. A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with every token it does not leave it
 # in 4 epochs. Training on a random quarter of each clip's tokens (FLIP's token dropping; the test sees them all)
 # makes a step ~4x cheaper, and at lr 2e-4 the same CPU time buys enough steps to learn the categories
 # (docs/study.md: the learning curves).
 CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
-
 
 
 # ============ syntax-tree digests ============
