@@ -547,8 +547,9 @@ def measure_budget(arm, flags, seed, root, arm_dir, threads=None, evaluated=None
 
 
 def budget_study(args, root, params):
-    """--budget: every arm's longer run at every seed (random init: the study's own, at budget 0), the table of
-    the semantic and VOS read-outs over the budget and each arm - random init at each -> results dict."""
+    """--budget: every arm's longer run at every seed (random init: the study's own, at budget 0; --cached: only
+    the runs that reached their last stage), the table of the semantic and VOS read-outs over the budget and each
+    arm - random init at each -> results dict."""
     evaluated = functools.cache(lambda: eval_behaviour(root, args.out))
     reuse, threads = args.reuse_same_behaviour, 1 if args.jobs > 1 else None
     start = arm_folder("random", None, params, args.out, reuse, evaluated)
@@ -558,7 +559,8 @@ def budget_study(args, root, params):
         starts = [pool.submit(measure, "random", None, s, root, start, threads, evaluated=evaluated, reuse=reuse)
                   for s in args.seeds]
         runs = [pool.submit(measure_budget, arm, f, s, root, folders[arm], threads, evaluated, reuse)
-                for s in args.seeds for arm, f in flags.items()]
+                for s in args.seeds for arm, f in flags.items() if not args.cached or
+                (folders[arm] / f"seed{s}" / f"x{max(BUDGET_MULTIPLES)}" / "ckpt.pth").exists()]
         rows = [{**f.result(), "budget": 0} for f in starts] + [row for f in runs for row in f.result()]
     budgets = sorted({r["budget"] for r in rows})
     lines = [f"budget curve: {', '.join(flags)} pretrained for up to {EPOCHS * max(BUDGET_MULTIPLES)} epochs' steps, "
