@@ -396,3 +396,40 @@ def test_budget_defaults():
     assert (args.arms, args.seeds, args.ceiling_epochs) == (study.BUDGET_ARMS, study.BUDGET_SEEDS, 0)
     args = study.get_args(["--budget", "--arms", "sigma", "--seeds", "3"])
     assert (args.arms, args.seeds) == (["sigma"], [3])
+
+
+def test_budget_cached_reports_finished_runs_and_pairs_them_with_random_init(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    params = dict(num_train=2000, num_val=500, num_vos=200, dense_classes=["background", "a", "b", "c", "d"])
+    root = tmp_path / "fashion"
+    root.mkdir()
+    (root / "meta.json").write_text(json.dumps(params))
+    monkeypatch.setattr(study, "fashion_dataset", lambda: root)
+    monkeypatch.setattr(study, "behaviour", lambda flags, out: {"flags": flags})
+    monkeypatch.setattr(study, "eval_behaviour", lambda root, out: {"behaviour": "b"})
+    last = f"x{max(study.BUDGET_MULTIPLES)}"
+    folder = study.arm_folder("sigma", study.longer("--loss sigma"), params, out / "budget")
+    for seed in (0, 1):  # sigma finished at seeds 0 and 1, pixel only at seed 0
+        (folder / f"seed{seed}" / last).mkdir(parents=True)
+        (folder / f"seed{seed}" / last / "ckpt.pth").touch()
+    folder = study.arm_folder("pixel", study.longer("--loss pixel"), params, out / "budget")
+    (folder / "seed0" / last).mkdir(parents=True)
+    (folder / "seed0" / last / "ckpt.pth").touch()
+    ran = []
+
+    def fake_budget(arm, flags, seed, *a):
+        ran.append((arm, seed))
+        return [{"method": arm, "seed": seed, "budget": study.EPOCHS * m, "vos_clustering": 70.0 + m + seed,
+                 "semantic": 30.0 + m * (1 + seed)} for m in study.BUDGET_MULTIPLES]
+
+    monkeypatch.setattr(study, "measure_budget", fake_budget)
+    monkeypatch.setattr(study, "measure", lambda arm, flags, seed, *a, **k:
+                        {"method": arm, "seed": seed, "vos_clustering": 50.0, "semantic": 25.0})
+    results = study.main(["--budget", "--cached", "--arms", "pixel", "sigma", "--seeds", "0", "1", "--out", str(out),
+                          "--results", str(tmp_path / "b.json")])
+    assert sorted(ran) == [("pixel", 0), ("sigma", 0), ("sigma", 1)]
+    top = max(study.BUDGET_MULTIPLES)
+    pair = next(p for p in results["pairs"] if (p["a"], p["b"], p["metric"], p["budget"]) ==
+                ("sigma", "random", "semantic", study.EPOCHS * top))
+    assert pair["seeds"] == [0, 1] and pair["diff"] == pytest.approx(30 + top * 1.5 - 25)  # (top + 2 top) / 2
+    assert pair["se"] == pytest.approx(top / 2)  # differences 5 + top and 5 + 2 top: SD top / sqrt 2, / sqrt 2
