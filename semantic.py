@@ -31,28 +31,28 @@ from probes import effective_rank, knn_top1, layer_features
 HERE = Path(__file__).resolve().parent
 
 # ============ defaults ============
-# The semantic read-out. Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before the final LayerNorm) and of
-# the last block after it ("norm"), each as they are or with every channel standardised by the bank's statistics
-# ("/std") before DINO's 20-NN (probes.knn_votes). The rule, fixed before any arm is compared: the candidate on which
-# the supervised reference beats random init by the most, measured at the first seed on the *train* clips alone
-# (bank: a fixed random READOUT_BANK of them, queries: the rest). No val clip and no pretrained arm takes part.
-# choose_readout() applies it (python study.py --choose_readout); its outcome is SEMANTIC_READOUT, then applied
-# unchanged to every arm on the val clips (bank: all train clips). docs/study.md has the ranking it gave.
+# The semantic read-out. Candidates: the mean-pooled tokens of each encoder block ("block1" .. "block6", before
+# the final LayerNorm) and of the last block after it ("norm"), each as they are or with every channel
+# standardised by the bank's statistics ("/std") before DINO's 20-NN (probes.knn_votes). The rule, fixed before
+# any arm is compared: the candidate on which the supervised reference beats random init by the most, measured at
+# the first seed on the *train* clips alone (bank: a fixed random READOUT_BANK of them, queries: the rest). No val
+# clip and no pretrained arm takes part. choose_readout() applies it (python study.py --choose_readout); its
+# outcome is SEMANTIC_READOUT, then applied unchanged to every arm on the val clips (bank: all train clips).
 READOUT_BANK = 1500
 # The rule's outcome (`python study.py --choose_readout`; its ranking is in docs/study.md, "The semantic read-out"):
 # the last block after the final LayerNorm, every channel standardised.
 SEMANTIC_READOUT = "norm/std"
 
-# The object-pooled diagnostic, never a choice: the rule's read-out layer, pooled over the ground-truth garment's tokens only (each
-# token weighted by the share of its tube the garment covers, from the <video>.mask.npy sidecars), and over the
-# background's. If the object-pooled 20-NN is far above the whole-clip one, the tokens know the category but the
-# background dilutes it; if both are low, the tokens do not hold it.
+# The object-pooled diagnostic, never a choice: the rule's read-out layer pooled over the ground-truth garment's
+# tokens only (each token weighted by the share of its tube the garment covers, from the <video>.mask.npy
+# sidecars), and over the background's. If the object-pooled 20-NN is far above the whole-clip one, the tokens
+# know the category but the background dilutes it; if both are low, the tokens do not hold it.
 OBJECT_POOLS = ("object", "background", "whole")  # results.json columns (COLUMNS: their names)
 
-# The supervised reference. A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with every token it does not leave it
-# in 4 epochs. Training on a random quarter of each clip's tokens (FLIP's token dropping; the test sees them all)
-# makes a step ~4x cheaper, and at lr 2e-4 the same CPU time buys enough steps to learn the categories
-# (docs/study.md: the learning curves).
+# The supervised reference. A ViT trained from scratch on 2000 clips is slow to leave chance: at lr 1e-3 with
+# every token it does not leave it in 4 epochs. Training on a random quarter of each clip's tokens (FLIP's token
+# dropping; the test sees them all) makes a step ~4x cheaper, and at lr 2e-4 the same CPU time buys enough steps
+# to learn the categories (docs/study.md: the learning curves).
 CEILING = dict(lr=2e-4, warmup_epochs=2, keep=0.25, shift=6, batch_size=32)
 
 
@@ -158,7 +158,8 @@ def object_shares(root, split, cfg):
         masks = np.load(Path(path).with_suffix(".mask.npy"))  # (T_video, S, S) uint8, 0 = background
         if masks.shape[1:] != (cfg.img_size, cfg.img_size):
             raise ValueError(f"{path}: masks of {masks.shape[1:]} px, the read-out expects {cfg.img_size} px frames")
-        frames = ds._positions(len(masks))[0].clamp(max=len(masks) - 1)  # (T,) the clip's frames
+        # The frames VideoClips._load reads for this clip (it clamps positions past the end the same way).
+        frames = ds._positions(len(masks))[0].clamp(max=len(masks) - 1)  # (T,)
         garment = torch.from_numpy(masks[frames.numpy()] > 0).float()[None, None]  # (1, 1, T, S, S)
         shares.append(model.patchify(garment, cfg.tubelet_size, cfg.patch_size).flatten(2).mean(-1)[0])  # (N,)
     return torch.stack(shares)  # (clips, N)
@@ -184,12 +185,11 @@ def pooled_where(encoder, clips, shares, layer):
     return torch.cat(pooled)
 
 
-def object_readout(ckpt, root, seed, out, readout=None):
-    """The rule's read-out (SEMANTIC_READOUT, or `readout`) of an encoder pooled over the garment, the background
-    and the whole clip -> <out> json: "val" {object, background, whole: val 20-NN top-1}, "garment_share" (the
-    mean share of a val clip's tokens the garment covers)."""
-    readout = readout or SEMANTIC_READOUT
-    layer, standardise = readout.split("/")[0], readout.endswith("/std")
+def object_readout(ckpt, root, seed, out):
+    """The rule's read-out (SEMANTIC_READOUT) of an encoder pooled over the garment, the background and the whole
+    clip -> <out> json: "val" {object, background, whole: val 20-NN top-1}, "garment_share" (the mean share of a
+    val clip's tokens the garment covers). "whole" is the semantic metric again, computed the same way."""
+    layer, standardise = SEMANTIC_READOUT.split("/")[0], SEMANTIC_READOUT.endswith("/std")
     torch.manual_seed(seed)
     encoder, cfg = model.load_encoder(ckpt, "tiny")
     encoder.eval()
@@ -197,7 +197,7 @@ def object_readout(ckpt, root, seed, out, readout=None):
     val_shares = object_shares(root, "val", cfg)
     bank = pooled_where(encoder, x, object_shares(root, "train", cfg), layer)
     queries = pooled_where(encoder, vx, val_shares, layer)
-    result = dict(readout=readout, garment_share=float(val_shares.mean()),
+    result = dict(readout=SEMANTIC_READOUT, garment_share=float(val_shares.mean()),
                   val={name: knn_top1(bank[:, i], y, queries[:, i], vy, standardise)
                        for i, name in enumerate(OBJECT_POOLS)})
     Path(out).write_text(json.dumps(result, indent=1))

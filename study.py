@@ -241,7 +241,7 @@ def behaviour(flags, out):
 
 def eval_behaviour(root, out):
     """What the read-outs' code does, for --reuse_same_behaviour: the syntax trees of the evaluation-only code
-    (eval_vos.py, eval_linear.py, probes.py and this file's read-out functions) and, for the modules they share
+    (eval_vos.py, eval_linear.py, probes.py and semantic.py's read-out functions) and, for the modules they share
     with training, a checksum of the initial tiny encoder's tokens (seed 0) on the first two val clips and on the
     first VOS clip as the read-outs load them, with that clip's masks. In a process of its own at one thread."""
     out = Path(out).resolve()
@@ -272,16 +272,17 @@ def eval_fingerprint(root):
 
 
 def readout_fingerprint(evaluated, kind):
-    """The part of eval_behaviour's fingerprint that a read-out of `kind` (vos, linear, semantic) depends on: the
-    code of that read-out and the shared modules' behaviour."""
+    """The part of eval_behaviour's fingerprint that a read-out of `kind` (vos, linear, semantic, object) depends
+    on: the code of that read-out and the shared modules' behaviour."""
     fp = evaluated()
     return {"code": fp[kind], "behaviour": fp["behaviour"]}
 
 
 def readout_path(folder, kind, key, evaluated=None, reuse=False):
-    """Where the read-out `kind` (vos, linear, semantic) of a run goes: <folder>/<kind>-<key>.json. reuse: when that
-    does not exist, an existing read-out of this kind whose recorded eval fingerprint equals `evaluated()` (made by
-    other code that reads out the same way), if there is one. Fingerprints are recorded in <folder>/readouts.json."""
+    """Where the read-out `kind` (vos, linear, semantic, object) of a run goes: <folder>/<kind>-<key>.json.
+    reuse: when that does not exist, an existing read-out of this kind whose recorded eval fingerprint equals
+    `evaluated()` (made by other code that reads out the same way), if there is one. Fingerprints are recorded in
+    <folder>/readouts.json."""
     path = folder / f"{kind}-{key}.json"
     if path.exists() or not reuse:
         return path
@@ -324,12 +325,11 @@ def measure(arm, flags, seed, root, arm_dir, threads=None, finetune_epochs=0, tr
             evaluated=None, reuse=False, object_pooled=False):
     """Pretrain (unless flags is None) and read out one arm at one seed in <arm_dir>/seed<seed> (arm_folder) -> its
     results.json row (percent), with the per-clip VOS scores under "clips" (for clip-level pairing);
-    finetune_epochs > 0: also fine-tune its encoder with the labels (semantic.fine_tune). train_only: pretrain, then
-    return
-    None. linear_probes: also eval_linear.py's read-outs (LINEAR); object_pooled: also semantic.object_readout.
-    evaluated: eval_behaviour of this code, recorded
-    with each read-out; reuse: take a read-out made by other code with the same one (readout_path). The scripts'
-    output goes to the run folder's run.log."""
+    finetune_epochs > 0: also fine-tune its encoder with the labels (semantic.fine_tune). train_only: pretrain,
+    then return None. linear_probes: also eval_linear.py's read-outs (LINEAR); object_pooled: also
+    semantic.object_readout. evaluated: eval_behaviour of this code, recorded with each read-out; reuse: take a
+    read-out made by other code with the same one (readout_path). The scripts' output goes to the run folder's
+    run.log."""
     py = sys.executable
     folder = Path(arm_dir) / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -436,9 +436,9 @@ def object_key():
 
 def object_functions():
     """The object-pooled read-out's own code: the read-out it pools and the syntax trees of its functions."""
-    return digest(SEMANTIC_READOUT, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                                     (semantic.object_readout, semantic.object_shares, semantic.pooled_where,
-                                      semantic.decoded)])
+    functions = (semantic.object_readout, semantic.object_shares, semantic.pooled_where, semantic.decoded)
+    return digest(SEMANTIC_READOUT, semantic.OBJECT_POOLS,
+                  [source_digest(textwrap.dedent(inspect.getsource(f))) for f in functions])
 
 
 def readout_rule(args, root, params):
@@ -506,7 +506,7 @@ def ceiling(root, params, seed, epochs, out, threads=None, linear_probes=False, 
 # How the gaps grow with pretraining. One longer run per arm and seed (BUDGET_MULTIPLES x the arm's epochs, its
 # cosine schedule stretched over the longest), stopped and read out at every multiple, so a fork can tell whether
 # its budget can show a semantic effect at all. The checkpoint at 1x is not the 6-epoch arm's (its lr has not
-# decayed yet). A description at 2 seeds, not a test: nothing in it is called.
+# decayed yet). A description at 2 seeds: no comparison in it is tested (Holm) or called.
 BUDGET_ARMS, BUDGET_SEEDS, BUDGET_MULTIPLES = ["pixel", "sigma", "clip"], [0, 1], (1, 2, 4)
 
 
@@ -519,7 +519,8 @@ def longer(flags):
 def measure_budget(arm, flags, seed, root, arm_dir, threads=None, evaluated=None, reuse=False):
     """Pretrain one arm at one seed with longer(flags) in stages, keeping the checkpoint at every multiple of its
     epochs (<arm_dir>/seed<seed>/x<m>/ckpt.pth), and read each out -> one results row per multiple, with "budget":
-    the epochs that the study's 6-epoch arms run for the same number of steps (EPOCHS x m)."""
+    the epochs that the study's 6-epoch arms run for the same number of steps (EPOCHS x m). A stage's cpu.json
+    "train" is the CPU minutes of its own epochs: the run's cost up to a stage is the sum over the stages so far."""
     epochs = train.get_args([*TRAIN, *shlex.split(flags)]).epochs // max(BUDGET_MULTIPLES)
     folder = Path(arm_dir) / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -535,12 +536,17 @@ def measure_budget(arm, flags, seed, root, arm_dir, threads=None, evaluated=None
                 sys.exit(f"{stage}: its checkpoint (epoch {epochs * m}) is missing and the run in {folder} is at "
                          f"epoch {done}; delete {folder} to run it again")
             if done < epochs * m:
-                cpu["train"] = run([sys.executable, "train.py", *TRAIN, "--data_root", str(root), *shlex.split(flags),
+                data_root = [] if "--dataset" in shlex.split(flags) else ["--data_root", str(root)]  # as in measure
+                cpu["train"] = run([sys.executable, "train.py", *TRAIN, *data_root, *shlex.split(flags),
                                     "--max_epochs_this_run", str(epochs * m - done), "--seed", str(seed),
                                     "--out", str(folder)], folder / "run.log", threads)
             partial = stage / f"ckpt.pth.tmp{os.getpid()}"
             shutil.copyfile(folder / "ckpt.pth", partial)
             os.replace(partial, stage / "ckpt.pth")
+        if not (stage / "log.jsonl").exists():  # the run's log up to this stage: make_row's collapse monitors
+            lines = (folder / "log.jsonl").read_text().splitlines()
+            (stage / "log.jsonl").write_text("".join(line + "\n" for line in lines
+                                                     if json.loads(line)["epoch"] <= epochs * m + 1e-6))
         rows.append({**read_outs(arm, seed, ["--ckpt", str(stage / "ckpt.pth")], stage, root, cpu, threads,
                                  evaluated=evaluated, reuse=reuse), "budget": EPOCHS * m})
     return rows
@@ -570,7 +576,8 @@ def budget_study(args, root, params):
         for arm in ["random", *flags]:
             cells = [statistics.mean(v) if (v := [r[metric] for r in rows if r["method"] == arm and r["budget"] == b])
                      else None for b in budgets]
-            lines.append(f"| {COLUMNS[metric]} | {arm} | " +
+            seeds = sorted({r["seed"] for r in rows if r["method"] == arm})
+            lines.append(f"| {COLUMNS[metric]} | {arm} (seeds {' '.join(map(str, seeds))}) | " +
                          " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     pairs = []
     for b in budgets[1:]:
@@ -711,6 +718,12 @@ def get_args(argv=None):
             else EPOCHS_CEILING
     if args.budget:
         args.arms, args.seeds = args.arms or BUDGET_ARMS, args.seeds or BUDGET_SEEDS
+        other = [o for o, on in (("--train_only", args.train_only), ("--linear", args.linear),
+                                 ("--compare", args.compare), ("--object_pooled", args.object_pooled),
+                                 ("--finetune_epochs", args.finetune_epochs), ("--choose_readout", args.choose_readout),
+                                 ("--quick", args.quick)) if on]
+        if other:
+            p.error(f"--budget reads out VOS and the semantic metric only: drop {' '.join(other)}")
     if args.arms is None:
         args.arms = (list(args.compare) if args.compare else QUICK if args.quick else
                      ["random", "sigma", *dict(args.arm)] if args.arm else FULL)

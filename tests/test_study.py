@@ -346,6 +346,19 @@ def test_object_shares_are_the_masks_at_the_clips_frames_cut_into_tubes(tiny_syn
     assert 0 < shares.mean() < 1  # a garment on a background in every set
 
 
+def test_object_readout_pools_in_a_process_of_its_own_and_its_whole_clip_pool_is_the_semantic_metric(
+        tmp_path, monkeypatch):
+    root = study.synthetic_dataset(tmp_path / "set", seed=1, num_train=40, num_val=12, num_frames=16, size=64,
+                                   num_vos=0)
+    monkeypatch.setattr(semantic, "READOUT_BANK", 30)  # 40 train clips: 30 in the bank, 10 held out
+    semantic.semantic_readout("random", root, 0, tmp_path / "semantic.json")
+    cpu = study.run_object("random", root, 0, tmp_path / "object.json", tmp_path / "log", threads=1)
+    objects, sem = json.loads((tmp_path / "object.json").read_text()), json.loads((tmp_path / "semantic.json").read_text())
+    assert cpu > 0 and list(objects["val"]) == list(semantic.OBJECT_POOLS)
+    assert objects["val"]["whole"] == pytest.approx(sem["val"][semantic.SEMANTIC_READOUT], abs=100 / 12 + 1e-6)
+    assert 0 < objects["garment_share"] < 1
+
+
 def test_pooled_where_weights_the_chosen_layers_tokens():
     torch.manual_seed(0)
     encoder, cfg = study.model.load_encoder("random", "tiny", enc_depth=2)
@@ -385,6 +398,8 @@ def test_budget_trains_in_stages_keeps_each_checkpoint_and_reads_each_out(tiny_s
     for m in study.BUDGET_MULTIPLES:  # each stage's checkpoint is the run at m x the arm's epochs
         ckpt = model.load_checkpoint(arm / "seed0" / f"x{m}" / "ckpt.pth")
         assert ckpt["epoch"] == m and ckpt["config"]["epochs"] == max(study.BUDGET_MULTIPLES)
+        log = (arm / "seed0" / f"x{m}" / "log.jsonl").read_text().splitlines()  # the run's log up to the stage
+        assert json.loads(log[-1])["epoch"] == pytest.approx(m) and "target_std" in json.loads(log[-1])
     # A stage whose checkpoint is gone while the run went on cannot be recovered: a clear stop, not a wrong copy.
     shutil.rmtree(arm / "seed0" / "x2")
     with pytest.raises(SystemExit, match="x2"):
@@ -396,6 +411,12 @@ def test_budget_defaults():
     assert (args.arms, args.seeds, args.ceiling_epochs) == (study.BUDGET_ARMS, study.BUDGET_SEEDS, 0)
     args = study.get_args(["--budget", "--arms", "sigma", "--seeds", "3"])
     assert (args.arms, args.seeds) == (["sigma"], [3])
+
+
+def test_budget_refuses_options_it_would_ignore(capsys):
+    with pytest.raises(SystemExit) as stop:
+        study.get_args(["--budget", "--linear", "--train_only"])
+    assert stop.value.code == 2 and "drop --train_only --linear" in capsys.readouterr().err
 
 
 def test_budget_cached_reports_finished_runs_and_pairs_them_with_random_init(tmp_path, monkeypatch):
