@@ -540,6 +540,7 @@ def measure_budget(arm, flags, seed, root, arm_dir, threads=None, evaluated=None
                 cpu["train"] = run([sys.executable, "train.py", *TRAIN, *data_root, *shlex.split(flags),
                                     "--max_epochs_this_run", str(epochs * m - done), "--seed", str(seed),
                                     "--out", str(folder)], folder / "run.log", threads)
+                (stage / "cpu.json").write_text(json.dumps(cpu))  # before the read-outs: a later command keeps it
             partial = stage / f"ckpt.pth.tmp{os.getpid()}"
             shutil.copyfile(folder / "ckpt.pth", partial)
             os.replace(partial, stage / "ckpt.pth")
