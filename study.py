@@ -376,10 +376,10 @@ def read_outs(arm, seed, ckpt, folder, root, cpu, threads=None, linear_probes=Fa
                              *LINEAR, "--out", str(linear)], log, threads)
         remember_readout(linear, evaluated)
     if not semantic.exists():
-        cpu["semantic"] = run_semantic(ckpt[1], root, seed, semantic, log, threads)
+        cpu["semantic"] = run_readout("semantic_readout", ckpt[1], root, seed, semantic, log, threads)
         remember_readout(semantic, evaluated)
     if object_pooled and not objects.exists():
-        cpu["object"] = run_object(ckpt[1], root, seed, objects, log, threads)
+        cpu["object"] = run_readout("object_readout", ckpt[1], root, seed, objects, log, threads)
         remember_readout(objects, evaluated)
     (folder / "cpu.json").write_text(json.dumps(cpu))
     row = make_row(arm, seed, json.loads(vos.read_text()), json.loads(linear.read_text()) if linear_probes else None,
@@ -406,10 +406,16 @@ def make_row(arm, seed, seg, lin, folder, cpu, sem):
     return row
 
 
-def run_semantic(ckpt, root, seed, out, log, threads):
-    """semantic_readout in its own process -> CPU minutes."""
-    code = "import sys, semantic; a = sys.argv[1:]; semantic.semantic_readout(a[0], a[1], int(a[2]), a[3])"
+def run_readout(name, ckpt, root, seed, out, log, threads):
+    """semantic.<name>(ckpt, root, seed, out) -- semantic_readout or object_readout -- in its own process -> its
+    CPU minutes."""
+    code = f"import sys, semantic; a = sys.argv[1:]; semantic.{name}(a[0], a[1], int(a[2]), a[3])"
     return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
+
+
+def trees(*functions):
+    """The syntax trees (docstrings removed) of functions, for a cache key."""
+    return [source_digest(textwrap.dedent(inspect.getsource(f))) for f in functions]
 
 
 def semantic_key():
@@ -419,14 +425,7 @@ def semantic_key():
 
 def semantic_functions():
     """The semantic read-out's own code: semantic.READOUT_BANK and the syntax trees of its functions."""
-    return digest(semantic.READOUT_BANK, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                                          (semantic.semantic_readout, semantic.readout_names, semantic.decoded)])
-
-
-def run_object(ckpt, root, seed, out, log, threads):
-    """object_readout in its own process -> CPU minutes."""
-    code = "import sys, semantic; a = sys.argv[1:]; semantic.object_readout(a[0], a[1], int(a[2]), a[3])"
-    return run([sys.executable, "-c", code, str(ckpt), str(root), str(seed), str(out)], log, threads)
+    return digest(semantic.READOUT_BANK, trees(semantic.semantic_readout, semantic.readout_names, semantic.decoded))
 
 
 def object_key():
@@ -436,9 +435,8 @@ def object_key():
 
 def object_functions():
     """The object-pooled read-out's own code: the read-out it pools and the syntax trees of its functions."""
-    functions = (semantic.object_readout, semantic.object_shares, semantic.pooled_where, semantic.decoded)
-    return digest(SEMANTIC_READOUT, semantic.OBJECT_POOLS,
-                  [source_digest(textwrap.dedent(inspect.getsource(f))) for f in functions])
+    return digest(SEMANTIC_READOUT, semantic.OBJECT_POOLS, trees(semantic.object_readout, semantic.object_shares,
+                                                                 semantic.pooled_where, semantic.decoded))
 
 
 def readout_rule(args, root, params):
@@ -466,9 +464,8 @@ def run_fine_tune(ckpt, root, seed, epochs, out, log, threads, save_encoder=Fals
 
 def fine_tune_key(epochs):
     """What a fine-tuning result depends on besides the encoder: the recipe and its code."""
-    return digest(epochs, semantic.CEILING, [source_digest(textwrap.dedent(inspect.getsource(f))) for f in
-                                             (semantic.fine_tune, semantic.train_classifier, semantic.decoded,
-                                              semantic.augment)])
+    return digest(epochs, semantic.CEILING, trees(semantic.fine_tune, semantic.train_classifier, semantic.decoded,
+                                                  semantic.augment))
 
 
 def reference_record(epochs, params, evaluated):

@@ -352,7 +352,7 @@ def test_object_readout_pools_in_a_process_of_its_own_and_its_whole_clip_pool_is
                                    num_vos=0)
     monkeypatch.setattr(semantic, "READOUT_BANK", 30)  # 40 train clips: 30 in the bank, 10 held out
     semantic.semantic_readout("random", root, 0, tmp_path / "semantic.json")
-    cpu = study.run_object("random", root, 0, tmp_path / "object.json", tmp_path / "log", threads=1)
+    cpu = study.run_readout("object_readout", "random", root, 0, tmp_path / "object.json", tmp_path / "log", threads=1)
     objects, sem = json.loads((tmp_path / "object.json").read_text()), json.loads((tmp_path / "semantic.json").read_text())
     assert cpu > 0 and list(objects["val"]) == list(semantic.OBJECT_POOLS)
     assert objects["val"]["whole"] == pytest.approx(sem["val"][semantic.SEMANTIC_READOUT], abs=100 / 12 + 1e-6)
