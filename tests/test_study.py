@@ -272,13 +272,17 @@ def test_read_outs_of_other_code_are_reused_only_with_the_same_eval_fingerprint(
 def test_holm_calls_a_family_as_the_step_down_rule_says():
     # Three paired differences over 5 seeds with known t statistics: p from Student's t with 4 df, then Holm.
     from scipy.stats import t
-    pairs = [dict(diff=d, se=1.0, seeds=[0, 1, 2, 3, 4]) for d in (6.0, 3.0, 1.0)]
-    study.holm(pairs)
-    p = [2 * t.sf(d, 4) for d in (6.0, 3.0, 1.0)]
+    # A fourth pair, a diagnostic outside the family, gets its own p but no Holm and does not enlarge the family.
+    pairs = [dict(diff=d, se=1.0, seeds=[0, 1, 2, 3, 4]) for d in (6.0, 3.0, 1.0, 8.0)]
+    study.holm(pairs, family=pairs[:3])
+    p = [2 * t.sf(d, 4) for d in (6.0, 3.0, 1.0, 8.0)]
     assert [q["p"] for q in pairs] == pytest.approx(p)
     expected = [3 * p[0], max(3 * p[0], 2 * p[1]), max(3 * p[0], 2 * p[1], p[2])]
-    assert [q["p_holm"] for q in pairs] == pytest.approx(expected)
-    assert [q["called"] for q in pairs] == [e < 0.05 for e in expected] == [True, False, False]
+    assert [q["p_holm"] for q in pairs[:3]] == pytest.approx(expected)
+    assert [q["called"] for q in pairs[:3]] == [e < 0.05 for e in expected] == [True, False, False]
+    assert "p_holm" not in pairs[3] and "called" not in pairs[3]
+    line = study.pair_line({**pairs[3], "a": "sigma", "b": "pixel", "metric": "semantic", "se_from": "seeds"})
+    assert "outside the corrected family" in line and "Holm" not in line
 
 
 def test_the_read_out_rule_picks_the_largest_reference_gap_on_held_out_train_clips():
