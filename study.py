@@ -609,7 +609,10 @@ def paired(rows, a, b, metric):
     diffs = [by[(a, s)][metric] - by[(b, s)][metric] for s in seeds]
     out = dict(a=a, b=b, metric=metric, diff=statistics.mean(diffs), seeds=seeds, se=None, se_from="seeds")
     if len(seeds) > 1:
-        out["se"] = statistics.stdev(diffs) / math.sqrt(len(seeds))
+        # Top-1 on 500 clips moves in steps of 0.2, so two seeds can differ by exactly the same amount; their
+        # spread is then rounding noise (~1e-15), not a tiny SE: it is 0, and such a pair gets no t-test.
+        spread = statistics.stdev(diffs)
+        out["se"] = spread / math.sqrt(len(seeds)) if spread > 1e-9 else 0.0
     clip_key = metric.removeprefix("vos_")
     if clip_key in by[(a, seeds[0])].get("clips", {}):
         # The evaluation's share: per seed, the SE of the mean of the per-clip differences; averaged in quadrature
@@ -642,7 +645,8 @@ def pair_line(p):
     z = "" if not p["se"] else f" = {p['diff'] / p['se']:+.1f} SE"
     extra = f", of which evaluation {p['se_clips']:.1f}" if "se_clips" in p and p["se_from"] == "seeds" else ""
     test = (f"; p = {p['p']:.3f}, Holm {p['p_holm']:.3f}: {'called' if p['called'] else 'not called'}"
-            if "p_holm" in p else f"; p = {p['p']:.3f}, outside the corrected family" if "p" in p else "")
+            if "p_holm" in p else f"; p = {p['p']:.3f}, outside the corrected family" if "p" in p else
+            "; the same difference at every seed: no t-test" if p["se"] == 0 else "")
     return (f"{p['a']} - {p['b']} {COLUMNS[p['metric']]}: {p['diff']:+.1f} ± {se}{z} "
             f"(seeds {p['seeds']}, SE from {p['se_from']}{extra}{test})")
 

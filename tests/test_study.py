@@ -41,6 +41,19 @@ def test_paired_difference_and_se_over_seeds():
     assert study.paired(rows, "sigma", "l2", "vos_clustering") is None
 
 
+def test_the_same_difference_at_every_seed_has_no_se_and_no_test():
+    # Top-1 on 500 clips moves in steps of 0.2: these per-seed differences are all -2.2 up to float rounding
+    # (25.4 - 27.6 and 24.2 - 26.4), whose stdev is ~1e-15. It must not become a "-3e6 SE" difference called by Holm.
+    rows = [row("clip", 0, 25.4), row("clip", 1, 24.2), row("random", 0, 27.6), row("random", 1, 26.4)]
+    p = study.paired(rows, "clip", "random", "vos_clustering")
+    assert p["diff"] == pytest.approx(-2.2) and p["se"] == 0.0
+    other = study.paired([row("sigma", 0, 80.0), row("sigma", 1, 77.0), row("pixel", 0, 70.0), row("pixel", 1, 71.0)],
+                         "sigma", "pixel", "vos_clustering")
+    study.holm([p, other], family=[p, other])
+    assert "p" not in p and "called" not in p and "p" in other and other["p_holm"] == other["p"]  # a family of one
+    assert "no t-test" in study.pair_line(p) and "SE (" not in study.pair_line(p)
+
+
 def test_paired_one_seed_uses_clip_level_se():
     rng = np.random.default_rng(0)
     clips_a, clips_b = rng.uniform(40, 100, 200), rng.uniform(40, 100, 200)
