@@ -12,7 +12,8 @@ once per seed and read out frozen:
 "random" is the untrained encoder every arm starts from; the supervised reference ("ceiling") is that encoder
 trained with the labels, read out the same way. Arms are *paired*: a seed gives every arm the same initial
 encoder, clip order, augmentation and masks, so A - B is taken seed by seed; its SE is the spread of the per-seed
-differences, its p-value Student's t, Holm-corrected over the family the README calls (COMPARISONS).
+differences, its p-value Student's t, Holm-corrected over the family the README calls (COMPARISONS; the
+DIAGNOSTIC pairs get their uncorrected p).
 
     python study.py                          # every arm (5 or 3 seeds, SEEDS), and the supervised reference
     python study.py --quick                  # random / pixel / sigma, seed 0
