@@ -645,9 +645,13 @@ def pair_line(p):
     se = "n/a" if p["se"] is None else f"{p['se']:.1f}"
     z = "" if not p["se"] else f" = {p['diff'] / p['se']:+.1f} SE"
     extra = f", of which evaluation {p['se_clips']:.1f}" if "se_clips" in p and p["se_from"] == "seeds" else ""
-    test = (f"; p = {p['p']:.3f}, Holm {p['p_holm']:.3f}: {'called' if p['called'] else 'not called'}"
-            if "p_holm" in p else f"; p = {p['p']:.3f}, outside the corrected family" if "p" in p else
-            "; the same difference at every seed: no t-test" if p["se"] == 0 else "")
+    test = ""
+    if "p_holm" in p:  # in the family the README calls
+        test = f"; p = {p['p']:.3f}, Holm {p['p_holm']:.3f}: {'called' if p['called'] else 'not called'}"
+    elif "p" in p:  # a DIAGNOSTIC pair
+        test = f"; p = {p['p']:.3f}, outside the corrected family"
+    elif p["se"] == 0:  # see paired()
+        test = "; the same difference at every seed: no t-test"
     return (f"{p['a']} - {p['b']} {COLUMNS[p['metric']]}: {p['diff']:+.1f} ± {se}{z} "
             f"(seeds {p['seeds']}, SE from {p['se_from']}{extra}{test})")
 
