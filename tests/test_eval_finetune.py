@@ -492,7 +492,7 @@ def test_ranks_that_see_different_videos_stop_with_one_message(tiny_synthetic, t
 
 
 EVALUATE_ONE_VIDEO = """
-import contextlib, sys
+import contextlib, os, sys
 sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
 from eval_finetune import evaluate
@@ -502,7 +502,9 @@ model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 4 * 4, 5
 videos = [(torch.randint(0, 256, (3, 2, 4, 4), dtype=torch.uint8), 3)]  # one test video (3, T, H, W)
 alone = evaluate(model, videos, 4, 0, torch.device("cpu"), contextlib.nullcontext)
 shared = evaluate(model, videos, 4, 0, torch.device("cpu"), contextlib.nullcontext, dist.get_rank(), 2)
-print(f"rank {{dist.get_rank()}}: alone {{alone}}, shared {{shared}}", flush=True)
+# One write of the whole line: the ranks share one pipe, and print() writes the text and its newline separately
+# when stdout is unbuffered (PYTHONUNBUFFERED), so two ranks' lines could interleave. A pipe write this short is atomic.
+os.write(1, f"rank {{dist.get_rank()}}: alone {{alone}}, shared {{shared}}\\n".encode())
 dist.destroy_process_group()
 """
 
