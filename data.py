@@ -1,8 +1,9 @@
 """
 Video data for SIGMA, on top of store.py (which reads frames off disk: a video file through PyAV, or an entry of
 the prepared clip store): tube masks, clip sampling and augmentation, dataset layouts (Kinetics-400,
-Something-Something v2, UCF101, HMDB51, DAVIS / YouTube-VOS), the distributed-aware DataLoader. The built-in
-datasets that need no download (synthetic.py) are read through the same layouts.
+Something-Something v2, UCF101, HMDB51), the distributed-aware DataLoader. The built-in datasets that need no
+download (synthetic.py) are read through the same layouts. The segmentation benchmarks' frames and masks (DAVIS,
+YouTube-VOS) are read by eval_vos.py, the one script that uses them.
 
 The clip store's two commands stand on both files, so they are at the end of this one; they run as
 `python store.py --prepare ...` (writes a store) and `python store.py --bench` (clip loading in clips/s per CPU
@@ -19,7 +20,6 @@ import argparse
 import csv
 import functools
 import json
-import random
 import sys
 import tempfile
 import time
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import store
@@ -601,122 +600,6 @@ def set_epoch(loader, epoch):
         loader.sampler.set_epoch(epoch)
     loader.generator.manual_seed((loader.seed * 1_000_003 + epoch) * 1009 + loader.rank)
     loader.dataset.epoch = epoch  # read by VideoClips (workers start afresh each epoch and copy it)
-
-
-# ============ video object segmentation ============
-
-VOS_SAMPLING = ("uniform", "consecutive")
-
-
-def uniform_frame_sample(num_frames, clip_len, rng):
-    """TimeT's evaluation clip (its data loader, SamplingMode.UNIFORM): clip_len distinct positions drawn
-    uniformly at random from range(num_frames), sorted, so the clip spans the whole sequence; a sequence
-    shorter than clip_len is drawn with replacement, as TimeT does. rng: a random.Random. -> sorted list."""
-    if num_frames < clip_len:
-        return sorted(rng.choices(range(num_frames), k=clip_len))
-    return sorted(rng.sample(range(num_frames), clip_len))
-
-
-def ytvos_categories(meta_path):
-    """YouTube-VOS meta.json -> {video: {instance id: category id}}, category ids 1..C in sorted order of the
-    category names over all videos of the file, 0 = background (as TimeT's make_categories_dict). Two objects
-    of one category in a video get the same id: the paper's appendix scores categories, not instances."""
-    videos = json.loads(Path(meta_path).read_text())["videos"]
-    names = sorted({o["category"] for v in videos.values() for o in v["objects"].values()})
-    ids = {name: i + 1 for i, name in enumerate(names)}
-    return {vid: {int(k): ids[o["category"]] for k, o in v["objects"].items()} for vid, v in videos.items()}
-
-
-class VOSDataset(torch.utils.data.Dataset):
-    """Unsupervised VOS evaluation clips (the paper's Table 4, TimeT's protocol) -> dict(frames, masks, name, frame_ids,
-    sequence_frames).
-
-    layout 'davis2017': <root>/JPEGImages/480p/<seq>/%05d.jpg, <root>/Annotations/480p/<seq>/%05d.png (palette
-    PNGs, value = instance id, 0 = background), sequences from <root>/ImageSets/2017/val.txt. 'davis2016': the
-    same folders, binary masks ({0, 255} -> {0, 1}), ImageSets/2016/val.txt. 'ytvos': YouTube-VOS train,
-    <root>/JPEGImages/<vid>/*.jpg, <root>/Annotations/<vid>/*.png and <root>/meta.json; a random `fraction` of
-    the videos (seeded, since only train has full masks); labels are category ids from meta.json
-    (ytvos_categories), not instance ids. Only annotated frames are used (clip_len 16 DAVIS, 4 YTVOS).
-    sampling (where each clip's frames come from):
-      'uniform' (default, TimeT's protocol): one clip per sequence, clip_len frames drawn at random over the
-                whole sequence and sorted (uniform_frame_sample), seeded by (seed, sequence name) so the frames
-                are the same on every run and do not depend on which other sequences are listed.
-      'consecutive': floor(len / clip_len) non-overlapping runs of consecutive annotated frames; leftover
-                frames at the end are dropped. Consecutive frames hold much less motion than TimeT's clips.
-    frames: uint8 (3, T, S, S) (normalize() on the device), masks: int64 (T, S, S); both resized (squashed) to
-    size x size, masks nearest-neighbour. frame_ids: the file stems of the T frames used.
-    """
-
-    def __init__(self, root, layout="davis2017", clip_len=None, size=224, fraction=0.2, seed=0, sampling="uniform"):
-        root = Path(root).expanduser()
-        if sampling not in VOS_SAMPLING:
-            raise ValueError(f"unknown VOS sampling {sampling!r}; choose one of {VOS_SAMPLING}")
-        self.categories = None  # {video: {instance id: category id}}, YouTube-VOS only
-        if layout in ("davis2017", "davis2016"):
-            self.frame_root, self.mask_root = root / "JPEGImages" / "480p", root / "Annotations" / "480p"
-            listing = root / "ImageSets" / layout[-4:] / "val.txt"
-            if not listing.is_file():
-                raise FileNotFoundError(f"{layout}: no sequence list {listing}; expected {root}/JPEGImages/480p/"
-                                        f"<seq>/%05d.jpg, Annotations/480p/<seq>/%05d.png, ImageSets/"
-                                        f"{layout[-4:]}/val.txt. Point the root at the DAVIS folder.")
-            names = listing.read_text().split()
-        elif layout == "ytvos":
-            self.frame_root, self.mask_root = root / "JPEGImages", root / "Annotations"
-            if not self.mask_root.is_dir() or not (root / "meta.json").is_file():
-                raise FileNotFoundError(f"ytvos: no {self.mask_root} or no {root / 'meta.json'}; expected the "
-                                        f"YouTube-VOS train folder with JPEGImages/<video>/*.jpg, "
-                                        f"Annotations/<video>/*.png and meta.json")
-            self.categories = ytvos_categories(root / "meta.json")
-            everything = sorted(p.name for p in self.mask_root.iterdir() if p.is_dir())
-            names = sorted(random.Random(seed).sample(everything, max(1, round(fraction * len(everything)))))
-        else:
-            raise ValueError(f"unknown VOS layout {layout!r}; choose davis2017, davis2016 or ytvos")
-        self.binary, self.size, self.sampling = layout == "davis2016", size, sampling
-        clip_len = clip_len or (4 if layout == "ytvos" else 16)
-        self.clips = []  # (sequence name, [frame ids], frames in the sequence)
-        for name in names:
-            ids = sorted(p.stem for p in (self.mask_root / name).glob("*.png")
-                         if (self.frame_root / name / f"{p.stem}.jpg").is_file())
-            if not ids:
-                raise FileNotFoundError(f"{layout}: sequence {name!r} has no annotated frames: expected masks "
-                                        f"{self.mask_root / name}/*.png beside frames {self.frame_root / name}/*.jpg")
-            if self.categories is not None and name not in self.categories:
-                raise ValueError(f"ytvos: video {name!r} is not in meta.json")
-            if sampling == "uniform":
-                picked = uniform_frame_sample(len(ids), clip_len, random.Random(f"{seed}/{name}"))
-                self.clips.append((name, [ids[i] for i in picked], len(ids)))
-            else:
-                self.clips += [(name, ids[i:i + clip_len], len(ids))
-                               for i in range(0, len(ids) - clip_len + 1, clip_len)]
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, index):
-        name, ids, length = self.clips[index]
-        frames = torch.from_numpy(np.stack([np.asarray(Image.open(self.frame_root / name / f"{i}.jpg")
-                                                       .convert("RGB")) for i in ids]))  # (T, H, W, 3) uint8
-        masks = torch.from_numpy(np.stack([np.asarray(Image.open(self.mask_root / name / f"{i}.png"))
-                                           for i in ids]))  # (T, H, W) uint8: palette index = instance id
-        frames = crop_resize(frames, (0, 0, *frames.shape[1:3]), self.size)  # (3, T, S, S) uint8
-        masks = F.interpolate(masks[None], size=(self.size, self.size), mode="nearest-exact")[0].long()
-        if self.binary:
-            masks = (masks > 0).long()  # DAVIS-2016: 255 = object
-        if self.categories is not None:
-            masks = self._to_categories(name, masks)
-        return dict(frames=frames, masks=masks, name=name, frame_ids=list(ids), sequence_frames=length)
-
-    def _to_categories(self, name, masks):
-        """Instance ids (T, S, S) -> category ids through a lookup table; an id meta.json lacks is an error."""
-        lut = torch.full((256,), -1, dtype=torch.long)
-        lut[0] = 0
-        for instance, category in self.categories[name].items():
-            lut[instance] = category
-        out = lut[masks]  # (T, S, S)
-        if (out < 0).any():
-            raise ValueError(f"ytvos: video {name!r} has mask values {sorted(set(masks[out < 0].tolist()))} that "
-                             f"meta.json does not list as objects")
-        return out
 
 
 # ============ the clip store's commands (python store.py ...) ============

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 import data
+import eval_vos
 import model
 import semantic
 import train
@@ -265,7 +266,7 @@ def eval_fingerprint(root):
     encoder.eval()
     clips = data.build_video_dataset("synthetic", root, "val", num_frames=cfg.num_frames, size=cfg.img_size,
                                      stride=2, train=False)
-    vos = data.VOSDataset(root / "davis", "davis2017", clip_len=16, size=cfg.img_size, sampling="consecutive")[0]
+    vos = eval_vos.VOSDataset(root / "davis", "davis2017", clip_len=16, size=cfg.img_size, sampling="consecutive")[0]
     x = torch.stack([clips[0][0], clips[1][0], vos["frames"][:, :cfg.num_frames]])  # (3, 3, T, S, S) uint8
     with torch.no_grad():
         tokens = encoder(data.normalize(x))

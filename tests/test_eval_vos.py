@@ -7,6 +7,7 @@ synthetic set, with their JSON (which frames each clip used) and PNGs."""
 import dataclasses
 import itertools
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -21,13 +22,14 @@ from PIL import Image
 
 import eval_vos
 import launch
-from data import VOSDataset, build_video_dataset, normalize, tube_mask
+from data import build_video_dataset, normalize, tube_mask
 from synthetic import synthetic_dataset
-from eval_vos import (confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd, many_to_one,
-                      miou, prepare, segment, standardise_pca)
+from eval_vos import (VOSDataset, confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd,
+                      many_to_one, miou, prepare, segment, standardise_pca, ytvos_categories)
 from model import build_model, load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
 DAVIS = REPO / "tests" / "data" / "vos"  # 2 DAVIS-2016 val sequences x 16 frames, 128x72 (see its README)
 
 
@@ -60,6 +62,146 @@ def is_relabelling(a, b, k):
     """True if partitions a and b agree up to renaming the clusters."""
     conf = confusion(a, b, k, k)
     return bool(((conf > 0).sum(0) == 1).all() and ((conf > 0).sum(1) == 1).all())
+
+
+# ============ the clips: DAVIS and YouTube-VOS ============
+
+def test_davis2016_real_sequences_consecutive_runs():
+    ds = VOSDataset(DATA / "davis", "davis2016", size=64, sampling="consecutive")
+    assert len(ds) == 2  # 20 annotated frames each -> floor(20 / 16) = 1 clip per sequence
+    item = ds[0]
+    assert item["name"] == "blackswan" and item["frame_ids"] == [f"{i:05d}" for i in range(16)]
+    assert item["frames"].shape == (3, 16, 64, 64) and item["frames"].dtype == torch.uint8
+    assert item["masks"].shape == (16, 64, 64) and item["masks"].dtype == torch.int64
+    assert set(item["masks"].unique().tolist()) == {0, 1}  # 255 -> 1
+    original = np.stack([np.asarray(Image.open(DATA / "davis/Annotations/480p/blackswan" / f"{i:05d}.png"))
+                         for i in range(16)]) > 0
+    assert abs(item["masks"].float().mean().item() - original.mean()) < 0.01  # nearest resize keeps the area
+    assert len(VOSDataset(DATA / "davis", "davis2016", clip_len=4, size=32, sampling="consecutive")) == 10
+
+
+def davis_ids(seq):
+    return sorted(p.stem for p in (DATA / "davis/Annotations/480p" / seq).glob("*.png"))
+
+
+def test_uniform_sampling_spans_real_davis_sequences(tmp_path):
+    """TimeT's protocol (the default): one clip per sequence, T distinct frames drawn over the whole
+    sequence, sorted; the ids are literally sorted(random.sample(range(n), T)) with the per-sequence
+    seed, and the masks returned are those of the frames named."""
+    ds = VOSDataset(DATA / "davis", "davis2016", clip_len=8, size=32)
+    assert [name for name, _, _ in ds.clips] == ["blackswan", "car-shadow"]  # one clip per sequence
+    for index, seq in enumerate(["blackswan", "car-shadow"]):
+        ids, item = davis_ids(seq), ds[index]
+        want = sorted(random.Random(f"0/{seq}").sample(range(len(ids)), 8))  # TimeT: random.sample, sorted
+        assert item["frame_ids"] == [ids[i] for i in want] and item["sequence_frames"] == 20
+        for t, i in enumerate(item["frame_ids"]):  # each mask is the named frame's (areas differ per frame)
+            area = (np.asarray(Image.open(DATA / "davis/Annotations/480p" / seq / f"{i}.png")) > 0).mean()
+            assert abs(item["masks"][t].float().mean().item() - area) < 0.03
+    # over seeds: every frame is drawn, each about T/n = 40% of the time, and clips span the sequence
+    picks = [[int(i) for i in VOSDataset(DATA / "davis", "davis2016", clip_len=8, size=32, seed=s).clips[0][1]]
+             for s in range(200)]
+    counts = np.bincount(np.concatenate(picks), minlength=20) / 200
+    assert len(counts) == 20 and counts.min() > 0.28 and counts.max() < 0.52
+    spans = [p[-1] - p[0] for p in picks]
+    assert np.mean(spans) > 14 and min(spans) > 7  # a consecutive run of 8 spans 7; expected 2*(8/9)*19 - 2 ~ 15.8
+    assert all(p == sorted(set(p)) for p in picks)
+    # a sequence shorter than the clip: drawn with replacement (TimeT: random.choices), still sorted
+    long_clip = VOSDataset(DATA / "davis", "davis2016", clip_len=24, size=32).clips[0][1]
+    assert len(long_clip) == 24 and long_clip == sorted(long_clip) and set(long_clip) <= set(davis_ids("blackswan"))
+    # the frames of a sequence do not depend on which other sequences are listed
+    for sub in ("JPEGImages", "Annotations"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "480p").symlink_to(DATA / "davis" / sub / "480p")
+    (tmp_path / "ImageSets/2016").mkdir(parents=True)
+    (tmp_path / "ImageSets/2016/val.txt").write_text("car-shadow\n")
+    alone = VOSDataset(tmp_path, "davis2016", clip_len=8, size=32)
+    assert alone.clips == ds.clips[1:]
+    with pytest.raises(ValueError, match="consecutive"):
+        VOSDataset(DATA / "davis", "davis2016", sampling="dense")
+
+
+def test_davis2017_palette_instances_and_missing_masks(tmp_path):
+    src = DATA / "davis"
+    for i in range(18):
+        (tmp_path / "JPEGImages/480p/swan").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "Annotations/480p/swan").mkdir(parents=True, exist_ok=True)
+        Image.open(src / f"JPEGImages/480p/blackswan/{i:05d}.jpg").save(tmp_path / f"JPEGImages/480p/swan/{i:05d}.jpg")
+        fg = np.asarray(Image.open(src / f"Annotations/480p/blackswan/{i:05d}.png")) > 0
+        ids = np.where(fg, 1, 0).astype(np.uint8)
+        ids[:, 80:][fg[:, 80:]] = 2  # right half of the swan becomes instance 2
+        png = Image.fromarray(ids, mode="P")
+        png.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+        png.save(tmp_path / f"Annotations/480p/swan/{i:05d}.png")
+    (tmp_path / "ImageSets/2017").mkdir(parents=True)
+    (tmp_path / "ImageSets/2017/val.txt").write_text("swan\n")
+    item = VOSDataset(tmp_path, "davis2017", size=80)[0]
+    assert set(item["masks"].unique().tolist()) == {0, 1, 2}
+    assert (item["masks"][:, :, :40] != 2).all() and (item["masks"][:, :, 40:] != 1).all()  # instance ids kept
+    (tmp_path / "JPEGImages/480p/ghost").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "JPEGImages/480p/ghost/00000.jpg")
+    (tmp_path / "ImageSets/2017/val.txt").write_text("swan\nghost\n")
+    with pytest.raises(FileNotFoundError, match="ghost"):
+        VOSDataset(tmp_path, "davis2017")
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        VOSDataset(tmp_path / "nope", "davis2016")
+
+
+def touch(path):
+    """An empty file (the layout tests read names, not pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def write_meta(root, objects):
+    """YouTube-VOS meta.json: objects = {video: {instance id: category}}."""
+    videos = {v: {"objects": {str(k): {"category": c, "frames": []} for k, c in objs.items()}}
+              for v, objs in objects.items()}
+    (root / "meta.json").write_text(json.dumps({"videos": videos}))
+
+
+def test_ytvos_annotated_frames_and_seeded_fraction(tmp_path):
+    for v in range(10):
+        for f in range(0, 45, 1):
+            touch(tmp_path / "JPEGImages" / f"vid{v}" / f"{f:05d}.jpg")
+        for f in range(0, 45, 5):  # every 5th frame annotated
+            touch(tmp_path / "Annotations" / f"vid{v}" / f"{f:05d}.png")
+    write_meta(tmp_path, {f"vid{v}": {1: "cat"} for v in range(10)})
+    a = VOSDataset(tmp_path, "ytvos", seed=0, sampling="consecutive")
+    b = VOSDataset(tmp_path, "ytvos", seed=0, sampling="consecutive")
+    assert a.clips == b.clips and len({name for name, _, _ in a.clips}) == 2  # 20% of 10 videos
+    assert len(a) == 2 * 2  # 9 annotated frames -> 2 clips of 4
+    assert a.clips[0][1] == ["00000", "00005", "00010", "00015"]  # consecutive *annotated* frames
+    others = {tuple(sorted({n for n, _, _ in VOSDataset(tmp_path, "ytvos", seed=s).clips})) for s in range(10)}
+    assert len(others) > 1  # the seed picks the subset
+    uniform = VOSDataset(tmp_path, "ytvos", seed=0)  # the default: one clip of 4 annotated frames per video
+    assert [n for n, _, _ in uniform.clips] == [n for n, _, _ in a.clips[::2]]
+    assert all(len(set(ids)) == 4 and all(int(i) % 5 == 0 for i in ids) for _, ids, _ in uniform.clips)
+
+
+def test_ytvos_labels_are_category_ids_from_meta_json(tmp_path):
+    """Two objects of one category share its id; ids are 1 + the rank of the category name among all
+    categories in meta.json (TimeT's make_categories_dict), whichever videos are evaluated."""
+    write_meta(tmp_path, {"v0": {1: "person", 2: "person", 3: "dog"}, "v1": {1: "zebra"}, "v2": {5: "cat"}})
+    assert ytvos_categories(tmp_path / "meta.json") == {"v0": {1: 3, 2: 3, 3: 2}, "v1": {1: 4}, "v2": {5: 1}}
+    ids = np.zeros((40, 60), np.uint8)
+    ids[:, :20], ids[:, 20:40], ids[:20, 40:] = 1, 2, 3  # instances 1, 2 (people), 3 (dog); background below right
+    for f in range(4):
+        touch(tmp_path / "JPEGImages/v0" / f"{f:05d}.jpg")
+        Image.new("RGB", (60, 40)).save(tmp_path / "JPEGImages/v0" / f"{f:05d}.jpg")
+        png = Image.fromarray(ids, mode="P")
+        png.putpalette([v % 256 for v in range(768)])
+        (tmp_path / "Annotations/v0").mkdir(parents=True, exist_ok=True)
+        png.save(tmp_path / "Annotations/v0" / f"{f:05d}.png")
+    masks = VOSDataset(tmp_path, "ytvos", fraction=1.0, size=60)[0]["masks"]  # (4, 60, 60)
+    assert masks.unique().tolist() == [0, 2, 3]  # background, dog, person (cat = 1, zebra = 4: other videos)
+    assert (masks[:, :, :40] == 3).all() and (masks[:, :30, 40:] == 2).all() and (masks[:, 30:, 40:] == 0).all()
+    write_meta(tmp_path, {"v0": {1: "person", 3: "dog"}})  # instance 2 is not listed
+    with pytest.raises(ValueError, match=r"'v0' has mask values \[2\]"):
+        VOSDataset(tmp_path, "ytvos", fraction=1.0)[0]
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        VOSDataset(tmp_path, "ytvos")
 
 
 # ============ k-means ============

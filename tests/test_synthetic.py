@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import eval_vos  # noqa: E402
 import synthetic  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def test_synthetic_dataset_layout_and_labels(synthetic_set):
 def test_synthetic_masks_follow_labels(synthetic_set):
     """The main object (id 1) moves as its label says: slides, rotates or scales, and nothing else."""
     root, sizes = synthetic_set
-    ds = data.VOSDataset(root / "davis", "davis2017", clip_len=12, size=32)
+    ds = eval_vos.VOSDataset(root / "davis", "davis2017", clip_len=12, size=32)
     assert len(ds) == 4
     seen = set()
     for item in (ds[i] for i in range(len(ds))):
