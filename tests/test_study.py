@@ -122,7 +122,7 @@ def test_reuse_same_behaviour_reuses_only_runs_that_train_the_same(tmp_path, mon
     in both modes."""
     code = tmp_path / "code"
     code.mkdir()
-    for f in set(study.TRAIN_CODE) | {"study.py", "semantic.py", "probes.py"}:
+    for f in set(study.TRAIN_CODE) | {"study.py", "semantic.py", "probes.py", "eval_vos.py"}:
         shutil.copy(study.HERE / f, code / f)
     use_copy(monkeypatch, code)
     out, params, flags = tmp_path / "out", {"version": 2, "num_train": 2000}, "--loss sigma"
