@@ -533,6 +533,33 @@ def test_trained_checkpoint_at_davis_clip_length(trained_ckpt, tmp_path):
     assert report["config"]["grid"] == [8, 8, 8] and report["config"]["feat_size"] == 16
 
 
+def test_first_look_scores_and_draws_the_clips_it_names(small_synthetic, tmp_path):
+    """The end of `python train.py --dataset fashion`: with a checkpoint that holds the random-init encoder of the
+    run's seed, "this run" must score and draw exactly as "random init"; the numbers are main()'s reports; the
+    picture's first row is the middle frame of the clips picked, the second darkens the ground truth's background."""
+    torch.manual_seed(0)  # first_look builds its random-init encoder after the same seed
+    sigma = build_model("tiny", num_prototypes=64)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": sigma.state_dict(), "model_config": dataclasses.asdict(sigma.cfg)}, ckpt)
+    mious, chance = eval_vos.first_look(str(ckpt), "tiny", 0, small_synthetic, str(tmp_path), num_pictured=4)
+    for name, report in (("random init", "first_look_random.json"), ("this run", "first_look.json")):
+        assert mious[name] == 100 * json.loads((tmp_path / report).read_text())["mean"]["clustering"]
+    assert mious["this run"] == mious["random init"] and 0 < chance < 100
+
+    picture = read_png(tmp_path / "first_look.png")  # 4 rows x 4 clips of 64 px, 2 px apart, drawn at twice the size
+    assert picture.shape == (3, 2 * (4 * 66 + 2), 2 * (4 * 66 + 2))
+    tile = lambda row, col: picture[:, 2 * (2 + 66 * row):2 * (66 + 66 * row):2,
+                                    2 * (2 + 66 * col):2 * (66 + 66 * col):2]  # (3, 64, 64), back at 1x
+    dataset = VOSDataset(small_synthetic / "davis", "davis2017", clip_len=16, size=64, sampling="consecutive")
+    for col, index in enumerate([0, 1, 2, 3]):  # 4 clips, 4 pictured: every one
+        item = dataset[index]
+        frame, background = item["frames"][:, 8], item["masks"][8] == 0  # the middle of 16 frames
+        assert torch.equal(tile(0, col), frame)
+        darkened = (tile(1, col) < frame).any(0)  # (64, 64): the ground truth's label 0, at the 16x16 scoring grid
+        assert background[darkened].float().mean() > 0.95 and darkened[background].float().mean() > 0.95
+        assert torch.equal(tile(2, col), tile(3, col))  # the same encoder, the same k-means seed
+
+
 def test_youtube_vos_layout_uses_4_frame_clips_of_a_seeded_fifth(tmp_path):
     """The same two real sequences in the YouTube-VOS train layout (with a meta.json): round(20% of 2)
     = 1 video is drawn, one clip of the protocol's 4 frames (2 tube slices) spread over its 16."""
