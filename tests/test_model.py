@@ -758,3 +758,39 @@ def test_step_flops_of_the_switches_extrapolate_exactly():
         with FlopCounterMode(display=False) as counter:
             model(clips(model.cfg, batch=6), tube_mask(6, model.cfg.grid, 0.9), views=views)["loss"].backward()
         assert train_step_flops(model, batch=6) == counter.get_total_flops()
+
+
+# ============ a config that cannot train stops at construction, with what to change ============
+
+@pytest.mark.parametrize("overrides, says", [
+    (dict(img_size=60, patch_size=8), "img_size 60 is not a multiple of patch_size 8"),
+    (dict(num_frames=15), "num_frames 15 is not a multiple of tubelet_size 2: pick e.g. 14"),
+    (dict(enc_dim=100, enc_heads=8), "enc_dim 100 is not divisible by enc_heads 8"),
+    (dict(dec_dim=100, dec_heads=8), "dec_dim 100 is not divisible by dec_heads 8"),
+    (dict(target="rgb"), "unknown target 'rgb': choose mlp, dino or pixel"),
+    (dict(loss="mse"), "unknown loss 'mse': choose sigma, l2 or pixel"),
+    (dict(loss="pixel"), "loss='pixel' is VideoMAE, whose target is the pixels: set target='pixel'"),
+    (dict(target="dino", dino_arch="vit_l", dino_weights=__file__), "unknown dino_arch 'vit_l'"),
+    (dict(target="dino"), "target='dino' needs dino_weights=<local path"),
+    (dict(target="dino", dino_weights="/no/such/dino.pth"), "dino_weights '/no/such/dino.pth' does not exist"),
+    (dict(target="dino", dino_weights=__file__, img_size=120, patch_size=8), "img_size 120 must be a multiple of 16"),
+    (dict(num_prototypes=1), "loss='sigma' needs num_prototypes >= 2"),
+    (dict(dec_depth=-1), "dec_depth -1: 0 (no decoder) or more"),
+    (dict(dec_depth=0, predict_share=0.0), "predict_share 0.0: the share of masked tubes"),
+    (dict(clip_loss=-0.5), "clip_loss -0.5: a weight >= 0"),
+    (dict(clip_prototypes=1), "clip_prototypes 1: 2 or more"),
+])
+def test_invalid_config_names_the_field_and_a_valid_value(overrides, says):
+    # For code that builds the model itself (a notebook, a fork): train.py's options reach the same checks, but
+    # a field no check covers would fail deep in the first forward pass instead, with a shape error.
+    with pytest.raises(ValueError, match="invalid model config") as error:
+        build_model("tiny", **overrides)
+    assert says in str(error.value)
+
+
+def test_invalid_config_lists_every_problem_at_once():
+    with pytest.raises(ValueError) as error:
+        build_model("tiny", num_frames=15, loss="mse", clip_prototypes=1)
+    assert str(error.value).count("\n  - ") == 3
+    # a decoder-free model does not check the decoder's heads (it has none)
+    assert build_model("tiny", dec_depth=0, dec_dim=100).cfg.dec_depth == 0
