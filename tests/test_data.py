@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_data.py      # CPU, ~30 s
 """
+import contextlib
 import json
 import os
 import sys
@@ -307,6 +308,44 @@ def test_prefetch_on_cpu_yields_the_batches_themselves():
     batches = [torch.randint(0, 256, (2, 3), dtype=torch.uint8) for _ in range(3)]
     out = list(data.prefetch(iter(batches), torch.device("cpu")))
     assert len(out) == 3 and all(a is b for a, b in zip(out, batches))
+
+
+def test_prefetch_on_cuda_copies_ahead_on_a_side_stream(monkeypatch):
+    # The CUDA branch with its streams recorded instead of run (no GPU here): the copy of batch i + 1 must be
+    # queued on the side stream before batch i is handed out, and batch i used only after the compute stream has
+    # waited for the side stream and recorded the batch as in use on it. Batch 0's copy cannot overlap anything.
+    events, current = [], [None]
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        current[0] = stream.name
+        yield
+        current[0] = None
+
+    class OnGPU:
+        def __init__(self, i):
+            self.i = i
+            events.append(f"copy {i} on {current[0]}")
+
+        def record_stream(self, stream):
+            events.append(f"{self.i} recorded on {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream("compute"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(data, "to_device", lambda i, device: OnGPU(i))
+    for batch in data.prefetch(iter(range(3)), torch.device("cuda")):
+        events.append(f"step {batch.i}")
+    step = ["compute waits for side", "{0} recorded on compute", "copy {1} on side", "step {0}"]
+    assert events == ["copy 0 on side", *[e.format(0, 1) for e in step], *[e.format(1, 2) for e in step],
+                      "compute waits for side", "2 recorded on compute", "step 2"]
 
 
 def test_repeats_and_multiview(tmp_path):
