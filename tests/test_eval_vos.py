@@ -22,6 +22,7 @@ from PIL import Image
 
 import eval_vos
 import launch
+from test_data import touch
 from data import build_video_dataset, normalize, tube_mask
 from synthetic import synthetic_dataset
 from eval_vos import (VOSDataset, confusion, dense_features, hungarian, kmeans, kmeans_pp, label_maps, lloyd,
@@ -144,13 +145,6 @@ def test_davis2017_palette_instances_and_missing_masks(tmp_path):
         VOSDataset(tmp_path, "davis2017")
     with pytest.raises(FileNotFoundError, match="val.txt"):
         VOSDataset(tmp_path / "nope", "davis2016")
-
-
-def touch(path):
-    """An empty file (the layout tests read names, not pixels)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
 
 
 def write_meta(root, objects):
@@ -548,11 +542,11 @@ def test_first_look_scores_and_draws_the_clips_it_names(small_synthetic, tmp_pat
 
     picture = read_png(tmp_path / "first_look.png")  # 4 rows x 4 clips of 64 px, 2 px apart, drawn at twice the size
     assert picture.shape == (3, 2 * (4 * 66 + 2), 2 * (4 * 66 + 2))
-    tile = lambda row, col: picture[:, 2 * (2 + 66 * row):2 * (66 + 66 * row):2,
-                                    2 * (2 + 66 * col):2 * (66 + 66 * col):2]  # (3, 64, 64), back at 1x
+    grid = picture[:, ::2, ::2]  # back at 1x (drawn with nearest-neighbour upsampling)
+    tile = lambda row, col: grid[:, 2 + 66 * row:66 + 66 * row, 2 + 66 * col:66 + 66 * col]  # (3, 64, 64)
     dataset = VOSDataset(small_synthetic / "davis", "davis2017", clip_len=16, size=64, sampling="consecutive")
-    for col, index in enumerate([0, 1, 2, 3]):  # 4 clips, 4 pictured: every one
-        item = dataset[index]
+    for col in range(4):  # 4 clips, 4 pictured: every one
+        item = dataset[col]
         frame, background = item["frames"][:, 8], item["masks"][8] == 0  # the middle of 16 frames
         assert torch.equal(tile(0, col), frame)
         darkened = (tile(1, col) < frame).any(0)  # (64, 64): the ground truth's label 0, at the 16x16 scoring grid
